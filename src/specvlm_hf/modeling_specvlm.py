@@ -1,0 +1,379 @@
+"""SpecVLM draft model: an EAGLE-2 style draft that reads the target's own features.
+
+The whole draft forward reads top to bottom in this file:
+
+    fused_t = RMSNorm( fc( [ embed(x_{t+1}) ; f_t ] ) )     # f_t: target feature(s) at position t
+    h       = DecoderLayer^N( fused )                        # RoPE, grouped-query attention, SwiGLU
+    out_t   = RMSNorm( h )                                   # predicts f_{t+1}; lm_head(out_t) predicts x_{t+2}
+
+`embed` and `lm_head` are the bound target's own modules, held by reference (frozen, never saved with the
+draft). Rows whose next token is a visual placeholder carry the target's visual features as `embed(x_{t+1})`
+and may be reduced by the elastic visual compressor (`compression.py`) before they enter the decoder.
+"""
+
+from __future__ import annotations
+
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from .configuration_specvlm import SpecVLMDraftConfig
+
+
+class SpecVLMRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class SpecVLMRotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, theta: float):
+        super().__init__()
+        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # position_ids: (B, T) -> cos, sin: (B, T, head_dim)
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x: (B, heads, T, d); cos/sin: (B, T, d)
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+class SpecVLMAttention(nn.Module):
+    def __init__(self, config: SpecVLMDraftConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        past_key_values: Cache | None,
+    ) -> torch.Tensor:
+        bsz, q_len, _ = x.shape
+        q = self.q_proj(x).view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(bsz, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(bsz, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        # attention_mask: (B, 1, q_len, kv_len) additive float mask, or None for plain causal attention
+        if attention_mask is None:
+            is_causal = q_len > 1
+            if is_causal and k.shape[2] != q_len:
+                attention_mask = causal_mask(q_len, k.shape[2], dtype=q.dtype, device=q.device)
+                is_causal = False
+        else:
+            is_causal = False
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attention_mask,
+            is_causal=is_causal,
+            enable_gqa=self.num_kv_heads != self.num_heads,
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim))
+
+
+class SpecVLMMLP(nn.Module):
+    def __init__(self, config: SpecVLMDraftConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SpecVLMDecoderLayer(nn.Module):
+    def __init__(self, config: SpecVLMDraftConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = SpecVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = SpecVLMAttention(config, layer_idx)
+        self.post_attention_layernorm = SpecVLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = SpecVLMMLP(config)
+
+    def forward(self, x, cos, sin, attention_mask, past_key_values):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attention_mask, past_key_values)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def causal_mask(
+    q_len: int,
+    kv_len: int,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    key_padding: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Additive causal mask (1, 1, q_len, kv_len) for queries that are the last `q_len` of `kv_len` keys.
+
+    key_padding: optional (B, kv_len) bool, True where a key is real; gives a (B, 1, q_len, kv_len) mask.
+    """
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=device)[:, None]
+    allowed = torch.arange(kv_len, device=device)[None, :] <= q_pos  # (q, kv)
+    allowed = allowed[None, None]
+    if key_padding is not None:
+        allowed = allowed & key_padding[:, None, None, :]
+    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+@dataclass
+class DraftContext:
+    """Draft-side view of a batch of prompts, after the (optional) visual compression.
+
+    fused:        (B, L', h) fused draft input rows, right-padded
+    position_ids: (B, L') RoPE positions (text rows keep their original positions; see compression.py)
+    row_index:    (B, L') original draft row of each kept row (row t pairs f_t with x_{t+1}); -1 for compressed or
+                  padded rows
+    valid:        (B, L') bool, False on padding
+    kept_visual_tokens, visual_tokens: per sequence; choices: compressor primitive chosen per sequence
+    gate_cost:    scalar tensor, the compressor's compute cost term (0 without a gate)
+    """
+
+    fused: torch.Tensor
+    position_ids: torch.Tensor
+    row_index: torch.Tensor
+    valid: torch.Tensor
+    kept_visual_tokens: list[int] = field(default_factory=list)
+    visual_tokens: list[int] = field(default_factory=list)
+    choices: list[str | None] = field(default_factory=list)
+    gate_cost: torch.Tensor | None = None
+
+
+class SpecVLMPreTrainedModel(PreTrainedModel):
+    config_class = SpecVLMDraftConfig
+    config: SpecVLMDraftConfig
+    base_model_prefix = "specvlm_draft"
+    main_input_name = "inputs_embeds"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["SpecVLMDecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, SpecVLMRMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class SpecVLMDraftModel(SpecVLMPreTrainedModel):
+    """The SpecVLM draft. Bind it to its target with `draft.bind(vlm)` before use."""
+
+    def __init__(self, config: SpecVLMDraftConfig):
+        super().__init__(config)
+        h = config.hidden_size
+        self.fc = nn.Linear((config.num_fused_layers + 1) * h, h, bias=False)
+        self.input_norm = SpecVLMRMSNorm(h, config.rms_norm_eps)
+        self.layers = nn.ModuleList(SpecVLMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = SpecVLMRMSNorm(h, config.rms_norm_eps)
+        self.rotary_emb = SpecVLMRotaryEmbedding(config.head_dim, config.rope_theta)
+        self.compressor = None
+        if config.compressor_mode is not None:
+            from .compression import build_compressor
+
+            self.compressor = build_compressor(config)
+        self.last_generation_stats = None
+        self._bound = None  # (target, embed, lm_head); a plain tuple so the target is never a submodule
+        self.post_init()
+
+    # ----------------------------------------------------------------- binding
+    @property
+    def is_bound(self) -> bool:
+        return self._bound is not None
+
+    @property
+    def target(self):
+        if self._bound is None:
+            raise RuntimeError(
+                "This SpecVLM draft is not bound to a target model. Call `draft.bind(vlm)` (or load it with "
+                "`SpecVLMDraftModel.from_pretrained(path, target=vlm)`) before using it."
+            )
+        return self._bound[0]
+
+    def bind(self, target) -> SpecVLMDraftModel:
+        """Attach the draft to its target: shares the target's embedding and lm_head, routes `target.generate`.
+
+        Raises `ValueError` if the target does not match the one the draft was made for.
+        """
+        from . import generation, targets
+
+        model = targets.unwrap_target(target)
+        spec = targets.get_target_spec(model)
+        cfg = self.config
+        problems = []
+        if targets.target_hidden_size(model) != cfg.hidden_size:
+            problems.append(f"hidden size {targets.target_hidden_size(model)} != draft's {cfg.hidden_size}")
+        if targets.target_vocab_size(model) != cfg.vocab_size:
+            problems.append(f"vocabulary size {targets.target_vocab_size(model)} != draft's {cfg.vocab_size}")
+        if cfg.target_family is not None and spec.family != cfg.target_family:
+            problems.append(f"family {spec.family!r} != draft's {cfg.target_family!r}")
+        n_layers = targets.target_num_layers(model)
+        bad_layers = [i for i in cfg.target_layers if not -1 <= i <= n_layers]
+        if bad_layers:
+            problems.append(f"target_layers {bad_layers} out of range for a {n_layers}-layer target")
+        if problems:
+            raise ValueError(
+                f"This draft was made for {cfg.target_name_or_path or cfg.target_architecture!r} "
+                f"({cfg.target_architecture}) but was bound to {type(model).__name__} "
+                f"({getattr(model.config, '_name_or_path', '') or 'unnamed'}): " + "; ".join(problems) + ". "
+                "Use a draft trained for this target, or make one with "
+                "`SpecVLMDraftModel(SpecVLMDraftConfig.from_target(vlm)).bind(vlm)`."
+            )
+        embed, lm_head = targets.input_embeddings(model), targets.output_embeddings(model)
+        self._bound = (model, embed, lm_head)
+        device = lm_head.weight.device
+        if self.fc.weight.device != device:
+            self.to(device)
+        generation.install(model)
+        return self
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, target=None, **kwargs):
+        """`from_pretrained(path_or_repo, target=vlm)` loads and binds in one step."""
+        draft = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return draft.bind(target) if target is not None else draft
+
+    # ------------------------------------------------------------- target parts
+    def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The target's token embedding (frozen, shared by reference)."""
+        return self._bound_parts()[1](input_ids)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Target-vocabulary logits from draft outputs, through the target's `lm_head` (frozen)."""
+        lm_head = self._bound_parts()[2]
+        return lm_head(hidden.to(lm_head.weight.dtype))
+
+    def _bound_parts(self):
+        if self._bound is None:
+            _ = self.target  # raises the bind() error
+        return self._bound
+
+    # ------------------------------------------------------------------ forward
+    def fuse(self, inputs_embeds: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[embed(x_{t+1}) ; f_t] -> fused draft input rows. (B, T, h) + (B, T, n*h) -> (B, T, h)."""
+        dtype = self.fc.weight.dtype
+        x = torch.cat([inputs_embeds.to(dtype), hidden_states.to(dtype)], dim=-1)
+        return self.input_norm(self.fc(x))
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor | None = None,
+        hidden_states: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        fused_inputs: torch.Tensor | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        """Run the draft decoder.
+
+        inputs_embeds: (B, T, h) target embedding of x_{t+1}; hidden_states: (B, T, n*h) target features f_t.
+        Or `fused_inputs` (B, T, h) already fused (e.g. after visual compression).
+        position_ids: (B, T) RoPE positions (default: continuing the cache).
+        attention_mask: (B, 1, T, kv_len) additive float mask (tree or padding), or None for causal.
+        Returns `last_hidden_state` (B, T, h): the draft's prediction of the target's next features.
+        """
+        x = fused_inputs if fused_inputs is not None else self.fuse(inputs_embeds, hidden_states)
+        bsz, q_len, _ = x.shape
+        if position_ids is None:
+            start = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(start, start + q_len, device=x.device)[None].expand(bsz, -1)
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, attention_mask, past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values)
+
+    # ---------------------------------------------------------- prompt context
+    def prepare_context(
+        self,
+        input_ids: torch.Tensor,
+        inputs_embeds: torch.Tensor,
+        features: torch.Tensor,
+        next_embeds: torch.Tensor | None = None,
+        spans: list[list] | None = None,
+        valid: torch.Tensor | None = None,
+    ) -> DraftContext:
+        """Build the draft's input rows for a batch of sequences, compressing visual rows if configured.
+
+        input_ids:     (B, L) target tokens x_0..x_{L-1}
+        inputs_embeds: (B, L, h) what the target embedded at each position (visual features at placeholders)
+        features:      (B, L, n*h) target features f_0..f_{L-1}
+        next_embeds:   (B, 1, h) embedding of x_L (the token after the last one), or None to drop the last row
+        spans:         per sequence, the `targets.VisualSpan`s of input_ids (None: no visual compression)
+        valid:         (B, L) bool, False on padding (right padding only)
+        Row t of the result pairs f_t with embed(x_{t+1}); a visual span [s, s+n) of tokens becomes rows [s-1, s-1+n).
+        """
+        bsz, seq_len = input_ids.shape
+        if next_embeds is not None:
+            shifted = torch.cat([inputs_embeds[:, 1:], next_embeds.to(inputs_embeds.dtype)], dim=1)
+            feats = features
+        else:
+            shifted, feats = inputs_embeds[:, 1:], features[:, :-1]
+            seq_len -= 1
+        fused = self.fuse(shifted, feats)  # (B, L, h)
+        device = fused.device
+        if valid is None:
+            valid = torch.ones(bsz, seq_len, dtype=torch.bool, device=device)
+        else:
+            valid = valid[:, :seq_len].to(device)
+        positions = torch.arange(seq_len, device=device)[None].expand(bsz, -1)
+        row_index = torch.where(valid, positions, torch.full_like(positions, -1))
+        ctx = DraftContext(fused, positions, row_index, valid)
+        if self.compressor is None or spans is None:
+            n_vis = [sum(s.length for s in seq_spans) for seq_spans in (spans or [[] for _ in range(bsz)])]
+            ctx.visual_tokens, ctx.kept_visual_tokens, ctx.choices = n_vis, list(n_vis), [None] * bsz
+            return ctx
+        return self.compressor.compress_batch(ctx, spans)
+
+    # ---------------------------------------------------------------- misc
+    def num_parameters_excluding_target(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def extra_repr(self) -> str:
+        return f"bound={self.is_bound}, decoding_mode={self.config.decoding_mode!r}"
+
+
+__all__ = ["SpecVLMDraftModel", "SpecVLMPreTrainedModel", "DraftContext", "causal_mask"]

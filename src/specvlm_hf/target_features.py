@@ -1,0 +1,55 @@
+"""Reading what the draft needs out of one ordinary target forward.
+
+The draft consumes, for every position the target processes:
+  * the target's features `f_t`: the hidden states named by `config.target_layers` (index -1 is the last
+    hidden state after the final norm, i.e. the input of `lm_head`), concatenated on the last dim;
+  * the embedding the target itself used at that position (`inputs_embeds` as its text decoder received
+    them). At visual placeholders this is the projected image/video feature, so the draft sees the image
+    without re-encoding it, for every family, through one forward pre-hook on the text decoder.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from . import targets
+
+
+def hidden_state_request(target_layers: list[int]) -> list[int]:
+    """The `output_hidden_states` value that asks the target for exactly these layers."""
+    return sorted(set(target_layers))
+
+
+def select_features(hidden_states, target_layers: list[int]) -> torch.Tensor:
+    """Concatenate the requested hidden states: tuple of (B, T, h) -> (B, T, n*h)."""
+    parts = [hidden_states[i] for i in target_layers]
+    if any(p is None for p in parts):
+        raise RuntimeError(f"The target did not return hidden states for layers {target_layers}.")
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+@contextmanager
+def capture_decoder_inputs(target):
+    """Record the `inputs_embeds` the target's text decoder receives during forwards inside the block.
+
+    Yields a list; each forward appends its (B, T, h) inputs_embeds.
+    """
+    captured: list[torch.Tensor] = []
+    decoder = targets.decoder(targets.unwrap_target(target))
+
+    def hook(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None and len(args) > 0 and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
+            embeds = args[0]
+        if embeds is None:
+            input_ids = kwargs.get("input_ids", args[0] if args else None)
+            embeds = targets.input_embeddings(targets.unwrap_target(target))(input_ids)
+        captured.append(embeds)
+
+    handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
