@@ -165,13 +165,17 @@ def _describe(scene: ToyScene, rng: random.Random) -> tuple[str, str]:
     elif style == 1:
         items = [f"a {obj.phrase()} at the {_pos(obj.cell, rng)}" for obj in objs]
         listed = items[0] if n == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-        answer = f"There {'is' if n == 1 else 'are'} {_num(n, rng)} {_plural('shape', n)} on the grid: {listed}."
+        answer = (
+            f"There {'is' if n == 1 else 'are'} {_num(n, rng)} {_plural('shape', n)} on the grid: {listed}."
+        )
     else:
         sentences = []
         for i, obj in enumerate(objs):
             lead = "First" if i == 0 else rng.choice(("Next", "Then", "Also"))
             sentences.append(f"{lead}, the {_pos(obj.cell, rng)} holds a {obj.phrase()}.")
-        answer = f"This picture contains {_num(n, rng)} coloured {_plural('shape', n)}. " + " ".join(sentences)
+        answer = f"This picture contains {_num(n, rng)} coloured {_plural('shape', n)}. " + " ".join(
+            sentences
+        )
     return question, answer
 
 
