@@ -1,0 +1,336 @@
+"""Online distillation of a SpecVLM draft from its frozen target, as a `transformers.Trainer`.
+
+Each step runs the frozen target on the batch (no grad) and trains the draft on the target's own features
+(EAGLE-style teacher forcing):
+
+    target(x_0..x_{L-1})        -> inputs_embeds e_t, features f_t, logits z_t (z_t: distribution of x_{t+1})
+    draft row r = [e_{r+1}; f_r] -> draft output d_r, predicting f_{r+1} and z_{r+1} (the target's x_{r+2})
+    loss = 0.1 * soft_CE(softmax(z_{r+1}), lm_head(d_r)) + 1.0 * SmoothL1(d_r, f_{r+1}) + gate cost
+
+averaged over rows whose input token x_{r+1} is a response token (`response_mask`): those are the rows the draft
+runs on while the target generates. Only the draft is a module of the Trainer: DDP/FSDP wrap it, checkpoints
+hold it alone, the optimizer sees only its parameters. The target is an attribute held outside the module tree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainingArguments
+
+from . import target_features, targets
+from .collator import SpecVLMDataCollator
+from .losses import distillation_loss, expected_accepted_length, top1_agreement
+from .modeling_specvlm import SpecVLMDraftModel, causal_mask
+
+logger = logging.getLogger(__name__)
+
+# batch keys that are ours, not the target's
+_NON_TARGET_KEYS = ("response_mask", "labels", "return_loss", "num_items_in_batch")
+# per-image / per-video tensors a row's visual layout needs (split per row for `targets.visual_spans`)
+_PER_IMAGE_KEYS = ("image_grid_thw", "image_sizes")
+_PER_VIDEO_KEYS = ("video_grid_thw", "pixel_values_videos")
+
+
+def _spans_complete(spans, modality: str) -> bool:
+    return all(s.grid is not None for s in spans if s.modality == modality)
+
+
+def batch_visual_spans(target, input_ids: torch.Tensor, batch: dict[str, Any]) -> list[list]:
+    """`targets.visual_spans` for every row of a batch.
+
+    The processor returns per-image tensors (`image_grid_thw`, `image_sizes`, ...) for the whole batch in order;
+    each row gets the consecutive slice that exactly explains its placeholders (the one slice for which every
+    span's layout is known). Rows whose layout cannot be matched fall back to layout-less spans.
+    """
+    offsets = {"image": 0, "video": 0}
+    per_row = []
+    for b in range(input_ids.shape[0]):
+        ids = input_ids[b : b + 1]
+        row_kwargs: dict[str, Any] = {}
+        for modality, keys in (("image", _PER_IMAGE_KEYS), ("video", _PER_VIDEO_KEYS)):
+            present = {k: batch[k] for k in keys if batch.get(k) is not None}
+            if not present:
+                continue
+            total = min(len(v) for v in present.values())
+            start = offsets[modality]
+            chosen = None
+            for stop in range(start, total + 1):
+                trial = {k: v[start:stop] for k, v in present.items()}
+                spans = targets.visual_spans(target, ids, trial)
+                if not any(s.modality == modality for s in spans):
+                    if stop == start:
+                        chosen = (stop, trial)
+                        break
+                    continue
+                if _spans_complete(spans, modality):
+                    chosen = (stop, trial)
+                    break
+            if chosen is not None:
+                offsets[modality] = chosen[0]
+                row_kwargs.update(chosen[1])
+        per_row.append(targets.visual_spans(target, ids, row_kwargs))
+    return per_row
+
+
+class SpecVLMDistillationTrainer(Trainer):
+    """Train a [`SpecVLMDraftModel`] by online distillation from its frozen target.
+
+    Args:
+        model: the draft. It is bound to `target_model` here if it is not bound yet.
+        target_model: the target VLM (a transformers model, optionally PEFT-wrapped). It is frozen (eval mode,
+            `requires_grad_(False)`) and moved to the training device; it is never wrapped, optimized or saved.
+        args: `TrainingArguments`; `remove_unused_columns` is forced to False (the batch carries our keys).
+        data_collator: default `SpecVLMDataCollator(processing_class)` when a processor is given.
+        ce_weight, feature_weight: loss weights (paper: 0.1 and 1.0).
+        feature_noise_std: std of Gaussian noise added to the target features fed to the draft (not to the
+            regression targets), to make the draft robust to its own errors at decoding time.
+        unroll_steps: k > 1 enables the EAGLE-3 "training-time test": step j feeds the draft its own step-(j-1)
+            feature predictions (f_hat_{r} at row r, same tokens) and adds the loss of every step (mean over steps).
+            Needs `target_layers == [-1]`. Default 1 (plain teacher forcing).
+        The other arguments are `transformers.Trainer`'s.
+
+    Logged metrics (train and eval): `ce`, `feature`, `gate_cost`, `top1_agreement` (draft argmax == target
+    argmax on response rows; `top1_agreement_step{j}` per unrolled step), `accepted_length_estimate`
+    (`losses.expected_accepted_length` over `config.num_draft_tokens` steps) and, with a compressor,
+    `visual_keep_ratio`.
+    """
+
+    def __init__(
+        self,
+        model: SpecVLMDraftModel,
+        target_model: nn.Module,
+        args: TrainingArguments | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        *,
+        ce_weight: float = 0.1,
+        feature_weight: float = 1.0,
+        feature_noise_std: float = 0.0,
+        unroll_steps: int = 1,
+        **kwargs,
+    ):
+        if not isinstance(model, SpecVLMDraftModel):
+            raise TypeError(f"model must be a SpecVLMDraftModel, got {type(model).__name__}.")
+        if target_model is None:
+            raise ValueError("SpecVLMDistillationTrainer needs the frozen target: pass target_model=vlm.")
+        if unroll_steps < 1:
+            raise ValueError(f"invalid unroll_steps={unroll_steps!r}; expected an integer >= 1.")
+        if unroll_steps > 1 and list(model.config.target_layers) != [-1]:
+            raise ValueError(
+                f"unroll_steps={unroll_steps} feeds the draft's own outputs back as features, which needs "
+                f"target_layers == [-1]; this draft fuses target_layers={model.config.target_layers}."
+            )
+        if feature_noise_std < 0:
+            raise ValueError(f"invalid feature_noise_std={feature_noise_std!r}; expected a number >= 0.")
+        if args is None:
+            args = TrainingArguments(output_dir="specvlm_draft", remove_unused_columns=False)
+        elif args.remove_unused_columns:
+            try:
+                args.remove_unused_columns = False
+            except dataclasses.FrozenInstanceError:  # older frozen TrainingArguments
+                args = dataclasses.replace(args, remove_unused_columns=False)
+        if data_collator is None:
+            if processing_class is None:
+                raise ValueError(
+                    "Pass data_collator=SpecVLMDataCollator(processor) (or processing_class=processor): rows in "
+                    "the vision-chat format need the target's processor."
+                )
+            data_collator = SpecVLMDataCollator(processing_class)
+
+        # the target: frozen, outside the draft's module tree (bind() keeps it in a plain tuple)
+        target_model.eval()
+        target_model.requires_grad_(False)
+        if not model.is_bound:
+            model.bind(target_model)
+        elif model.target is not targets.unwrap_target(target_model):
+            raise ValueError("The draft is bound to a different target than target_model; rebind it first.")
+        self.target_model = target_model
+        self.ce_weight = ce_weight
+        self.feature_weight = feature_weight
+        self.feature_noise_std = feature_noise_std
+        self.unroll_steps = unroll_steps
+        self._metrics: dict[str, dict[str, list[float]]] = {
+            "train": defaultdict(list),
+            "eval": defaultdict(list),
+        }
+        self._hidden_request: list[int] | bool | None = None
+
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            **kwargs,
+        )
+        # our loss is a mean over the batch's response rows: let Trainer scale it for gradient accumulation
+        self.model_accepts_loss_kwargs = False
+        self._place_target()
+
+    # ------------------------------------------------------------------ target
+    def _place_target(self) -> None:
+        """Move the target to the draft's (accelerate's) device unless it is dispatched or quantized."""
+        base = targets.unwrap_target(self.target_model)
+        if getattr(base, "hf_device_map", None) is not None or getattr(base, "is_quantized", False):
+            return  # placed by from_pretrained(device_map=...) / quantization; leave it there
+        device = self.args.device
+        if next(base.parameters()).device != torch.device(device):
+            self.target_model.to(device)
+
+    def _target_outputs(self, inputs: dict[str, Any]):
+        """Run the frozen target: returns inputs_embeds (B,L,h), draft features (B,L,n*h), last hidden (B,L,h),
+        logits (B,L,V)."""
+        layers = list(self.model.config.target_layers)
+        target_inputs = {k: v for k, v in inputs.items() if k not in _NON_TARGET_KEYS}
+        if self._hidden_request is None:
+            self._hidden_request = target_features.hidden_state_request(sorted(set(layers) | {-1}))
+        with torch.no_grad():
+            try:
+                out, captured = self._run_target(target_inputs, self._hidden_request)
+            except TypeError:
+                if self._hidden_request is True:
+                    raise
+                # some families (LLaVA) pass a list-valued output_hidden_states on to their vision tower, which
+                # then lacks the layer it reads its features from: ask for every hidden state instead
+                logger.info("target rejected a list of hidden-state indices; requesting all hidden states")
+                self._hidden_request = True
+                out, captured = self._run_target(target_inputs, True)
+        if not captured:
+            raise RuntimeError("The target's text decoder was not called; cannot read its input embeddings.")
+        features = target_features.select_features(out.hidden_states, layers)
+        last = out.hidden_states[-1]
+        return captured[0], features, last, out.logits
+
+    def _run_target(self, target_inputs: dict[str, Any], request):
+        with target_features.capture_decoder_inputs(self.target_model) as captured:
+            out = self.target_model(
+                **target_inputs, output_hidden_states=request, use_cache=False, return_dict=True
+            )
+        return out, captured
+
+    # -------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        draft: SpecVLMDraftModel = self.model
+        input_ids = inputs["input_ids"]
+        bsz, seq_len = input_ids.shape
+        attention_mask = inputs.get("attention_mask")
+        valid = (
+            attention_mask.bool()
+            if attention_mask is not None
+            else torch.ones_like(input_ids, dtype=torch.bool)
+        )
+        response = inputs.get("response_mask")
+        response = response.bool() if response is not None else valid
+
+        inputs_embeds, features, last_hidden, logits = self._target_outputs(inputs)
+        spans = None
+        if draft.compressor is not None:
+            spans = batch_visual_spans(self.target_model, input_ids, inputs)
+
+        feats_in = features
+        if self.feature_noise_std > 0 and draft.training:
+            feats_in = features + torch.randn_like(features) * self.feature_noise_std
+
+        mode = "train" if draft.training else "eval"
+        totals: dict[str, torch.Tensor] = {}
+        agreements = []
+        kept_ratio = None
+        for step in range(self.unroll_steps):
+            ctx = draft.prepare_context(input_ids, inputs_embeds, feats_in, None, spans, valid)
+            mask4d = None
+            if not bool(ctx.valid.all()):
+                n = ctx.fused.shape[1]
+                mask4d = causal_mask(
+                    n, n, dtype=ctx.fused.dtype, device=ctx.fused.device, key_padding=ctx.valid
+                )
+            hidden = model(
+                fused_inputs=ctx.fused, position_ids=ctx.position_ids, attention_mask=mask4d
+            ).last_hidden_state  # (B, L', h): d_r predicts f_{r+1}
+
+            # rows with a target: real (not compressed/padding) rows r whose input token x_{r+1} is a response token
+            rows = ctx.row_index  # (B, L')
+            nxt = (rows + 1).clamp(min=0, max=seq_len - 1)  # position r+1
+            keep = (rows >= 0) & ctx.valid & torch.gather(response, 1, nxt)
+            b_idx, t_idx = keep.nonzero(as_tuple=True)
+            pos = nxt[b_idx, t_idx]
+            draft_h = hidden[b_idx, t_idx]  # (N, h)
+            draft_logits = draft.compute_logits(draft_h)  # (N, V)
+            target_logits = logits[b_idx, pos]  # (N, V): the target's distribution of x_{r+2}
+            parts = distillation_loss(
+                draft_logits,
+                draft_h,
+                target_logits,
+                last_hidden[b_idx, pos],  # f_{r+1}
+                None,
+                ce_weight=self.ce_weight,
+                feature_weight=self.feature_weight,
+                gate_cost=ctx.gate_cost,
+            )
+            for key, value in parts.items():
+                totals[key] = totals.get(key, 0.0) + value / self.unroll_steps
+            agreements.append(top1_agreement(draft_logits, target_logits))
+            if step == 0 and ctx.visual_tokens and sum(ctx.visual_tokens) > 0:
+                kept_ratio = sum(ctx.kept_visual_tokens) / sum(ctx.visual_tokens)
+
+            if step + 1 < self.unroll_steps:
+                # next step: row r reads the draft's prediction of f_r (its output at row r-1) instead of f_r
+                real = (rows >= 0) & ctx.valid
+                rb, rt = real.nonzero(as_tuple=True)
+                pred_pos = rows[rb, rt] + 1
+                inside = pred_pos < seq_len
+                feats_next = feats_in.detach().clone()
+                feats_next[rb[inside], pred_pos[inside]] = hidden[rb[inside], rt[inside]].to(feats_next.dtype)
+                feats_in = feats_next
+
+        loss = totals["loss"]
+        metrics = self._metrics[mode]
+        metrics["ce"].append(float(totals["ce"].detach()))
+        metrics["feature"].append(float(totals["feature"].detach()))
+        metrics["gate_cost"].append(float(totals["gate_cost"].detach()))
+        rates = [float(a) for a in agreements]
+        metrics["top1_agreement"].append(rates[0])
+        if self.unroll_steps > 1:
+            for j, a in enumerate(rates, start=1):
+                metrics[f"top1_agreement_step{j}"].append(a)
+        metrics["accepted_length_estimate"].append(
+            expected_accepted_length(rates, depth=max(draft.config.num_draft_tokens, len(rates)))
+        )
+        if draft.compressor is not None:
+            metrics["visual_keep_ratio"].append(1.0 if kept_ratio is None else kept_ratio)
+        if return_outputs:
+            return loss, {"hidden": hidden}
+        return loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation: the distillation loss (and its metrics); no predictions are gathered."""
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ----------------------------------------------------------------- logging
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Merge the averaged distillation metrics since the last log (train, or eval with prefix `eval_`)."""
+        mode = "eval" if any(key.startswith("eval_") for key in logs) else "train"
+        collected = self._metrics[mode]
+        if collected:
+            keys = sorted(collected)
+            means = torch.tensor([sum(collected[k]) / len(collected[k]) for k in keys], dtype=torch.float64)
+            if self.accelerator.num_processes > 1:
+                means = self.accelerator.reduce(means.to(self.accelerator.device), reduction="mean").cpu()
+            prefix = "eval_" if mode == "eval" else ""
+            logs.update({f"{prefix}{k}": round(float(v), 6) for k, v in zip(keys, means)})
+            collected.clear()
+        super().log(logs, start_time)
+
+
+__all__ = ["SpecVLMDistillationTrainer", "SpecVLMDataCollator", "batch_visual_spans"]
