@@ -14,6 +14,9 @@ re-checks all of them):
   prefilled ``DynamicCache``, under both "eager" and "sdpa"; the models here use "sdpa" (except the
   vision tower of Pixtral/Mistral3, which is built with the same setting and works). A plain causal
   4-D mask reproduces the logits of the normal causal forward (atol 1e-5).
+* transformers 5.24 renamed the forward's cache argument: ``past_key_values=`` still works but emits a
+  FutureWarning on the VLM classes (removal planned for 5.40); ``cache=`` works silently. The tests
+  keep ``past_key_values=`` because it also works on 5.23.
 * Position ids: 1-D families take ``position_ids`` of shape (1, q) (PaliGemma: 1-indexed, below). The Qwen VL families use M-RoPE:
   pass (3, 1, q) (temporal, height, width); for text continuation all three rows are equal to
   ``cache_len + arange(q) + rope_deltas`` where ``rope_deltas = model.model.rope_deltas`` (set by the
