@@ -113,10 +113,13 @@ def window_count(layout: SpanLayout, kh: int, kw: int) -> int:
     return t * math.ceil(h / kh) * (math.ceil(w / kw) + int(layout.newline))
 
 
-def _full_span(rows: torch.Tensor, layout: SpanLayout) -> tuple[torch.Tensor, torch.Tensor]:
-    """(r, d) rows -> (n, d) span tensor (zeros where no row carries a token) and its (n,) presence mask."""
+def _full_span(rows: torch.Tensor, layout: SpanLayout) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(r, d) rows -> (n, d) span tensor (zeros where no row carries a token) and its (n,) presence mask.
+
+    The mask is None when every token of the span has a row (the common case: nothing to mask).
+    """
     if layout.offset == 0 and layout.num_rows == layout.n:
-        return rows, rows.new_ones(layout.n)
+        return rows, None
     full = rows.new_zeros(layout.n, rows.shape[-1])
     full[layout.offset : layout.offset + layout.num_rows] = rows
     mask = rows.new_zeros(layout.n)
@@ -125,22 +128,31 @@ def _full_span(rows: torch.Tensor, layout: SpanLayout) -> tuple[torch.Tensor, to
 
 
 def _window_mean(
-    x: torch.Tensor, mask: torch.Tensor, kh: int, kw: int, weight: torch.Tensor | None = None
+    x: torch.Tensor, mask: torch.Tensor | None, kh: int, kw: int, weight: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Masked (kh, kw) window mean in ceil mode. x: (t, H, W, d), mask: (t, H, W) -> (t, ceil(H/kh), ceil(W/kw), d).
+    """Masked (kh, kw) window mean in ceil mode. x: (t, H, W, d), mask: (t, H, W) or None -> (t, H', W', d).
 
-    weight: optional depthwise kernel (d, 1, kh, kw) used instead of the plain average (conv primitive); the
-    result is divided by the fraction of present tokens in each window, so partial windows are not diluted.
+    H' = ceil(H / kh), W' = ceil(W / kw). weight: optional depthwise kernel (d, 1, kh, kw) used instead of the
+    plain average (the conv primitive; kernel == stride). The window sum is divided by the number of present
+    tokens (not kh * kw), so partial windows at the border or at a clipped first token are not diluted.
     """
-    pad = (0, (-x.shape[2]) % kw, 0, (-x.shape[1]) % kh)
-    xm = F.pad((x * mask[..., None]).permute(0, 3, 1, 2), pad)  # (t, d, H+, W+)
-    mm = F.pad(mask[:, None], pad)  # (t, 1, H+, W+)
+    t, H, W, d = x.shape
+    ph, pw = (-H) % kh, (-W) % kw
+    if mask is not None:
+        x = x * mask[..., None]
+    if ph or pw:
+        x = F.pad(x, (0, 0, 0, pw, 0, ph))
+    x = x.permute(0, 3, 1, 2)  # (t, d, H+, W+), channels-last in memory: no copy
     if weight is None:
-        num = F.avg_pool2d(xm, (kh, kw))
-    else:
-        num = F.conv2d(xm, weight.to(xm.dtype), stride=(kh, kw), groups=xm.shape[1])
-    den = F.avg_pool2d(mm, (kh, kw)).clamp_min(1e-6)  # fraction of present tokens per window
-    return (num / den).permute(0, 2, 3, 1)
+        out = F.avg_pool2d(x, (kh, kw))  # mean over kh * kw
+    else:  # depthwise conv, kernel == stride (weights 1 / (kh * kw) at init: the same mean)
+        out = F.conv2d(x, weight.to(x.dtype), stride=(kh, kw), groups=d)
+    out = out.permute(0, 2, 3, 1)  # (t, H', W', d)
+    if mask is None and not (ph or pw):
+        return out
+    present = mask if mask is not None else out.new_ones(t, H, W)
+    count = F.pad(present, (0, pw, 0, ph)).reshape(t, (H + ph) // kh, kh, (W + pw) // kw, kw).sum(dim=(2, 4))
+    return out * ((kh * kw) / count.clamp_min(1.0))[..., None]  # mean over the present tokens only
 
 
 def window_compress(
@@ -149,18 +161,21 @@ def window_compress(
     """Pool (weight None) or depthwise-conv one span's rows (r, d) with a (kh, kw) window -> (m, d)."""
     full, mask = _full_span(rows, layout)
     d = full.shape[-1]
+
+    def grid_mask(*shape: int) -> torch.Tensor | None:
+        return None if mask is None else mask.view(*shape)
+
     if layout.grid is None:  # 1-D: one row of n tokens, window kh * kw
         w1 = None if weight is None else weight.reshape(d, 1, 1, kh * kw)
-        return _window_mean(full.view(1, 1, layout.n, d), mask.view(1, 1, layout.n), 1, kh * kw, w1).view(
-            -1, d
-        )
+        out = _window_mean(full.view(1, 1, layout.n, d), grid_mask(1, 1, layout.n), 1, kh * kw, w1)
+        return out.view(-1, d)
     t, h, w = layout.grid
     if not layout.newline:
-        out = _window_mean(full.view(t, h, w, d), mask.view(t, h, w), kh, kw, weight)
-        return out.reshape(-1, d)
-    grid, gmask = full.view(t, h, w + 1, d), mask.view(t, h, w + 1)
-    body = _window_mean(grid[:, :, :w], gmask[:, :, :w], kh, kw, weight)  # (t, h', w', d)
-    newline = _window_mean(grid[:, :, w:], gmask[:, :, w:], kh, 1)  # (t, h', 1, d): one per output row
+        return _window_mean(full.view(t, h, w, d), grid_mask(t, h, w), kh, kw, weight).reshape(-1, d)
+    grid, gmask = full.view(t, h, w + 1, d), grid_mask(t, h, w + 1)
+    body_mask, newline_mask = (None, None) if gmask is None else (gmask[:, :, :w], gmask[:, :, w:])
+    body = _window_mean(grid[:, :, :w], body_mask, kh, kw, weight)  # (t, h', w', d)
+    newline = _window_mean(grid[:, :, w:], newline_mask, kh, 1)  # (t, h', 1, d): one per output row
     return torch.cat([body, newline], dim=2).reshape(-1, d)
 
 
@@ -173,9 +188,11 @@ def prune_rows(
 ) -> torch.Tensor:
     """Keep the `keep` highest-scoring rows of (r, d), in their original order (rows with mask 0 come last)."""
     if score == "norm":
-        s = rows.float().norm(dim=-1)
-    elif score == "question":
-        s = F.cosine_similarity(rows.float(), question.float()[None], dim=-1)
+        s = torch.linalg.vector_norm(rows, dim=-1, dtype=torch.float32)
+    elif score == "question":  # cosine similarity to the question mean (its norm does not change the ranking)
+        s = (rows @ question.to(rows.dtype)).float() / torch.linalg.vector_norm(
+            rows, dim=-1, dtype=torch.float32
+        ).clamp_min(1e-6)
     else:
         s = torch.rand(rows.shape[0], device=rows.device)
     if mask is not None:
@@ -243,9 +260,12 @@ class ResamplerCompressor(nn.Module):
         nh, hd = self.num_heads, d // self.num_heads
         x = rows.to(self.k_proj.weight.dtype)
         q = self.queries.view(-1, nh, hd).transpose(0, 1)  # (nh, q, hd)
-        k = self.k_proj(self.key_norm(x)).view(r, nh, hd).transpose(0, 1)  # (nh, r, hd)
-        v = x.view(r, nh, hd).transpose(0, 1)  # (nh, r, hd)
-        out = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(-1, d)  # (q, d)
+        # logits = q_h . (W_k LN(x))_h = (W_k,h^T q_h) . LN(x): fold the key projection into the queries,
+        # O(q * r * d) instead of projecting every row (O(r * d^2))
+        u = torch.einsum("hqe,hed->hqd", q, self.k_proj.weight.view(nh, hd, d))  # (nh, q, d)
+        logits = torch.einsum("hqd,rd->hqr", u, self.key_norm(x)) / math.sqrt(hd)  # (nh, q, r)
+        v = x.view(r, nh, hd).transpose(0, 1)  # (nh, r, hd): values are the rows themselves
+        out = (logits.softmax(-1) @ v).transpose(0, 1).reshape(-1, d)  # (q, d)
         return (out + self.mlp(self.mlp_norm(out))).to(rows.dtype)
 
 
@@ -373,15 +393,15 @@ class ElasticVisualCompressor(nn.Module):
         visual_tokens = [sum(x.num_rows for x in lay) for lay in layouts]
 
         # question rows: valid non-visual rows; their mean conditions the gate and the "question" prune score
-        text = (ctx.valid & ~visual).to(fused.dtype)[..., None]
-        question = (fused * text).sum(1) / text.sum(1).clamp_min(1.0)  # (B, d)
+        text = (ctx.valid & ~visual).to(fused.dtype)  # (B, L)
+        question = torch.einsum("bl,bld->bd", text, fused) / text.sum(1, keepdim=True).clamp_min(1.0)
 
         gate_cost = fused.new_zeros(())
         choice_idx: list[int | None] = [None] * bsz
         hard = weights = None
         if self.gate is not None:
-            vis = visual.to(fused.dtype)[..., None]
-            visual_mean = (fused * vis).sum(1) / vis.sum(1).clamp_min(1.0)
+            vis = visual.to(fused.dtype)
+            visual_mean = torch.einsum("bl,bld->bd", vis, fused) / vis.sum(1, keepdim=True).clamp_min(1.0)
             logits = self.gate(question, visual_mean).float()  # (B, P)
             probs = logits.softmax(-1)
             if self.mode == "select":
@@ -402,7 +422,9 @@ class ElasticVisualCompressor(nn.Module):
                 expected = (probs * torch.tensor(frac, device=fused.device)).sum(-1)
                 gate_cost = (expected[has_visual].mean() * self.cost_weight).to(fused.dtype)
 
-        seq_rows, seq_pos, seq_idx, kept, choices = [], [], [], [], []
+        # per sequence: pieces (text row range [a, b) or compressed rows), positions and row indices
+        pieces: list[list[tuple[int, int] | torch.Tensor]] = []
+        seq_pos, seq_idx, kept, choices = [], [], [], []
         for b, lay in enumerate(layouts):
             if not lay:
                 choices.append(None)
@@ -412,38 +434,48 @@ class ElasticVisualCompressor(nn.Module):
                 choices.append(self.mode)
             else:
                 choices.append(self.primitives[0])
-            rows, pos, idx, cursor, n_kept = [], [], [], 0, 0
-            for x in lay:
-                if x.row_start > cursor:  # text rows before the span, unchanged
-                    rows.append(fused[b, cursor : x.row_start])
-                    pos.append(ctx.position_ids[b, cursor : x.row_start])
-                    idx.append(ctx.row_index[b, cursor : x.row_start])
-                span_rows = fused[b, x.row_start : x.row_end]
-                out = self._compress_one(b, span_rows, x, question[b], choice_idx[b], hard, weights)
+            seq_pieces, pos, idx, cursor, n_kept = [], [], [], 0, 0
+            bounds = [(x.row_start, x) for x in lay] + [(lengths[b], None)]
+            for row_start, x in bounds:
+                if row_start > cursor:  # text rows before the span (or after the last one), unchanged
+                    seq_pieces.append((cursor, row_start))
+                    pos.append(ctx.position_ids[b, cursor:row_start])
+                    idx.append(ctx.row_index[b, cursor:row_start])
+                if x is None:
+                    break
+                out = self._compress_one(
+                    b, fused[b, x.row_start : x.row_end], x, question[b], choice_idx[b], hard, weights
+                )
                 m = out.shape[0]
                 if m:
                     # compressed row i -> position of span row floor((i + 0.5) * r / m): inside the span, monotone
                     rel = ((torch.arange(m, device=fused.device) + 0.5) * (x.num_rows / m)).long()
                     rel = rel.clamp_(max=x.num_rows - 1)
-                    rows.append(out)
+                    seq_pieces.append(out)
                     pos.append(ctx.position_ids[b, x.row_start : x.row_end][rel])
                     idx.append(torch.full((m,), -1, dtype=ctx.row_index.dtype, device=fused.device))
                 n_kept += m
                 cursor = x.row_end
-            if lengths[b] > cursor:  # text rows after the last span
-                rows.append(fused[b, cursor : lengths[b]])
-                pos.append(ctx.position_ids[b, cursor : lengths[b]])
-                idx.append(ctx.row_index[b, cursor : lengths[b]])
-            seq_rows.append(torch.cat(rows) if rows else fused[b, :0])
+            pieces.append(seq_pieces)
             seq_pos.append(torch.cat(pos) if pos else ctx.position_ids[b, :0])
             seq_idx.append(torch.cat(idx) if idx else ctx.row_index[b, :0])
             kept.append(n_kept)
 
-        new_lengths = torch.tensor([r.shape[0] for r in seq_rows], device=fused.device)
-        max_len = int(max(r.shape[0] for r in seq_rows))
-        valid = torch.arange(max_len, device=fused.device)[None] < new_lengths[:, None]
+        new_lengths = [p.shape[0] for p in seq_pos]
+        max_len = max(new_lengths)
+        out_rows = fused.new_zeros(bsz, max_len, fused.shape[-1])  # one copy of every kept row, right-padded
+        for b, seq_pieces in enumerate(pieces):
+            at = 0
+            for piece in seq_pieces:
+                src = fused[b, piece[0] : piece[1]] if isinstance(piece, tuple) else piece
+                out_rows[b, at : at + src.shape[0]] = src
+                at += src.shape[0]
+        valid = (
+            torch.arange(max_len, device=fused.device)[None]
+            < torch.tensor(new_lengths, device=fused.device)[:, None]
+        )
         return DraftContext(
-            fused=pad_sequence(seq_rows, batch_first=True),
+            fused=out_rows,
             position_ids=pad_sequence(seq_pos, batch_first=True, padding_value=0),
             row_index=pad_sequence(seq_idx, batch_first=True, padding_value=-1),
             valid=valid,
