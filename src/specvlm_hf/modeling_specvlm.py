@@ -13,7 +13,6 @@ and may be reduced by the elastic visual compressor (`compression.py`) before th
 
 from __future__ import annotations
 
-
 from dataclasses import dataclass, field
 
 import torch
@@ -368,10 +367,22 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
             return ctx
         return self.compressor.compress_batch(ctx, spans)
 
-    # ---------------------------------------------------------------- misc
-    def num_parameters_excluding_target(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+    # ------------------------------------------------------------- decoding
+    def decoding_settings(self, **overrides):
+        """This draft's decoding settings (`decoding_mode`, `tree_*`, `num_draft_tokens`, ...), with overrides."""
+        from .decoding import DecodingSettings
 
+        return DecodingSettings.from_config(self.config, **overrides)
+
+    def generate(self, *args, **kwargs):
+        """A draft does not generate on its own: it is passed to its target's generate."""
+        raise RuntimeError(
+            "A SpecVLM draft is used through its target: call `draft.bind(vlm)` once, then "
+            "`vlm.generate(**inputs, assistant_model=draft)`. If you did bind it, pass it to the generate() of the "
+            "same model object you bound it to."
+        )
+
+    # ---------------------------------------------------------------- misc
     def extra_repr(self) -> str:
         return f"bound={self.is_bound}, decoding_mode={self.config.decoding_mode!r}"
 

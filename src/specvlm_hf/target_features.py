@@ -30,6 +30,29 @@ def select_features(hidden_states, target_layers: list[int]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
+def record_decoder_inputs(target, sink: list, once: bool = False):
+    """Register a hook appending to `sink` the (B, T, h) `inputs_embeds` the target's text decoder receives.
+
+    Returns the hook handle; with `once=True` the hook removes itself after the first forward.
+    """
+    model = targets.unwrap_target(target)
+    decoder = targets.decoder(model)
+
+    def hook(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            input_ids = kwargs.get("input_ids")
+            if input_ids is None and args:
+                input_ids = args[0]
+            embeds = targets.input_embeddings(model)(input_ids)
+        sink.append(embeds)
+        if once:
+            handle.remove()
+
+    handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    return handle
+
+
 @contextmanager
 def capture_decoder_inputs(target):
     """Record the `inputs_embeds` the target's text decoder receives during forwards inside the block.
@@ -37,18 +60,7 @@ def capture_decoder_inputs(target):
     Yields a list; each forward appends its (B, T, h) inputs_embeds.
     """
     captured: list[torch.Tensor] = []
-    decoder = targets.decoder(targets.unwrap_target(target))
-
-    def hook(module, args, kwargs):
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None and len(args) > 0 and isinstance(args[0], torch.Tensor) and args[0].is_floating_point():
-            embeds = args[0]
-        if embeds is None:
-            input_ids = kwargs.get("input_ids", args[0] if args else None)
-            embeds = targets.input_embeddings(targets.unwrap_target(target))(input_ids)
-        captured.append(embeds)
-
-    handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = record_decoder_inputs(target, captured)
     try:
         yield captured
     finally:

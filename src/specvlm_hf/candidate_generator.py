@@ -1,0 +1,146 @@
+"""Chain drafting inside transformers' own assisted-decoding loop.
+
+`SpecVLMChainCandidateGenerator` is a `CandidateGenerator` with `requires_model_outputs=True`: after every
+target forward it receives the target's outputs (with the hidden states the draft needs) and the number of
+accepted candidates. It keeps the draft's KV cache exactly at the verified prefix: the rows it drafted with
+its own predicted features are cropped, and the verified tokens are consumed with the target's true features.
+
+Sampling: each drafted token is drawn from softmax(processed draft logits), and exactly those processed logits
+are returned, so transformers' speculative sampling compares the target against the distribution the draft
+really sampled from.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.generation.candidate_generator import CandidateGenerator
+
+from . import target_features, targets
+from .decoding import GenerationStats
+
+
+class SpecVLMChainCandidateGenerator(CandidateGenerator):
+    requires_model_outputs = True
+
+    def __init__(self, target, draft, generation_config, logits_processor, model_kwargs):
+        self.target = target
+        self.draft = draft
+        self.settings = draft._active_settings or draft.decoding_settings(decoding_mode="chain")
+        self.model_kwargs_overrides = {
+            "output_hidden_states": target_features.hidden_state_request(draft.config.target_layers)
+        }
+        self.logits_processor = logits_processor
+        self.do_sample = bool(generation_config.do_sample)
+        self.max_length = generation_config.max_length
+        self.cache = DynamicCache()
+        self.row_position = 0  # draft position of the next context row
+        self.context_len = 0  # draft cache rows holding the verified context
+        self.prefilled = False
+        self.prompt_len = None
+        self._capture = None
+        self._captured: list[torch.Tensor] = []
+        self.stats = GenerationStats(decoding_mode="chain")
+        self.stats.target_forwards = 0
+        self._start = time.perf_counter()
+        self._mm_kwargs = {
+            k: v for k, v in model_kwargs.items() if k in ("image_grid_thw", "video_grid_thw", "image_sizes")
+        }
+        draft.last_generation_stats = self.stats
+
+    @torch.no_grad()
+    def get_candidates(
+        self,
+        input_ids,
+        model_kwargs=None,
+        model_outputs=None,
+        is_first_iteration=False,
+        n_last_matches=0,
+        **kwargs,
+    ):
+        stats = self.stats
+        if is_first_iteration:
+            # Let the target prefill first: the draft needs its features of the whole prompt.
+            self.prompt_len = input_ids.shape[1]
+            self._capture = target_features.record_decoder_inputs(self.target, self._captured, once=True)
+            return input_ids, None
+        stats.target_forwards += 1
+        draft = self.draft
+        t0 = time.perf_counter()
+        feats = target_features.select_features(model_outputs.hidden_states, draft.config.target_layers)
+        if not self.prefilled:
+            self.prefilled = True
+            # first call after the prefill: input_ids = prompt + first token
+            prompt_ids = input_ids[:, : self.prompt_len]
+            embeds = self._captured.pop()
+            spans = targets.visual_spans(
+                targets.unwrap_target(self.target), prompt_ids, {**model_kwargs, **self._mm_kwargs}
+            )
+            ctx = draft.prepare_context(
+                prompt_ids,
+                embeds,
+                feats[:, : self.prompt_len],
+                next_embeds=draft.embed_tokens(input_ids[:, self.prompt_len :]),
+                spans=[spans] if draft.compressor is not None else None,
+            )
+            stats.visual_tokens = sum(s.length for s in spans)
+            stats.draft_visual_tokens = (
+                ctx.kept_visual_tokens[0] if ctx.kept_visual_tokens else stats.visual_tokens
+            )
+            stats.compressor_choice = ctx.choices[0] if ctx.choices else None
+            out = draft(fused_inputs=ctx.fused, position_ids=ctx.position_ids, past_key_values=self.cache)
+            self.row_position = self.prompt_len
+            stats.new_tokens = 1
+        else:
+            # the target verified n_last_matches candidates and added one token: consume them with true features
+            stats.accepted_lengths.append(n_last_matches + 1)
+            stats.new_tokens += n_last_matches + 1
+            self.cache.crop(-(self.cache.get_seq_length() - self.context_len))
+            m = n_last_matches + 1
+            new_tokens = input_ids[:, -m:]
+            positions = torch.arange(self.row_position, self.row_position + m, device=input_ids.device)[None]
+            out = draft(
+                inputs_embeds=draft.embed_tokens(new_tokens),
+                hidden_states=feats[:, :m],
+                position_ids=positions,
+                past_key_values=self.cache,
+            )
+            self.row_position += m
+        self.context_len = self.cache.get_seq_length()
+        hidden = out.last_hidden_state[:, -1:]
+
+        # draft a chain
+        budget = min(self.settings.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
+        drafted, drafted_logits = [], []
+        seq = input_ids
+        position = self.row_position
+        for step in range(max(budget, 0)):
+            logits = draft.compute_logits(hidden[:, -1]).float()  # (1, V)
+            if len(self.logits_processor) > 0:
+                logits = self.logits_processor(seq, logits)
+            probs = torch.softmax(logits, dim=-1)  # q: the distribution the token is drawn from
+            token = torch.multinomial(probs, 1) if self.do_sample else probs.argmax(-1, keepdim=True)
+            if step > 0 and float(probs.max()) < self.settings.draft_confidence_threshold:
+                break
+            drafted.append(token)
+            drafted_logits.append(logits)
+            seq = torch.cat([seq, token], dim=1)
+            if step == budget - 1:
+                break
+            hidden = draft(
+                inputs_embeds=draft.embed_tokens(token),
+                hidden_states=hidden,
+                position_ids=torch.tensor([[position]], device=seq.device),
+                past_key_values=self.cache,
+            ).last_hidden_state
+            position += 1
+        stats.draft_time_s += time.perf_counter() - t0
+        stats.total_time_s = time.perf_counter() - self._start
+        if not drafted:
+            return input_ids, None
+        return seq, torch.stack(drafted_logits, dim=1)  # (1, n, V)
+
+    def update_candidate_strategy(self, input_ids, scores, num_matches):
+        self.stats.total_time_s = time.perf_counter() - self._start

@@ -1,0 +1,96 @@
+"""Pieces shared by chain and tree decoding: per-call settings, statistics, the target prefill."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import target_features
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """Decoding knobs for one `generate` call: the draft config's defaults, overridable per call."""
+
+    decoding_mode: str
+    tree_top_k: int
+    tree_depth: int
+    tree_total_tokens: int
+    num_draft_tokens: int
+    draft_confidence_threshold: float
+
+    @classmethod
+    def from_config(cls, config, **overrides) -> DecodingSettings:
+        values = {name: overrides.pop(name, getattr(config, name)) for name in cls.__dataclass_fields__}
+        if overrides:
+            raise TypeError(f"Unknown decoding settings: {sorted(overrides)}")
+        # Reuse the config's validation so a bad per-call value gets the same clear error.
+        probe = config.__class__(**{**config.to_dict(), **values})
+        del probe
+        return cls(**values)
+
+
+@dataclass
+class GenerationStats:
+    """What one speculative `generate` call did (`draft.last_generation_stats`)."""
+
+    decoding_mode: str
+    target_forwards: int = 0  # including the prefill
+    new_tokens: int = 0
+    accepted_lengths: list[int] = field(
+        default_factory=list
+    )  # tokens emitted per verify forward (bonus included)
+    draft_time_s: float = 0.0
+    verify_time_s: float = 0.0
+    prefill_time_s: float = 0.0
+    total_time_s: float = 0.0
+    visual_tokens: int = 0  # visual tokens in the prompt
+    draft_visual_tokens: int = 0  # visual tokens the draft kept after compression
+    compressor_choice: str | None = None
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens per verify forward, bonus token included."""
+        return sum(self.accepted_lengths) / len(self.accepted_lengths) if self.accepted_lengths else 0.0
+
+    @property
+    def target_forwards_per_token(self) -> float:
+        return self.target_forwards / self.new_tokens if self.new_tokens else 0.0
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["mean_accepted_length"] = self.mean_accepted_length
+        out["target_forwards_per_token"] = self.target_forwards_per_token
+        return out
+
+
+class Timer:
+    """Accumulates wall time into a stats field: `with Timer(stats, "draft_time_s"): ...`."""
+
+    def __init__(self, stats: GenerationStats, name: str):
+        self.stats, self.name = stats, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        setattr(self.stats, self.name, getattr(self.stats, self.name) + time.perf_counter() - self.start)
+        return False
+
+
+def target_prefill(model, draft, input_ids: torch.Tensor, model_kwargs: dict):
+    """Run the target on the prompt as plain generate would, returning what the draft needs.
+
+    Returns (outputs, inputs_embeds (1, L, h), features (1, L, n*h)).
+    """
+    model_inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
+    model_inputs["output_hidden_states"] = target_features.hidden_state_request(draft.config.target_layers)
+    if "logits_to_keep" in model_inputs:
+        model_inputs["logits_to_keep"] = 1
+    with target_features.capture_decoder_inputs(model) as captured:
+        outputs = model(**model_inputs)
+    features = target_features.select_features(outputs.hidden_states, draft.config.target_layers)
+    return outputs, captured[0], features

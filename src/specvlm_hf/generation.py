@@ -1,0 +1,168 @@
+"""Routing `vlm.generate(..., assistant_model=draft)` to SpecVLM speculative decoding.
+
+This is the one module that touches private transformers API. `install(target)` (called by `draft.bind`)
+puts two instance attributes on the target, nothing else (weights, config and what `save_pretrained` writes
+are untouched):
+
+* `target.generate`: when `assistant_model` is a SpecVLM draft, runs stock `generate` with our decoding loop as
+  its `custom_generate` callable (tree mode) or stock assisted decoding (chain mode); otherwise it is exactly the
+  class's own `generate`. Per-call overrides: `decoding_mode`, `tree_top_k`, `tree_depth`, `tree_total_tokens`,
+  `num_draft_tokens`, `draft_confidence_threshold` can be passed to `generate`.
+* `target._get_candidate_generator`: returns our chain `CandidateGenerator` for a SpecVLM draft (transformers
+  chooses candidate generators through a fixed if-chain with no public hook).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import transformers
+from packaging import version
+
+# The private pieces relied on, checked once at install time so a transformers upgrade fails loudly and early.
+_REQUIRED_PRIVATE_API = ("_get_candidate_generator", "_assisted_decoding", "prepare_inputs_for_generation")
+_TESTED_RANGE = (version.parse("5.23"), version.parse("6.0"))
+
+DRAFT_GENERATE_KWARGS = (
+    "decoding_mode",
+    "tree_top_k",
+    "tree_depth",
+    "tree_total_tokens",
+    "num_draft_tokens",
+    "draft_confidence_threshold",
+)
+
+
+def _check_transformers(target) -> None:
+    installed = version.parse(transformers.__version__)
+    if not (_TESTED_RANGE[0] <= installed < _TESTED_RANGE[1]):
+        raise RuntimeError(
+            f"specvlm_hf needs transformers>=5.23,<6 (installed: {transformers.__version__}). "
+            "Install a supported version: pip install 'transformers>=5.23,<6'."
+        )
+    missing = [name for name in _REQUIRED_PRIVATE_API if not hasattr(type(target), name)]
+    params = inspect.signature(type(target).generate).parameters
+    if "custom_generate" not in params:
+        missing.append("generate(custom_generate=...)")
+    if missing:
+        raise RuntimeError(
+            f"transformers {transformers.__version__} no longer provides {missing}, which specvlm_hf relies on. "
+            "Please report this at the specvlm_hf issue tracker and pin transformers to a tested version."
+        )
+
+
+def is_specvlm_draft(model: Any) -> bool:
+    from .modeling_specvlm import SpecVLMDraftModel
+
+    return isinstance(model, SpecVLMDraftModel)
+
+
+def install(target) -> None:
+    """Route `target.generate(assistant_model=<SpecVLM draft>)` to SpecVLM decoding. Idempotent."""
+    if getattr(target, "_specvlm_routing_installed", False):
+        return
+    _check_transformers(target)
+    cls = type(target)
+
+    @functools.wraps(cls.generate)
+    def generate(*args, **kwargs):
+        draft = kwargs.get("assistant_model")
+        if not is_specvlm_draft(draft):
+            return cls.generate(target, *args, **kwargs)
+        return _generate_with_draft(target, draft, args, kwargs)
+
+    def _get_candidate_generator(*args, **kwargs):
+        draft = kwargs.get("assistant_model")
+        if is_specvlm_draft(draft):
+            from .candidate_generator import SpecVLMChainCandidateGenerator
+
+            return SpecVLMChainCandidateGenerator(
+                target=target,
+                draft=draft,
+                generation_config=kwargs["generation_config"],
+                logits_processor=kwargs["logits_processor"],
+                model_kwargs=kwargs["model_kwargs"],
+            )
+        return cls._get_candidate_generator(target, *args, **kwargs)
+
+    target.generate = generate
+    target._get_candidate_generator = _get_candidate_generator
+    target._specvlm_routing_installed = True
+
+
+def _generate_with_draft(target, draft, args, kwargs):
+    if draft._bound is None or draft._bound[0] is not _unwrap(target):
+        raise ValueError(
+            "This SpecVLM draft is bound to a different model than the one generating. Call "
+            "`draft.bind(vlm)` with the model whose generate() you call."
+        )
+    if kwargs.get("custom_generate") is not None:
+        raise ValueError("`custom_generate` cannot be combined with a SpecVLM `assistant_model`.")
+    options = {name: kwargs.pop(name) for name in DRAFT_GENERATE_KWARGS if name in kwargs}
+    settings = draft.decoding_settings(**options)
+    _check_batch(args, kwargs)
+    # A callable `custom_generate` only receives generate's prepared inputs, not the draft or the streamer.
+    routed = {"assistant_model": draft, "streamer": kwargs.get("streamer"), "settings": settings}
+    if settings.decoding_mode == "tree":
+        from .tree import tree_decoding
+
+        decoding = functools.partial(tree_decoding, **routed)
+    else:
+        decoding = functools.partial(_chain_decoding, **routed)
+    return type(target).generate(target, *args, custom_generate=decoding, **kwargs)
+
+
+def _check_batch(args, kwargs) -> None:
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if input_ids is None:
+        input_ids = kwargs.get("inputs")
+    if (
+        input_ids is not None
+        and hasattr(input_ids, "shape")
+        and input_ids.dim() == 2
+        and input_ids.shape[0] > 1
+    ):
+        raise ValueError(
+            f"SpecVLM speculative decoding runs one sequence at a time, got a batch of {input_ids.shape[0]}. "
+            "Call generate once per prompt (batched trees are not supported yet)."
+        )
+
+
+def _unwrap(model):
+    from .targets import unwrap_target
+
+    return unwrap_target(model)
+
+
+def _chain_decoding(
+    model,
+    input_ids,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    *,
+    assistant_model,
+    settings,
+    streamer=None,
+    **kwargs,
+):
+    """Chain mode: transformers' own assisted-decoding loop with our candidate generator."""
+    draft = assistant_model
+    kwargs.pop("assistant_model", None)
+    kwargs.pop("streamer", None)
+    draft._active_settings = settings
+    try:
+        return type(model)._assisted_decoding(
+            model,
+            input_ids,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            generation_config=generation_config,
+            assistant_model=draft,
+            streamer=streamer,
+            **kwargs,
+        )
+    finally:
+        draft._active_settings = None

@@ -1,0 +1,381 @@
+"""EAGLE-2 dynamic draft tree: build, verify in one target forward, accept, compact the caches.
+
+One decoding step, given the verified tokens x_0..x_n (x_n, the "root", not yet seen by the target):
+
+1. Draft: the root row's output scores level-1 candidates (top_k of the draft distribution). For each of the
+   next `depth - 1` levels the `top_k` best nodes by cumulative draft log-probability are fed to the draft in
+   ONE batched forward (tree attention mask over the draft cache), each proposing its `top_k` children.
+2. Rerank: keep the `total_tokens` best candidates by cumulative log-probability (ancestor-closed).
+3. Verify: root + kept nodes go through the target's standard forward once, with a 4-D tree attention mask
+   (each node sees the prefix, its ancestors and itself) and per-node positions (prefix end + depth).
+4. Accept: walk down from the root. At a node the target's next token y is argmax (greedy) or a sample of the
+   target's processed distribution p (sampling); if a child carries y, descend, else y is the bonus token.
+   Sampling is lossless: this is multi-candidate rejection sampling where each candidate's draft distribution
+   is a point mass (the tree is built deterministically), so candidate c_i is accepted with probability
+   min(1, p_i(c_i) / 1) and the residual renormalises p with c_i removed; drawing y ~ p once and matching it
+   against the children realises exactly that sequence of accept/reject decisions.
+5. Compact: target cache keeps prefix + root + accepted path; draft cache drops all tree rows and consumes the
+   accepted tokens with the target's true features.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import DynamicCache
+from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+from . import target_features, targets
+from .decoding import DecodingSettings, GenerationStats, Timer, target_prefill
+from .modeling_specvlm import SpecVLMDraftModel
+
+
+@dataclass
+class DraftTree:
+    tokens: torch.Tensor  # (n,) root first, then nodes in topological order
+    parents: list[int]  # tree index of each node's parent (-1 for the root)
+    depths: torch.Tensor  # (n,) 0 for the root
+    ancestors: torch.Tensor  # (n, n) bool, ancestors[i, j]: node j is i or an ancestor of i
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
+@torch.no_grad()
+def build_tree(
+    draft: SpecVLMDraftModel,
+    draft_cache: DynamicCache,
+    root_hidden: torch.Tensor,
+    root_token: torch.Tensor,
+    row_position: int,
+    settings: DecodingSettings,
+) -> DraftTree:
+    """Grow the EAGLE-2 dynamic tree from the root row's draft output.
+
+    root_hidden: (1, 1, h) draft output of the row that consumed the root token.
+    row_position: draft position of level-1 rows. The tree rows are appended to `draft_cache`; the caller crops.
+    """
+    k, depth, total = settings.tree_top_k, settings.tree_depth, settings.tree_total_tokens
+    device = root_hidden.device
+    prefix_len = draft_cache.get_seq_length()
+    logp = torch.log_softmax(draft.compute_logits(root_hidden[0, -1]).float(), dim=-1)  # (V,)
+    k = min(k, logp.shape[-1])
+    row_scores, row_tokens = logp.topk(k)  # level-1 candidates, (k,)
+    cand_tokens, cand_scores, cand_parents, cand_depths = [row_tokens], [row_scores], [], []
+    cand_parents.append(torch.full((k,), -1, dtype=torch.long, device=device))
+    cand_depths.append(torch.ones(k, dtype=torch.long, device=device))
+    row_cand = torch.arange(k, device=device)  # candidate id of each row at the current level
+    parent_hidden = root_hidden[0, -1].expand(k, -1)  # (k, h)
+    n_rows_max = k * max(depth - 1, 0)
+    row_anc = torch.zeros(
+        n_rows_max, n_rows_max, dtype=torch.bool, device=device
+    )  # among tree rows in the cache
+    level_anc = torch.eye(k, dtype=torch.bool, device=device)  # (k, rows so far) for the current level
+    n_cands = k
+    for level in range(1, depth):
+        n_before = (level - 1) * k
+        row_anc[n_before : n_before + k, : n_before + k] = level_anc
+        allowed = torch.ones(k, prefix_len + n_before + k, dtype=torch.bool, device=device)
+        allowed[:, prefix_len:] = row_anc[n_before : n_before + k, : n_before + k]
+        mask = _additive(allowed, draft.dtype)[None, None]
+        positions = torch.full((1, k), row_position + level - 1, dtype=torch.long, device=device)
+        hidden = draft(
+            inputs_embeds=draft.embed_tokens(row_tokens)[None],
+            hidden_states=parent_hidden[None],
+            position_ids=positions,
+            attention_mask=mask,
+            past_key_values=draft_cache,
+        ).last_hidden_state[0]  # (k, h)
+        logp = torch.log_softmax(draft.compute_logits(hidden).float(), dim=-1)  # (k, V)
+        child_lp, child_tok = logp.topk(k, dim=-1)  # (k, k)
+        child_scores = (row_scores[:, None] + child_lp).flatten()  # cumulative log-prob of each child
+        cand_tokens.append(child_tok.flatten())
+        cand_scores.append(child_scores)
+        cand_parents.append(row_cand[:, None].expand(k, k).flatten())
+        cand_depths.append(torch.full((k * k,), level + 1, dtype=torch.long, device=device))
+        if level == depth - 1:
+            break
+        best = child_scores.topk(k).indices  # the k best children become the next level's rows
+        parent_row = best // k
+        row_tokens, row_scores = child_tok.flatten()[best], child_scores[best]
+        row_cand = n_cands + best
+        parent_hidden = hidden[parent_row]
+        # ancestry of a new row: its parent row's ancestry (rows of earlier levels) plus itself
+        next_anc = torch.zeros(k, n_before + 2 * k, dtype=torch.bool, device=device)
+        next_anc[:, : n_before + k] = row_anc[n_before + parent_row, : n_before + k]
+        next_anc[:, n_before + k :] = torch.eye(k, dtype=torch.bool, device=device)
+        level_anc = next_anc
+        n_cands += k * k
+
+    tokens = torch.cat(cand_tokens)
+    scores = torch.cat(cand_scores)
+    parents = torch.cat(cand_parents)
+    depths = torch.cat(cand_depths)
+    return _select_tree(root_token, tokens, scores, parents, depths, total)
+
+
+def _select_tree(root_token, tokens, scores, parents, depths, total: int) -> DraftTree:
+    """Keep the `total` best candidates (ancestor-closed) and lay them out as the verification tree."""
+    device = tokens.device
+    n_cand = tokens.shape[0]
+    total = min(total, n_cand)
+    # a child's cumulative score never exceeds its parent's; the depth term breaks ties towards ancestors
+    rank = scores - 1e-4 * depths.to(scores.dtype)
+    rank = torch.nan_to_num(rank, neginf=-1e30)
+    keep = torch.zeros(n_cand, dtype=torch.bool, device=device)
+    keep[rank.topk(total).indices] = True
+    for _ in range(int(depths.max())):  # close under ancestry (only matters for exact ties)
+        p = parents[keep]
+        keep[p[p >= 0]] = True
+    kept = keep.nonzero().squeeze(1)  # ascending candidate ids: parents before children
+    tree_index = torch.full((n_cand,), -1, dtype=torch.long, device=device)
+    tree_index[kept] = torch.arange(1, kept.numel() + 1, device=device)
+    parent_cand = parents[kept]
+    node_parent = torch.where(
+        parent_cand >= 0, tree_index[parent_cand.clamp(min=0)], torch.zeros_like(parent_cand)
+    )
+    n = kept.numel() + 1
+    parent_of = torch.cat([torch.tensor([-1], device=device), node_parent])  # (n,)
+    node_depths = torch.cat([torch.zeros(1, dtype=torch.long, device=device), depths[kept]])
+    ancestors = torch.eye(n, dtype=torch.bool, device=device)
+    rows = torch.arange(n, device=device)
+    cur = parent_of.clone()
+    for _ in range(int(node_depths.max())):
+        has = cur >= 0
+        ancestors[rows[has], cur[has]] = True
+        cur = torch.where(has, parent_of[cur.clamp(min=0)], cur)
+    tree_tokens = torch.cat([root_token.view(1), tokens[kept]])
+    return DraftTree(tree_tokens, parent_of.tolist(), node_depths, ancestors)
+
+
+def compact_cache(cache, n_tail: int, keep: torch.Tensor) -> None:
+    """Keep, of the last `n_tail` cached positions, only those at `keep` (indices into the tail), in place."""
+    for layer in cache.layers:
+        if layer.keys is None or layer.keys.numel() == 0:
+            continue
+        head_k, tail_k = layer.keys[:, :, :-n_tail], layer.keys[:, :, -n_tail:]
+        head_v, tail_v = layer.values[:, :, :-n_tail], layer.values[:, :, -n_tail:]
+        layer.keys = torch.cat([head_k, tail_k.index_select(2, keep)], dim=2)
+        layer.values = torch.cat([head_v, tail_v.index_select(2, keep)], dim=2)
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length -= n_tail - keep.numel()
+            window = layer.sliding_window
+            if layer.keys.shape[2] > window - 1:
+                layer.keys, layer.values = layer.keys[:, :, -window + 1 :], layer.values[:, :, -window + 1 :]
+
+
+def _check_sliding(cache, n_new: int) -> None:
+    for layer in cache.layers:
+        window = getattr(layer, "sliding_window", None)
+        if window is not None and layer.get_seq_length() + n_new >= window - 1:
+            raise ValueError(
+                f"Tree decoding reached the target's sliding window ({window} tokens); tree verification with a "
+                "single tree mask is only supported within the window. Use decoding_mode='chain' for longer "
+                "sequences, e.g. vlm.generate(..., assistant_model=draft, decoding_mode='chain')."
+            )
+
+
+class _Selector:
+    """Next-token choice from target logits, exactly as plain generate makes it (processors, then argmax/sample)."""
+
+    def __init__(self, logits_processor, do_sample: bool):
+        self.logits_processor = logits_processor
+        self.do_sample = do_sample
+
+    def __call__(self, prefix_ids: torch.Tensor, logits: torch.Tensor) -> int:
+        # logits: (V,) raw target logits for the token after prefix_ids (1, L)
+        scores = logits[None].float()
+        if len(self.logits_processor) > 0:
+            scores = self.logits_processor(prefix_ids, scores)
+        if self.do_sample:
+            probs = torch.softmax(scores, dim=-1)  # p: the target's processed distribution
+            return int(torch.multinomial(probs, 1))
+        return int(scores.argmax(-1))
+
+
+def _unsupported_outputs(generation_config) -> None:
+    if generation_config.return_dict_in_generate and (
+        generation_config.output_scores
+        or generation_config.output_logits
+        or generation_config.output_attentions
+        or generation_config.output_hidden_states
+    ):
+        raise ValueError(
+            "SpecVLM tree decoding returns sequences only; output_scores/output_logits/output_attentions/"
+            "output_hidden_states are not supported. Drop them, or use decoding_mode='chain'."
+        )
+    if generation_config.num_beams not in (None, 1):
+        raise ValueError("SpecVLM speculative decoding does not support beam search (num_beams > 1).")
+
+
+def tree_decoding(
+    model,
+    input_ids: torch.LongTensor,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    synced_gpus: bool = False,
+    streamer=None,
+    assistant_model: SpecVLMDraftModel | None = None,
+    *,
+    settings: DecodingSettings,
+    **model_kwargs,
+):
+    """The decoding loop run by `vlm.generate(..., assistant_model=draft)` in tree mode (a `custom_generate`)."""
+    draft = assistant_model
+    _unsupported_outputs(generation_config)
+    if synced_gpus:
+        raise ValueError("SpecVLM tree decoding does not support synced_gpus (FSDP/ZeRO-3 generation).")
+    for unused in ("tokenizer", "assistant_tokenizer"):
+        model_kwargs.pop(unused, None)
+    stats = GenerationStats(decoding_mode="tree")
+    draft.last_generation_stats = stats
+    start_time = time.perf_counter()
+    select = _Selector(logits_processor, generation_config.do_sample)
+    request = target_features.hidden_state_request(draft.config.target_layers)
+    prompt_ids = input_ids
+    prompt_len = input_ids.shape[1]
+
+    # ---- prefill: target on the prompt, first token, draft on the prompt's features
+    with Timer(stats, "prefill_time_s"):
+        outputs, prompt_embeds, prompt_feats = target_prefill(model, draft, input_ids, model_kwargs)
+        stats.target_forwards += 1
+        cache = outputs.cache
+        if cache is None:
+            raise RuntimeError("SpecVLM tree decoding needs the target's KV cache (use_cache=True).")
+        position_ids = model_kwargs.get("position_ids")
+        if position_ids is not None:
+            last_pos = position_ids[..., -1:].clone()  # (..., 1, 1): position of the last cached token
+        else:
+            last_pos = torch.tensor([[prompt_len - 1]], device=input_ids.device)
+        root = select(input_ids, outputs.logits[0, -1])
+    input_ids, finished = _append(input_ids, [root], stopping_criteria, streamer, stats)
+
+    spans = targets.visual_spans(targets.unwrap_target(model), prompt_ids, model_kwargs)
+    stats.visual_tokens = sum(s.length for s in spans)
+    draft_cache = DynamicCache()
+    if not finished:
+        with Timer(stats, "draft_time_s"):
+            root_t = torch.tensor([root], device=input_ids.device)
+            ctx = draft.prepare_context(
+                prompt_ids,
+                prompt_embeds,
+                prompt_feats,
+                next_embeds=draft.embed_tokens(root_t)[None],
+                spans=[spans] if draft.compressor is not None else None,
+            )
+            stats.draft_visual_tokens = (
+                ctx.kept_visual_tokens[0] if ctx.kept_visual_tokens else stats.visual_tokens
+            )
+            stats.compressor_choice = ctx.choices[0] if ctx.choices else None
+            root_hidden = draft(
+                fused_inputs=ctx.fused, position_ids=ctx.position_ids, past_key_values=draft_cache
+            ).last_hidden_state[:, -1:]
+    row_position = prompt_len  # draft position of the next row (pairs f_{n} with the token after the root)
+    dtype = outputs.logits.dtype if outputs.logits.is_floating_point() else torch.float32
+    mask_dtype = next(targets.unwrap_target(model).parameters()).dtype
+
+    while not finished:
+        # ---- draft a tree
+        with Timer(stats, "draft_time_s"):
+            draft_prefix = draft_cache.get_seq_length()
+            tree = build_tree(draft, draft_cache, root_hidden, root_t, row_position, settings)
+        n = tree.tokens.shape[0]
+
+        # ---- verify it in one target forward
+        with Timer(stats, "verify_time_s"):
+            _check_sliding(cache, n)
+            past = cache.get_seq_length()
+            allowed = torch.ones(n, past + n, dtype=torch.bool, device=input_ids.device)
+            allowed[:, past:] = tree.ancestors
+            tree_positions = last_pos + 1 + tree.depths.view(*([1] * (last_pos.dim() - 1)), n)
+            out = model(
+                input_ids=tree.tokens[None],
+                attention_mask=_additive(allowed, mask_dtype)[None, None],
+                position_ids=tree_positions,
+                cache=cache,
+                use_cache=True,
+                output_hidden_states=request,
+                **_decode_extras(model_kwargs, n),
+            )
+            stats.target_forwards += 1
+            logits = out.logits[0]  # (n, V)
+
+            # ---- accept the longest matching path
+            children: dict[tuple[int, int], int] = {}
+            tree_tokens = tree.tokens.tolist()
+            for i in range(1, n):
+                children.setdefault((tree.parents[i], tree_tokens[i]), i)
+            path, emitted, node, prefix = [0], [], 0, input_ids
+            while True:
+                token = select(prefix, logits[node])
+                emitted.append(token)
+                child = children.get((node, token))
+                if child is None:
+                    break
+                path.append(child)
+                node = child
+                prefix = torch.cat([prefix, tree.tokens[child].view(1, 1)], dim=1)
+        stats.accepted_lengths.append(len(emitted))
+        input_ids, finished = _append(input_ids, emitted, stopping_criteria, streamer, stats)
+        if finished:
+            break
+
+        # ---- compact caches to the accepted path and feed the draft the target's true features
+        with Timer(stats, "verify_time_s"):
+            keep = torch.tensor(path, device=input_ids.device)
+            compact_cache(cache, n, keep)
+            last_pos = last_pos + len(path)
+            feats = target_features.select_features(out.hidden_states, draft.config.target_layers)[0, keep]
+        with Timer(stats, "draft_time_s"):
+            draft_cache.crop(-(draft_cache.get_seq_length() - draft_prefix))
+            next_tokens = torch.tensor(emitted, device=input_ids.device)
+            m = len(emitted)
+            positions = torch.arange(row_position, row_position + m, device=input_ids.device)[None]
+            root_hidden = draft(
+                inputs_embeds=draft.embed_tokens(next_tokens)[None],
+                hidden_states=feats[None],
+                position_ids=positions,
+                past_key_values=draft_cache,
+            ).last_hidden_state[:, -1:]
+            row_position += m
+            root_t = next_tokens[-1:]
+
+    if streamer is not None:
+        streamer.end()
+    stats.total_time_s = time.perf_counter() - start_time
+    del dtype
+    if generation_config.return_dict_in_generate:
+        return GenerateDecoderOnlyOutput(sequences=input_ids, cache=cache)
+    return input_ids
+
+
+def _append(input_ids, tokens: list[int], stopping_criteria, streamer, stats: GenerationStats):
+    """Append tokens one at a time, stopping exactly where plain generate would."""
+    finished = False
+    added = []
+    for token in tokens:
+        input_ids = torch.cat([input_ids, input_ids.new_tensor([[token]])], dim=1)
+        added.append(token)
+        if bool(stopping_criteria(input_ids, None).any()):
+            finished = True
+            break
+    stats.new_tokens += len(added)
+    if streamer is not None and added:
+        streamer.put(input_ids.new_tensor(added))
+    return input_ids, finished
+
+
+def _decode_extras(model_kwargs: dict, n: int) -> dict:
+    """Per-family inputs a decode-step forward needs besides ids, mask, positions and cache."""
+    extras = {}
+    for key in ("token_type_ids", "mm_token_type_ids"):
+        value = model_kwargs.get(key)
+        if value is not None:
+            extras[key] = value.new_zeros(value.shape[0], n)
+    return extras
