@@ -29,10 +29,18 @@ the span holds t * h * (w + 1) tokens; pool and conv drop the newline rows, comp
 newline row per output grid row (the mean of the newline rows it covers), adding t * ceil(h/kh) rows.
 A grid that does not match the span length is ignored (1-D treatment).
 
-Modes (`config.compressor_mode`): a fixed primitive; "select" (a gate picks one primitive per sequence:
-Gumbel-softmax with a hard straight-through one-hot in training, argmax in eval); "weighted" (gated mix
-sum_k w_k * out_k of prune/pool/conv, all at the pool count); "concat" (all configured primitives'
-outputs, concatenated within the span).
+Modes (`config.compressor_mode`): a fixed primitive; "select" (a gate, an MLP on [mean of the question rows;
+mean of the visual rows], picks one primitive of `compressor_primitives` per sequence for all its spans:
+Gumbel-softmax with a hard straight-through one-hot in training, so the chosen output rows are multiplied by
+the one-hot weight and the gate learns from the distillation loss; argmax in eval, deterministic);
+"weighted" (gated mix sum_k w_k * out_k, w = softmax(gate logits), of prune/pool/conv, all three at the pool
+count: prune keeps that many rows and the conv uses stride (k, k)); "concat" (the outputs of all configured
+primitives, concatenated within the span). `gate_cost` = compressor_cost_weight * the expected fraction of
+visual rows kept under the gate's probabilities (each primitive's fraction capped at 1; mean over the
+sequences with visual rows): a scalar in [0, weight], zero without a gate.
+
+Initialisation: every compressor module sets its own weights in `reset_compressor_parameters()` (called in
+its constructor); the draft's `_init_weights` only re-draws the `nn.Linear`s with the same N(0, 0.02) rule.
 """
 
 from __future__ import annotations
