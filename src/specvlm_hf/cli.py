@@ -1,0 +1,263 @@
+"""The ``specvlm`` command: ``demo``, ``train``, ``bench``, ``push``.
+
+Every subcommand imports its heavy dependencies (torch, transformers) only when it runs, so
+``specvlm --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+COMPRESSOR_CHOICES = (
+    "none",
+    "select",
+    "weighted",
+    "concat",
+    "prune",
+    "pool",
+    "conv",
+    "resampler",
+    "text_only",
+)
+
+
+def _compressor(value: str) -> str | None:
+    if value not in COMPRESSOR_CHOICES:
+        raise argparse.ArgumentTypeError(
+            f"invalid compressor mode {value!r}; choose from {COMPRESSOR_CHOICES}"
+        )
+    return None if value == "none" else value
+
+
+def _add_target_args(p: argparse.ArgumentParser, default_size: str) -> None:
+    p.add_argument(
+        "--target",
+        default=None,
+        help="target VLM: a Hub id or local path (needs network for Hub ids). Default: the built-in toy target.",
+    )
+    p.add_argument(
+        "--toy-size",
+        default=default_size,
+        choices=("tiny", "medium"),
+        help=f"size of the built-in toy target when --target is not given (default: {default_size}).",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="where toy targets and drafts are cached (default: $SPECVLM_HF_CACHE or ~/.cache/specvlm_hf).",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0).")
+
+
+def _add_train_budget_args(p: argparse.ArgumentParser, steps: int) -> None:
+    p.add_argument(
+        "--train-steps", type=int, default=steps, help=f"draft distillation steps (default: {steps})."
+    )
+    p.add_argument(
+        "--train-seconds",
+        type=float,
+        default=None,
+        help="stop draft training after this many seconds, whatever --train-steps says.",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="training batch size (default: 8).")
+    p.add_argument("--learning-rate", type=float, default=3e-3, help="learning rate (default: 3e-3).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="specvlm",
+        description="Lossless speculative decoding for vision-language models (SpecVLM / EAGLE-2) in transformers.",
+    )
+    from ._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"specvlm_hf {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,train,bench,push}")
+
+    # ------------------------------------------------------------------ demo
+    demo = sub.add_parser(
+        "demo",
+        help="offline demo: toy VLM, distilled draft, plain vs speculative generation side by side",
+        description=(
+            "Offline demo. Trains (first run) or loads (cached) the built-in toy LLaVA target, distills a SpecVLM "
+            "draft for it, then generates for a few image prompts with plain greedy generate and with speculative "
+            "decoding, printing both side by side. Exits with status 1 if any output differs."
+        ),
+    )
+    _add_target_args(demo, "tiny")
+    demo.add_argument(
+        "--draft", default=None, help="a trained draft (Hub id or local path) instead of training one."
+    )
+    _add_train_budget_args(demo, 300)
+    demo.add_argument(
+        "--compressor", type=_compressor, default="none", help="compressor mode of a newly trained draft."
+    )
+    demo.add_argument("--prompts", type=int, default=4, help="number of image prompts (default: 4).")
+    demo.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default: 64).")
+    demo.add_argument("--decoding-mode", choices=("tree", "chain"), default="tree")
+    demo.add_argument(
+        "--quick",
+        "--smoke",
+        action="store_true",
+        help="CI smoke test: tiny training budget, 2 prompts, 24 tokens; still checks identical outputs.",
+    )
+    demo.add_argument("--retrain", action="store_true", help="ignore a cached draft and train again.")
+    demo.set_defaults(func=_run_demo)
+
+    # ----------------------------------------------------------------- train
+    train = sub.add_parser(
+        "train",
+        help="distill a SpecVLM draft for a target and save it",
+        description=(
+            "Train a SpecVLM draft by online logit distillation from a frozen target and save it with "
+            "save_pretrained. Default data: the toy vision-chat dataset; --dataset takes a Hub dataset or a "
+            "local datasets folder/JSON file with rows {'images': [...], 'messages': [...]}."
+        ),
+    )
+    _add_target_args(train, "tiny")
+    train.add_argument("--output-dir", required=True, help="where the trained draft is saved.")
+    train.add_argument(
+        "--dataset", default=None, help="training rows (Hub id, local folder or .json/.jsonl file)."
+    )
+    train.add_argument("--dataset-split", default="train")
+    train.add_argument(
+        "--num-examples", type=int, default=2000, help="toy rows / cap on dataset rows (default: 2000)."
+    )
+    _add_train_budget_args(train, 500)
+    train.add_argument("--compressor", type=_compressor, default="none", help="compressor mode of the draft.")
+    train.add_argument("--num-layers", type=int, default=1, help="draft decoder layers (default: 1).")
+    train.add_argument("--max-length", type=int, default=None, help="truncate training sequences.")
+    train.set_defaults(func=_run_train)
+
+    # ----------------------------------------------------------------- bench
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark plain, assisted, prompt-lookup, EagleVLM and SpecVLM decoding side by side",
+        description=(
+            "Benchmark decoding methods on the same prompts in one process: plain generate, transformers' "
+            "assisted generation with a small independent draft, prompt-lookup decoding, EagleVLM (no compressor) "
+            "and SpecVLM drafts in chain and tree mode, greedy and sampling. Without arguments it runs the medium "
+            "toy target with a distilled draft (trained and cached on first use)."
+        ),
+    )
+    _add_target_args(bench, "medium")
+    bench.add_argument(
+        "--draft",
+        action="append",
+        default=None,
+        help="SpecVLM/EagleVLM draft (Hub id or local path); repeat for several. Default: toy drafts.",
+    )
+    bench.add_argument(
+        "--assistant",
+        default=None,
+        help="independent small draft model for transformers' assisted generation (Hub id or path).",
+    )
+    bench.add_argument("--prompts", type=int, default=8, help="number of prompts (default: 8).")
+    bench.add_argument("--max-new-tokens", type=int, default=64)
+    bench.add_argument(
+        "--temperatures",
+        default="0,1",
+        help="comma-separated temperatures; 0 is greedy (default: 0,1).",
+    )
+    bench.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated subset of: plain,assisted,prompt_lookup,eagle_chain,eagle_tree,specvlm_chain,specvlm_tree",
+    )
+    bench.add_argument(
+        "--output-dir", default=None, help="write results.json, results.md and results.png here."
+    )
+    bench.add_argument(
+        "--dataset", default=None, help="prompt rows (Hub id, local folder or .json/.jsonl file)."
+    )
+    bench.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method.")
+    bench.add_argument(
+        "--tune",
+        action="store_true",
+        help="measure verify cost vs tree size, pick the tree budget with the best estimated tokens/s, save it in the draft config.",
+    )
+    _add_train_budget_args(bench, 300)
+    bench.set_defaults(func=_run_bench)
+
+    # ------------------------------------------------------------------ push
+    push = sub.add_parser(
+        "push",
+        help="upload a trained draft to the Hugging Face Hub with a model card",
+        description=(
+            "Upload a trained draft (weights + config + model card + custom_generate) to the Hub. With --local-dir, "
+            "write the folder that would be uploaded instead (no network)."
+        ),
+    )
+    push.add_argument("draft", help="local folder of a trained draft (save_pretrained output).")
+    push.add_argument("repo_id", nargs="?", default=None, help="Hub repository, e.g. org/name.")
+    push.add_argument(
+        "--metrics", default=None, help="a results.json from `specvlm bench` for the model card."
+    )
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--token", default=None, help="Hub token (default: the logged-in token / $HF_TOKEN).")
+    push.add_argument("--local-dir", default=None, help="only write the Hub folder here; do not upload.")
+    push.set_defaults(func=_run_push)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .demo import run_train
+
+    return run_train(args)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from .bench import run_bench_cli
+
+    return run_bench_cli(args)
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    import json
+
+    from .modeling_specvlm import SpecVLMDraftModel
+
+    if args.repo_id is None and args.local_dir is None:
+        print(
+            "specvlm push: give a repo_id to upload, or --local-dir to only write the folder.",
+            file=sys.stderr,
+        )
+        return 2
+    metrics = None
+    if args.metrics:
+        with open(args.metrics, encoding="utf-8") as f:
+            metrics = json.load(f)
+    draft = SpecVLMDraftModel.from_pretrained(args.draft)
+    from . import hub
+
+    if args.local_dir is not None:
+        folder = hub.save_for_hub(draft, args.local_dir, metrics, repo_id=args.repo_id)
+        print(f"wrote {folder}")
+        return 0
+    commit = hub.push_draft_to_hub(
+        draft, args.repo_id, metrics=metrics, private=args.private, token=args.token
+    )
+    print(f"pushed to https://huggingface.co/{args.repo_id} ({getattr(commit, 'commit_url', commit)})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 0
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,434 @@
+"""What `specvlm demo` and `specvlm train` do: load a target, distill (or load) a draft, compare decoding.
+
+The helpers here (`load_target`, `distill_draft`, `load_or_train_draft`, `prompt_inputs`) are shared with
+`bench.py`. Everything runs offline with the built-in toy target; `--target` / `--draft` take Hub ids or paths.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+QUICK_STEPS = 40
+QUICK_PROMPTS = 2
+QUICK_TOKENS = 24
+
+
+# ---------------------------------------------------------------------------------------------- targets
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$SPECVLM_HF_CACHE``, else ``~/.cache/specvlm_hf`` (as the toy target uses)."""
+    if cache_dir is not None:
+        return Path(cache_dir)
+    env = os.environ.get("SPECVLM_HF_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "specvlm_hf"
+
+
+def load_target(
+    target: str | None = None,
+    toy_size: str = "tiny",
+    cache_dir: str | os.PathLike | None = None,
+    seed: int = 0,
+    progress: bool = True,
+):
+    """``(model, processor, label)``: the toy target (``target=None``) or a Hub id / local path."""
+    if target is None:
+        from .toy import load_toy_target
+
+        model, processor = load_toy_target(toy_size, cache_dir=cache_dir, seed=seed, progress=progress)
+        return model.eval(), processor, f"toy-llava-{toy_size}-seed{seed}"
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(target, dtype="auto")
+    except ValueError:  # a plain causal LM
+        model = AutoModelForCausalLM.from_pretrained(target, dtype="auto")
+    processor = AutoProcessor.from_pretrained(target)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    model.eval().requires_grad_(False)
+    return model, processor, target.rstrip("/").replace("/", "--")
+
+
+def prompt_inputs(processor, row: dict, device: torch.device | str = "cpu") -> dict:
+    """Tensors for ``vlm.generate(**inputs)`` from a vision-chat row (its first user turn and image)."""
+    from .toy import toy_generate_inputs
+
+    inputs = toy_generate_inputs(processor, row)
+    return {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
+
+
+def row_question(row: dict) -> str:
+    for message in row["messages"]:
+        if message["role"] == "user":
+            content = message["content"]
+            if isinstance(content, str):
+                return content
+            return " ".join(item.get("text", "") for item in content if item.get("type") == "text")
+    return ""
+
+
+def load_rows(dataset: str | None, n: int, seed: int = 0, split: str = "train", eval_rows: bool = False):
+    """Vision-chat rows: the toy dataset, or a Hub dataset / local folder / .json(l) file."""
+    if dataset is None:
+        if eval_rows:
+            from .toy import toy_prompts
+
+            return toy_prompts(n, seed)
+        from .toy import make_toy_dataset
+
+        return make_toy_dataset(n, seed)
+    import datasets
+
+    if dataset.endswith((".json", ".jsonl")):
+        ds = datasets.load_dataset("json", data_files=dataset, split="train")
+    elif Path(dataset).is_dir() and (Path(dataset) / "dataset_info.json").exists():
+        ds = datasets.load_from_disk(dataset)
+    else:
+        ds = datasets.load_dataset(dataset, split=split)
+    if n is not None and len(ds) > n:
+        ds = ds.shuffle(seed=seed).select(range(n))
+    return [ds[i] for i in range(len(ds))] if eval_rows else ds
+
+
+# ---------------------------------------------------------------------------------------------- drafts
+
+
+@dataclass
+class TrainBudget:
+    steps: int = 300
+    seconds: float | None = None
+    batch_size: int = 8
+    learning_rate: float = 3e-3
+
+
+def distill_draft(
+    draft,
+    target,
+    processor,
+    dataset,
+    budget: TrainBudget,
+    seed: int = 0,
+    progress: bool = True,
+    max_length: int | None = None,
+) -> dict[str, Any]:
+    """Train ``draft`` by online distillation from ``target`` for a step/time budget; returns final metrics."""
+    from transformers import TrainerCallback, TrainingArguments
+    from transformers.utils import logging as hf_logging
+
+    from .collator import SpecVLMDataCollator
+    from .trainer import SpecVLMDistillationTrainer
+
+    class _TimeBudget(TrainerCallback):
+        def __init__(self, seconds: float | None):
+            self.seconds, self.start = seconds, time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.seconds is not None and time.perf_counter() - self.start > self.seconds:
+                control.should_training_stop = True
+            return control
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    with tempfile.TemporaryDirectory(prefix="specvlm-train-") as tmp:
+        args = TrainingArguments(
+            output_dir=tmp,
+            max_steps=budget.steps,
+            per_device_train_batch_size=budget.batch_size,
+            learning_rate=budget.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=max(1, budget.steps // 20),
+            weight_decay=0.0,
+            logging_steps=max(1, budget.steps // 5),
+            save_strategy="no",
+            report_to=[],
+            disable_tqdm=not progress,
+            seed=seed,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+        )
+        trainer = SpecVLMDistillationTrainer(
+            model=draft,
+            target_model=target,
+            args=args,
+            train_dataset=dataset,
+            data_collator=SpecVLMDataCollator(processor, max_length=max_length),
+            callbacks=[_TimeBudget(budget.seconds)],
+        )
+        start = time.perf_counter()
+        trainer.train()
+        elapsed = time.perf_counter() - start
+    hf_logging.set_verbosity(verbosity)
+    draft.eval()
+    logs = [entry for entry in trainer.state.log_history if "top1_agreement" in entry]
+    metrics: dict[str, Any] = {"train_steps": trainer.state.global_step, "train_time_s": round(elapsed, 1)}
+    if logs:
+        for key in ("loss", "ce", "feature", "top1_agreement", "accepted_length_estimate"):
+            if key in logs[-1]:
+                metrics[key] = logs[-1][key]
+    return metrics
+
+
+def new_draft(target, compressor_mode: str | None = None, num_layers: int = 1, seed: int = 0):
+    from .configuration_specvlm import SpecVLMDraftConfig
+    from .modeling_specvlm import SpecVLMDraftModel
+
+    torch.manual_seed(seed)
+    config = SpecVLMDraftConfig.from_target(
+        target, compressor_mode=compressor_mode, num_hidden_layers=num_layers
+    )
+    return SpecVLMDraftModel(config).bind(target)
+
+
+def load_draft(path: str | os.PathLike, target):
+    from .modeling_specvlm import SpecVLMDraftModel
+
+    return SpecVLMDraftModel.from_pretrained(str(path), target=target).eval()
+
+
+def draft_cache_path(
+    label: str, compressor_mode: str | None, budget: TrainBudget, seed: int, cache_dir=None
+) -> Path:
+    from ._version import __version__
+
+    name = f"{label}__{compressor_mode or 'eagle'}__s{budget.steps}-b{budget.batch_size}-seed{seed}-v{__version__}"
+    return cache_root(cache_dir) / "drafts" / name
+
+
+def save_draft(draft, path: Path, metrics: dict | None = None) -> None:
+    """``save_pretrained`` into ``path`` atomically (a concurrent process may write the same draft)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp"))
+    draft.save_pretrained(tmp)
+    if metrics is not None:
+        (tmp / "training_metrics.json").write_text(json.dumps(metrics, indent=2))
+    if path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+    try:
+        tmp.rename(path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def load_or_train_draft(
+    target,
+    processor,
+    label: str,
+    compressor_mode: str | None,
+    budget: TrainBudget,
+    seed: int = 0,
+    cache_dir=None,
+    retrain: bool = False,
+    num_examples: int = 2000,
+    progress: bool = True,
+    log=print,
+):
+    """The cached draft for (target, compressor, budget), trained with the toy dataset on first use."""
+    path = draft_cache_path(label, compressor_mode, budget, seed, cache_dir)
+    if (path / "config.json").exists() and not retrain:
+        log(f"loading cached draft {path}")
+        return load_draft(path, target), path, _read_metrics(path)
+    budget_text = f"{budget.steps} steps" + (f" or {budget.seconds:.0f} s" if budget.seconds else "")
+    log(
+        f"distilling a draft ({compressor_mode or 'EagleVLM, no compressor'}) online from the target: {budget_text}"
+    )
+    draft = new_draft(target, compressor_mode, seed=seed)
+    dataset = load_rows(None, num_examples, seed)
+    metrics = distill_draft(draft, target, processor, dataset, budget, seed=seed, progress=progress)
+    save_draft(draft, path, metrics)
+    log(f"draft trained in {metrics['train_time_s']} s, cached at {path}")
+    return draft, path, metrics
+
+
+def _read_metrics(path: Path) -> dict:
+    file = path / "training_metrics.json"
+    return json.loads(file.read_text()) if file.exists() else {}
+
+
+# ---------------------------------------------------------------------------------------------- compare
+
+
+@dataclass
+class Comparison:
+    question: str
+    plain_text: str
+    spec_text: str
+    plain_tokens: int
+    spec_tokens: int
+    plain_time_s: float
+    spec_time_s: float
+    identical: bool
+    mean_accepted_length: float
+    target_forwards: int
+
+
+def compare_one(vlm, draft, processor, inputs: dict, max_new_tokens: int, **spec_kwargs) -> Comparison:
+    """Greedy plain generate vs speculative generate on one prompt: texts, times, identical tokens."""
+    prompt_len = inputs["input_ids"].shape[1]
+    common = {"max_new_tokens": max_new_tokens, "do_sample": False}
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        plain = vlm.generate(**inputs, **common)
+        t1 = time.perf_counter()
+        spec = vlm.generate(**inputs, **common, assistant_model=draft, **spec_kwargs)
+        t2 = time.perf_counter()
+    plain_new, spec_new = plain[0, prompt_len:], spec[0, prompt_len:]
+    stats = draft.last_generation_stats
+    tokenizer = getattr(processor, "tokenizer", processor)
+    return Comparison(
+        question="",
+        plain_text=tokenizer.decode(plain_new, skip_special_tokens=True).strip(),
+        spec_text=tokenizer.decode(spec_new, skip_special_tokens=True).strip(),
+        plain_tokens=int(plain_new.numel()),
+        spec_tokens=int(spec_new.numel()),
+        plain_time_s=t1 - t0,
+        spec_time_s=t2 - t1,
+        identical=plain_new.tolist() == spec_new.tolist(),
+        mean_accepted_length=stats.mean_accepted_length if stats is not None else float("nan"),
+        target_forwards=stats.target_forwards if stats is not None else 0,
+    )
+
+
+def _short(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def print_comparison(i: int, n: int, c: Comparison, width: int = 100) -> None:
+    plain_tps = c.plain_tokens / c.plain_time_s if c.plain_time_s else 0.0
+    spec_tps = c.spec_tokens / c.spec_time_s if c.spec_time_s else 0.0
+    print(f"\n[{i}/{n}] Q: {_short(c.question, width)}")
+    print(f"  plain   | {c.plain_tokens:3d} tok {plain_tps:7.1f} tok/s | {_short(c.plain_text, width - 30)}")
+    print(f"  specvlm | {c.spec_tokens:3d} tok {spec_tps:7.1f} tok/s | {_short(c.spec_text, width - 30)}")
+    speedup = c.plain_time_s / c.spec_time_s if c.spec_time_s else 0.0
+    print(
+        f"  identical: {'yes' if c.identical else 'NO'} | mean accepted length {c.mean_accepted_length:.2f} "
+        f"| target forwards {c.target_forwards} | speedup {speedup:.2f}x"
+    )
+
+
+def print_summary(results: list[Comparison]) -> None:
+    plain_tokens = sum(c.plain_tokens for c in results)
+    spec_tokens = sum(c.spec_tokens for c in results)
+    plain_time = sum(c.plain_time_s for c in results)
+    spec_time = sum(c.spec_time_s for c in results)
+    accepted = [c.mean_accepted_length for c in results]
+    all_identical = all(c.identical for c in results)
+    print("\n" + "=" * 72)
+    print(f"{'':22s}{'plain generate':>18s}{'speculative (SpecVLM)':>26s}")
+    print(f"{'new tokens':22s}{plain_tokens:>18d}{spec_tokens:>26d}")
+    print(f"{'time (s)':22s}{plain_time:>18.2f}{spec_time:>26.2f}")
+    print(
+        f"{'tokens/s':22s}{plain_tokens / max(plain_time, 1e-9):>18.1f}"
+        f"{spec_tokens / max(spec_time, 1e-9):>26.1f}"
+    )
+    print(f"{'mean accepted length':22s}{'1.00':>18s}{sum(accepted) / max(len(accepted), 1):>26.2f}")
+    print(
+        f"identical outputs: {'yes' if all_identical else 'NO'} ({sum(c.identical for c in results)}/{len(results)})"
+    )
+    print(f"speedup: {plain_time / max(spec_time, 1e-9):.2f}x (end to end, greedy, batch 1)")
+    print("=" * 72)
+
+
+# ---------------------------------------------------------------------------------------------- commands
+
+
+def _budget(args) -> TrainBudget:
+    return TrainBudget(
+        steps=args.train_steps,
+        seconds=args.train_seconds,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+    )
+
+
+def run_demo(args) -> int:
+    if args.quick:
+        args.train_steps = min(args.train_steps, QUICK_STEPS)
+        args.prompts = min(args.prompts, QUICK_PROMPTS)
+        args.max_new_tokens = min(args.max_new_tokens, QUICK_TOKENS)
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    what = args.target or f"the built-in toy LLaVA target ({args.toy_size})"
+    print(f"specvlm demo: target = {what}; cache = {cache_root(args.cache_dir)}")
+    vlm, processor, label = load_target(args.target, args.toy_size, args.cache_dir, args.seed)
+    print(
+        f"target ready ({time.perf_counter() - start:.1f} s): {type(vlm).__name__}, "
+        f"{sum(p.numel() for p in vlm.parameters()) / 1e6:.1f}M parameters"
+    )
+    if args.draft is not None:
+        draft = load_draft(args.draft, vlm)
+        print(f"loaded draft {args.draft}")
+    else:
+        draft, _, metrics = load_or_train_draft(
+            vlm,
+            processor,
+            label,
+            args.compressor,
+            _budget(args),
+            seed=args.seed,
+            cache_dir=args.cache_dir,
+            retrain=args.retrain,
+        )
+        if metrics.get("top1_agreement") is not None:
+            print(
+                f"draft top-1 agreement with the target (training batches): {metrics['top1_agreement']:.2f}"
+            )
+    print(
+        f"draft ready ({time.perf_counter() - start:.1f} s): "
+        f"{sum(p.numel() for p in draft.parameters()) / 1e6:.1f}M parameters, "
+        f"compressor={draft.config.compressor_mode}, decoding={args.decoding_mode}"
+    )
+
+    rows = load_rows(None, args.prompts, args.seed, eval_rows=True)
+    device = next(vlm.parameters()).device
+    # warm-up (first-call allocations), not timed
+    warm = prompt_inputs(processor, rows[0], device)
+    with torch.inference_mode():
+        vlm.generate(**warm, max_new_tokens=4, do_sample=False)
+        vlm.generate(
+            **warm, max_new_tokens=4, do_sample=False, assistant_model=draft, decoding_mode=args.decoding_mode
+        )
+    results = []
+    for i, row in enumerate(rows, start=1):
+        inputs = prompt_inputs(processor, row, device)
+        c = compare_one(vlm, draft, processor, inputs, args.max_new_tokens, decoding_mode=args.decoding_mode)
+        c.question = row_question(row)
+        results.append(c)
+        print_comparison(i, len(rows), c)
+    print_summary(results)
+    print(f"total demo time: {time.perf_counter() - start:.1f} s")
+    if not all(c.identical for c in results):
+        print("ERROR: speculative decoding changed the greedy output.", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_train(args) -> int:
+    torch.manual_seed(args.seed)
+    vlm, processor, label = load_target(args.target, args.toy_size, args.cache_dir, args.seed)
+    draft = new_draft(vlm, args.compressor, num_layers=args.num_layers, seed=args.seed)
+    dataset = load_rows(args.dataset, args.num_examples, args.seed, split=args.dataset_split)
+    print(
+        f"training a draft for {label}: {len(dataset)} rows, {args.train_steps} steps, "
+        f"compressor={args.compressor}"
+    )
+    metrics = distill_draft(
+        draft, vlm, processor, dataset, _budget(args), seed=args.seed, max_length=args.max_length
+    )
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    draft.save_pretrained(out)
+    (out / "training_metrics.json").write_text(json.dumps(metrics, indent=2))
+    print(f"saved draft to {out}: {json.dumps(metrics)}")
+    return 0
