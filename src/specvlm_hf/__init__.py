@@ -1,4 +1,12 @@
-"""specvlm_hf: lossless speculative decoding for vision-language models inside Hugging Face transformers."""
+"""specvlm_hf: lossless speculative decoding for vision-language models inside Hugging Face transformers.
+
+Importing the package registers the draft's model type ("specvlm_draft") with `AutoConfig` / `AutoModel`;
+everything else is imported lazily on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
 
 from transformers import AutoConfig, AutoModel
 
@@ -9,4 +17,21 @@ from .modeling_specvlm import SpecVLMDraftModel
 AutoConfig.register(SpecVLMDraftConfig.model_type, SpecVLMDraftConfig, exist_ok=True)
 AutoModel.register(SpecVLMDraftConfig, SpecVLMDraftModel, exist_ok=True)
 
-__all__ = ["SpecVLMDraftConfig", "SpecVLMDraftModel", "__version__"]
+_LAZY = {
+    "SpecVLMDistillationTrainer": "trainer",
+    "SpecVLMDataCollator": "trainer",
+    "push_draft_to_hub": "hub",
+    "save_for_hub": "hub",
+    "export_draft": "export",
+    "GenerationStats": "decoding",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        module = importlib.import_module(f".{_LAZY[name]}", __name__)
+        return getattr(module, name)
+    raise AttributeError(f"module 'specvlm_hf' has no attribute {name!r}")
+
+
+__all__ = ["SpecVLMDraftConfig", "SpecVLMDraftModel", "__version__", *_LAZY]

@@ -66,7 +66,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             self.prompt_len = input_ids.shape[1]
             self._capture = target_features.record_decoder_inputs(self.target, self._captured, once=True)
             return input_ids, None
-        stats.target_forwards += 1
+        stats.target_forwards += 1  # the forward whose outputs we just received
         draft = self.draft
         t0 = time.perf_counter()
         feats = target_features.select_features(model_outputs.hidden_states, draft.config.target_layers)

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import time
 from typing import Any
 
+import torch
 import transformers
 from packaging import version
 
@@ -153,8 +155,9 @@ def _chain_decoding(
     kwargs.pop("assistant_model", None)
     kwargs.pop("streamer", None)
     draft._active_settings = settings
+    start = time.perf_counter()
     try:
-        return type(model)._assisted_decoding(
+        result = type(model)._assisted_decoding(
             model,
             input_ids,
             logits_processor=logits_processor,
@@ -166,3 +169,19 @@ def _chain_decoding(
         )
     finally:
         draft._active_settings = None
+    sequences = result if isinstance(result, torch.Tensor) else result.sequences
+    _finish_chain_stats(draft.last_generation_stats, sequences.shape[1] - input_ids.shape[1])
+    draft.last_generation_stats.total_time_s = time.perf_counter() - start
+    return result
+
+
+def _finish_chain_stats(stats, total_new: int) -> None:
+    """The candidate generator sees every verify forward but the last one; account for it here."""
+    if stats.target_forwards == 0:  # generation ended with the prefill's token
+        stats.target_forwards, stats.new_tokens = 1, total_new
+        return
+    missing = total_new - stats.new_tokens
+    if missing > 0:
+        stats.accepted_lengths.append(missing)
+        stats.new_tokens = total_new
+        stats.target_forwards += 1

@@ -194,6 +194,8 @@ class SpecVLMPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, SpecVLMRMSNorm):
             nn.init.ones_(module.weight)
+        elif hasattr(module, "reset_compressor_parameters"):
+            module.reset_compressor_parameters()
 
 
 class SpecVLMDraftModel(SpecVLMPreTrainedModel):

@@ -169,15 +169,35 @@ def compact_cache(cache, n_tail: int, keep: torch.Tensor) -> None:
                 layer.keys, layer.values = layer.keys[:, :, -window + 1 :], layer.values[:, :, -window + 1 :]
 
 
-def _check_sliding(cache, n_new: int) -> None:
-    for layer in cache.layers:
-        window = getattr(layer, "sliding_window", None)
-        if window is not None and layer.get_seq_length() + n_new >= window - 1:
-            raise ValueError(
-                f"Tree decoding reached the target's sliding window ({window} tokens); tree verification with a "
-                "single tree mask is only supported within the window. Use decoding_mode='chain' for longer "
-                "sequences, e.g. vlm.generate(..., assistant_model=draft, decoding_mode='chain')."
-            )
+def verify_mask(cache, ancestors: torch.Tensor, depths: torch.Tensor, layer_types, dtype: torch.dtype):
+    """Attention mask for verifying a tree of n nodes on top of `cache`, as the target's forward expects it.
+
+    Full-attention layers see the whole prefix; sliding-window layers (Gemma 3) see the prefix keys they hold,
+    minus those that fall out of each node's window. Returns a (1, 1, n, kv) tensor, or a dict keyed by layer
+    type when the target mixes both kinds.
+    """
+    n = ancestors.shape[0]
+    device = ancestors.device
+    past = cache.get_seq_length()
+    full = torch.ones(n, past + n, dtype=torch.bool, device=device)
+    full[:, past:] = ancestors
+    sliding_layers = [layer for layer in cache.layers if getattr(layer, "sliding_window", None)]
+    if not sliding_layers or layer_types is None:
+        return _additive(full, dtype)[None, None]
+    layer = sliding_layers[0]
+    window = layer.sliding_window
+    held = min(
+        layer.keys.shape[2] if layer.keys is not None else 0, window - 1
+    )  # prefix keys the layer returns
+    # prefix key j sits `held - j` tokens before the root; node i is depths[i] tokens after it
+    distance = (held - torch.arange(held, device=device))[None, :] + depths[:, None]
+    sliding = torch.ones(n, held + n, dtype=torch.bool, device=device)
+    sliding[:, :held] = distance < window
+    sliding[:, held:] = ancestors
+    return {
+        "full_attention": _additive(full, dtype)[None, None],
+        "sliding_attention": _additive(sliding, dtype)[None, None],
+    }
 
 
 class _Selector:
@@ -248,6 +268,8 @@ def tree_decoding(
         cache = outputs.cache
         if cache is None:
             raise RuntimeError("SpecVLM tree decoding needs the target's KV cache (use_cache=True).")
+        if hasattr(cache, "activate_past_recording"):
+            cache.activate_past_recording()  # sliding-window layers keep rejected-node states until compaction
         position_ids = model_kwargs.get("position_ids")
         if position_ids is not None:
             last_pos = position_ids[..., -1:].clone()  # (..., 1, 1): position of the last cached token
@@ -277,8 +299,8 @@ def tree_decoding(
                 fused_inputs=ctx.fused, position_ids=ctx.position_ids, past_key_values=draft_cache
             ).last_hidden_state[:, -1:]
     row_position = prompt_len  # draft position of the next row (pairs f_{n} with the token after the root)
-    dtype = outputs.logits.dtype if outputs.logits.is_floating_point() else torch.float32
     mask_dtype = next(targets.unwrap_target(model).parameters()).dtype
+    layer_types = getattr(targets.text_config(targets.unwrap_target(model)), "layer_types", None)
 
     while not finished:
         # ---- draft a tree
@@ -289,14 +311,10 @@ def tree_decoding(
 
         # ---- verify it in one target forward
         with Timer(stats, "verify_time_s"):
-            _check_sliding(cache, n)
-            past = cache.get_seq_length()
-            allowed = torch.ones(n, past + n, dtype=torch.bool, device=input_ids.device)
-            allowed[:, past:] = tree.ancestors
             tree_positions = last_pos + 1 + tree.depths.view(*([1] * (last_pos.dim() - 1)), n)
             out = model(
                 input_ids=tree.tokens[None],
-                attention_mask=_additive(allowed, mask_dtype)[None, None],
+                attention_mask=verify_mask(cache, tree.ancestors, tree.depths, layer_types, mask_dtype),
                 position_ids=tree_positions,
                 cache=cache,
                 use_cache=True,
@@ -321,8 +339,9 @@ def tree_decoding(
                 path.append(child)
                 node = child
                 prefix = torch.cat([prefix, tree.tokens[child].view(1, 1)], dim=1)
-        stats.accepted_lengths.append(len(emitted))
+        before = input_ids.shape[1]
         input_ids, finished = _append(input_ids, emitted, stopping_criteria, streamer, stats)
+        stats.accepted_lengths.append(input_ids.shape[1] - before)
         if finished:
             break
 
@@ -349,7 +368,6 @@ def tree_decoding(
     if streamer is not None:
         streamer.end()
     stats.total_time_s = time.perf_counter() - start_time
-    del dtype
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=input_ids, cache=cache)
     return input_ids

@@ -1,0 +1,66 @@
+"""A draft that proposes the target's own greedy continuation, except at chosen positions.
+
+Test-support module. The draft still runs its real layers (so its KV cache behaves exactly as in use), but
+its outputs carry their RoPE position in channel 0, and `compute_logits` turns that position into a point
+mass on the reference token there: row t (position t) pairs f_t with x_{t+1} and predicts x_{t+2}. At a
+"wrong" position it proposes another token and gives the true one -inf, so no tree can contain it there.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.modeling_outputs import BaseModelOutputWithPast
+
+from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
+
+
+class ForcedDraft(SpecVLMDraftModel):
+    def force(self, reference: torch.Tensor, wrong_positions: set[int]) -> ForcedDraft:
+        """reference: (L,) the full greedy sequence (prompt + continuation); wrong_positions: absolute indices."""
+        self.reference = reference.tolist()
+        self.wrong = set(wrong_positions)
+        return self
+
+    def forward(self, *args, position_ids=None, past_key_values=None, **kwargs):
+        if position_ids is None:
+            raise AssertionError("decoding must always pass explicit draft positions")
+        out = super().forward(*args, position_ids=position_ids, past_key_values=past_key_values, **kwargs)
+        hidden = out.last_hidden_state.clone()
+        hidden[..., 0] = position_ids.to(hidden.dtype)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        vocab = self.config.vocab_size
+        target_index = hidden[..., 0].round().long() + 2  # row t predicts x_{t+2}
+        flat = target_index.reshape(-1).tolist()
+        logits = torch.zeros(len(flat), vocab)
+        for row, index in enumerate(flat):
+            if index >= len(self.reference):
+                continue
+            true = self.reference[index]
+            if index in self.wrong:
+                logits[row, (true + 1) % vocab] = 30.0
+                logits[row, true] = float("-inf")
+            else:
+                logits[row, true] = 30.0
+        return logits.reshape(*target_index.shape, vocab).to(hidden.device)
+
+
+def make_forced_draft(target, reference, wrong_positions=(), **config_overrides) -> ForcedDraft:
+    config = SpecVLMDraftConfig.from_target(target, **config_overrides)
+    return ForcedDraft(config).bind(target).force(reference, set(wrong_positions))
+
+
+def expected_accepted_lengths(prompt_len: int, n_new: int, wrong_positions, lookahead: int) -> list[int]:
+    """Tokens emitted per verify forward when the draft proposes up to `lookahead` tokens ahead of the root."""
+    lengths, generated = [], 1  # the prefill emits the first token
+    wrong = sorted(w - prompt_len for w in wrong_positions)  # indices into the continuation
+    while generated < n_new:
+        root = generated - 1
+        accepted = 0
+        while accepted < lookahead and (root + accepted + 1) not in wrong:
+            accepted += 1
+        emitted = min(accepted + 1, n_new - generated)
+        lengths.append(emitted)
+        generated += emitted
+    return lengths
