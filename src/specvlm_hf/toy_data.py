@@ -369,9 +369,12 @@ def make_row(scene: ToyScene, image: Image.Image, rng: random.Random, task: str 
     }
 
 
-def make_toy_rows(n: int, seed: int = 0, questions_per_image: int = 1) -> list[dict]:
-    """``n`` rows, ``questions_per_image`` consecutive rows sharing one image; deterministic in ``seed``."""
-    rng = random.Random(f"specvlm-toy-rows-{seed}")
+def make_toy_rows(n: int, seed: int = 0, questions_per_image: int = 1, split: str = "train") -> list[dict]:
+    """``n`` rows, ``questions_per_image`` consecutive rows sharing one image.
+
+    Deterministic in ``(seed, split)``; different splits draw from independent streams.
+    """
+    rng = random.Random(f"specvlm-toy-rows-{split}-{seed}")
     rows: list[dict] = []
     while len(rows) < n:
         scene = random_scene(rng)
@@ -381,11 +384,11 @@ def make_toy_rows(n: int, seed: int = 0, questions_per_image: int = 1) -> list[d
     return rows
 
 
-def make_toy_dataset(n: int, seed: int = 0):
+def make_toy_dataset(n: int, seed: int = 0, split: str = "train"):
     """A ``datasets.Dataset`` of ``n`` vision-chat rows (columns ``images``, ``messages``, ``task``)."""
     import datasets
 
-    rows = make_toy_rows(n, seed)
+    rows = make_toy_rows(n, seed, split=split)
     return datasets.Dataset.from_list(rows)
 
 
