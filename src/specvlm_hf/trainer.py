@@ -232,6 +232,11 @@ class SpecVLMDistillationTrainer(Trainer):
         response = response.bool() if response is not None else valid
 
         inputs_embeds, features, last_hidden, logits = self._target_outputs(inputs)
+        # a target dispatched over several devices (device_map) may return these elsewhere than the draft
+        device = draft.fc.weight.device
+        inputs_embeds, features, last_hidden = (t.to(device) for t in (inputs_embeds, features, last_hidden))
+        valid, response = valid.to(device), response.to(device)
+        lm_head_device = targets.output_embeddings(targets.unwrap_target(self.target_model)).weight.device
         spans = None
         if draft.compressor is not None:
             spans = batch_visual_spans(self.target_model, input_ids, inputs)
@@ -263,8 +268,9 @@ class SpecVLMDistillationTrainer(Trainer):
             b_idx, t_idx = keep.nonzero(as_tuple=True)
             pos = nxt[b_idx, t_idx]
             draft_h = hidden[b_idx, t_idx]  # (N, h)
-            draft_logits = draft.compute_logits(draft_h)  # (N, V)
-            target_logits = logits[b_idx, pos]  # (N, V): the target's distribution of x_{r+2}
+            draft_logits = draft.compute_logits(draft_h.to(lm_head_device)).to(device)  # (N, V)
+            # (N, V): the target's distribution of x_{r+2}
+            target_logits = logits[b_idx.to(logits.device), pos.to(logits.device)].to(device)
             parts = distillation_loss(
                 draft_logits,
                 draft_h,
