@@ -469,3 +469,18 @@ def test_trainer_on_vision_chat_rows(toy_processor, toy_vocab_llava, tmp_path):
     assert isinstance(trainer.data_collator, SpecVLMDataCollator)
     trainer.train()
     assert [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_batch_visual_spans_splits_per_image_tensors():
+    """Each row gets exactly its own images' `image_grid_thw` (Qwen2-VL), so every span keeps its layout."""
+    from specvlm_hf import targets
+    from specvlm_hf.trainer import batch_visual_spans
+
+    target = make_tiny_target("qwen2_vl", seed=0)
+    rows = family_rows("qwen2_vl", target, n=3)
+    batch = collate_tensors(rows)
+    per_row = batch_visual_spans(target, batch["input_ids"], batch)
+    assert len(per_row) == 3
+    for row, spans in zip(rows, per_row):
+        own = targets.visual_spans(target, row["input_ids"], {"image_grid_thw": row["image_grid_thw"]})
+        assert spans == own and spans and all(s.grid is not None for s in spans)
