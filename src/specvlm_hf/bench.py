@@ -1,0 +1,613 @@
+"""Benchmark harness behind `specvlm bench`: decoding methods side by side on the same prompts.
+
+Methods (one process, same prompts, same target, batch 1):
+
+* ``plain``: ``vlm.generate`` (the reference for speed and for the lossless check);
+* ``assisted``: transformers' assisted generation with an independent small draft model (same tokenizer);
+* ``prompt_lookup``: transformers' prompt-lookup decoding. On LLaVA-style prompts the lookup proposes
+  ``<image>`` placeholder tokens copied from the prompt and the target's forward rejects them; we truncate
+  each candidate run at the first placeholder token. Candidates are only proposals that the target verifies,
+  so this is lossless (``suppress_tokens`` would avoid the crash but changes the target's distribution);
+* ``eagle_chain`` / ``eagle_tree``: a SpecVLM draft without compressor (EagleVLM), chain or tree decoding;
+* ``specvlm_chain[mode]`` / ``specvlm_tree[mode]``: a SpecVLM draft with compressor ``mode``.
+
+Definitions (per method and temperature, summed over prompts):
+
+* ``tokens_per_second`` = new tokens / wall time of the ``generate`` calls (end to end: prefill included);
+* ``speedup`` = tokens_per_second / plain's; ``speedup_decode`` does the same after subtracting the target's
+  prompt cost, measured once per prompt as plain ``generate(max_new_tokens=1)``;
+* ``target_forwards_per_token`` counts every target forward (a hook on the target);
+* ``mean_accepted_length``: tokens emitted per verify forward, bonus token included (SpecVLM: from
+  ``draft.last_generation_stats``; other methods: new tokens / target forwards); ``..._no_bonus`` = that - 1;
+* ``lossless``: greedy: token-identical to plain for every prompt; sampling: ``"distribution"`` (exact in
+  distribution by construction, not checkable per sample).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+METHOD_NAMES = (
+    "plain",
+    "assisted",
+    "prompt_lookup",
+    "eagle_chain",
+    "eagle_tree",
+    "specvlm_chain",
+    "specvlm_tree",
+)
+REQUIRED_KEYS = ("method", "temperature", "speedup", "mean_accepted_length", "tokens_per_second", "lossless")
+TUNE_SIZES = (1, 8, 16, 32, 60)
+# (tree_total_tokens, tree_depth, tree_top_k) candidates for --tune
+TUNE_GRID = ((8, 4, 2), (12, 5, 3), (16, 5, 4), (16, 8, 2), (24, 6, 4), (32, 6, 6), (32, 8, 4), (60, 7, 10))
+
+
+@dataclass
+class Method:
+    """One decoding method: how to call ``generate`` for it."""
+
+    name: str
+    kind: str  # "plain" | "assisted" | "prompt_lookup" | "spec"
+    draft: Any = None
+    assistant: Any = None
+    decoding_mode: str | None = None
+    gen_kwargs: dict = field(default_factory=dict)
+    note: str = ""
+
+
+def spec_methods(drafts: dict[str, Any], modes=("chain", "tree")) -> list[Method]:
+    """EagleVLM / SpecVLM methods for each draft (label -> bound draft), chain and tree."""
+    methods = []
+    for label, draft in drafts.items():
+        compressor = draft.config.compressor_mode
+        base = "eagle" if compressor is None else "specvlm"
+        for mode in modes:
+            name = f"{base}_{mode}" if compressor is None else f"{base}_{mode}[{compressor}]"
+            if len(drafts) > 1 and sum(d.config.compressor_mode == compressor for d in drafts.values()) > 1:
+                name += f"({label})"
+            methods.append(Method(name, "spec", draft=draft, decoding_mode=mode))
+    return methods
+
+
+def default_methods(
+    drafts: dict[str, Any], assistant=None, prompt_lookup_num_tokens: int = 10, only=None
+) -> list[Method]:
+    methods = [Method("plain", "plain")]
+    if assistant is not None:
+        methods.append(Method("assisted", "assisted", assistant=assistant))
+    else:
+        methods.append(
+            Method("assisted", "skip", note="no independent small draft with the target's tokenizer")
+        )
+    methods.append(
+        Method(
+            "prompt_lookup",
+            "prompt_lookup",
+            gen_kwargs={"prompt_lookup_num_tokens": prompt_lookup_num_tokens},
+            note="candidates cut at <image> placeholders (lossless workaround)",
+        )
+    )
+    methods += spec_methods(drafts)
+    if only:
+        wanted = set(only) | {"plain"}
+        methods = [m for m in methods if m.name.split("[")[0].split("(")[0] in wanted]
+    return methods
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+class _ForwardCounter:
+    """Counts forwards of the target (a forward pre-hook)."""
+
+    def __init__(self, model):
+        self.count = 0
+        self._handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args):
+        self.count += 1
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def _image_token_ids(model) -> list[int]:
+    try:
+        from . import targets
+
+        return list(targets.image_token_ids(targets.unwrap_target(model)))
+    except Exception:  # noqa: BLE001 - a plain causal LM has none
+        ids = [getattr(model.config, k, None) for k in ("image_token_id", "image_token_index")]
+        return [i for i in ids if i is not None]
+
+
+@contextlib.contextmanager
+def prompt_lookup_without_placeholders(model, banned_ids: list[int]):
+    """Truncate prompt-lookup candidates at the first visual placeholder token (lossless: fewer proposals)."""
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    banned = torch.tensor(sorted(set(banned_ids)), dtype=torch.long)
+    had_attr = "_get_candidate_generator" in model.__dict__
+    previous = model.__dict__.get("_get_candidate_generator")
+    original = model._get_candidate_generator
+
+    def get_candidate_generator(*args, **kwargs):
+        generator = original(*args, **kwargs)
+        if isinstance(generator, PromptLookupCandidateGenerator) and banned.numel():
+            inner = generator.get_candidates
+
+            def get_candidates(input_ids, **kw):
+                candidates, logits = inner(input_ids, **kw)
+                n = input_ids.shape[1]
+                hits = torch.isin(candidates[0, n:], banned.to(candidates.device)).nonzero()
+                if hits.numel():
+                    candidates = candidates[:, : n + int(hits[0])]
+                return candidates, logits
+
+            generator.get_candidates = get_candidates
+        return generator
+
+    model._get_candidate_generator = get_candidate_generator
+    try:
+        yield
+    finally:
+        if had_attr:
+            model._get_candidate_generator = previous
+        else:
+            del model._get_candidate_generator
+
+
+def _sampling_kwargs(temperature: float) -> dict:
+    if temperature <= 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+
+
+def _generate(model, method: Method, inputs: dict, max_new_tokens: int, temperature: float):
+    kwargs = {"max_new_tokens": max_new_tokens, **_sampling_kwargs(temperature), **method.gen_kwargs}
+    if method.kind == "assisted":
+        kwargs["assistant_model"] = method.assistant
+    elif method.kind == "spec":
+        kwargs["assistant_model"] = method.draft
+        kwargs["decoding_mode"] = method.decoding_mode
+    if method.kind == "prompt_lookup":
+        with prompt_lookup_without_placeholders(model, _image_token_ids(model)):
+            return model.generate(**inputs, **kwargs)
+    return model.generate(**inputs, **kwargs)
+
+
+def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, leave=False)
+
+
+# ---------------------------------------------------------------------------------------------- benchmark
+
+
+def run_benchmark(
+    model,
+    prompts: list[dict],
+    methods: list[Method],
+    temperatures=(0.0, 1.0),
+    max_new_tokens: int = 64,
+    warmup: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[dict]:
+    """Run every method on every prompt at every temperature; returns one record per (method, temperature)."""
+    records: list[dict] = []
+    counter = _ForwardCounter(model)
+    try:
+        with torch.inference_mode():
+            # the target's prompt cost per prompt (for decode-only speed): plain generate of one token
+            for m in methods[:1]:
+                for _ in range(warmup):
+                    _generate(model, m, prompts[0], 2, 0.0)
+            prefill_s = []
+            for inputs in prompts:
+                t0 = time.perf_counter()
+                model.generate(**inputs, max_new_tokens=1, do_sample=False)
+                prefill_s.append(time.perf_counter() - t0)
+            for temperature in temperatures:
+                reference: list[list[int]] | None = None
+                plain_record = None
+                for method in _progress(methods, f"T={temperature:g}", progress):
+                    record = _run_method(
+                        model, method, prompts, temperature, max_new_tokens, warmup, seed, counter, progress
+                    )
+                    record["prefill_estimate_s"] = sum(prefill_s)
+                    tokens = record.pop("_tokens", None)
+                    if method.kind == "plain":
+                        reference, plain_record = tokens, record
+                        record["lossless"] = True
+                    elif record["status"] == "ok":
+                        if temperature > 0:
+                            record["lossless"] = "distribution"
+                        else:
+                            record["lossless"] = tokens == reference
+                    records.append(record)
+                    _add_speedups(record, plain_record)
+    finally:
+        counter.remove()
+    return records
+
+
+def _run_method(model, method, prompts, temperature, max_new_tokens, warmup, seed, counter, progress) -> dict:
+    record: dict[str, Any] = {
+        "method": method.name,
+        "temperature": float(temperature),
+        "status": "ok",
+        "note": method.note,
+        "prompts": len(prompts),
+        "max_new_tokens": max_new_tokens,
+    }
+    if method.draft is not None:
+        record["compressor_mode"] = method.draft.config.compressor_mode
+        record["decoding_mode"] = method.decoding_mode
+    if method.kind == "skip":
+        record.update(status="skipped", lossless=None, speedup=None, mean_accepted_length=None)
+        record["tokens_per_second"] = None
+        return record
+    try:
+        for _ in range(warmup):
+            _generate(model, method, prompts[0], min(8, max_new_tokens), temperature)
+        tokens: list[list[int]] = []
+        wall = new = forwards = 0.0
+        draft_s = verify_s = spec_prefill_s = 0.0
+        accepted: list[int] = []
+        have_verify = True
+        for i, inputs in enumerate(_progress(prompts, method.name, progress)):
+            torch.manual_seed(seed + i)
+            counter.count = 0
+            t0 = time.perf_counter()
+            out = _generate(model, method, inputs, max_new_tokens, temperature)
+            wall += time.perf_counter() - t0
+            forwards += counter.count
+            generated = out[0, inputs["input_ids"].shape[1] :].tolist()
+            tokens.append(generated)
+            new += len(generated)
+            if method.kind == "spec":
+                stats = method.draft.last_generation_stats
+                accepted += list(stats.accepted_lengths)
+                draft_s += stats.draft_time_s
+                verify_s += stats.verify_time_s
+                spec_prefill_s += stats.prefill_time_s
+                have_verify = have_verify and stats.verify_time_s > 0
+    except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash of the benchmark
+        record.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500], lossless=None)
+        record.update(speedup=None, mean_accepted_length=None, tokens_per_second=None)
+        return record
+    record.update(
+        new_tokens=int(new),
+        total_time_s=wall,
+        tokens_per_second=new / wall if wall else 0.0,
+        target_forwards=int(forwards),
+        target_forwards_per_token=forwards / new if new else None,
+        _tokens=tokens,
+    )
+    if method.kind == "spec" and accepted:
+        record["mean_accepted_length"] = sum(accepted) / len(accepted)
+        record["draft_time_s"] = draft_s
+        record["verify_time_s"] = verify_s if have_verify else None
+        record["prefill_time_s"] = spec_prefill_s if have_verify else None
+        accounted = draft_s + (verify_s + spec_prefill_s if have_verify else 0.0)
+        record["other_time_s"] = wall - accounted
+    else:
+        record["mean_accepted_length"] = new / forwards if forwards else None
+        if method.kind == "plain":
+            record["draft_time_s"] = 0.0
+    mal = record["mean_accepted_length"]
+    record["mean_accepted_length_no_bonus"] = mal - 1 if mal is not None else None
+    return record
+
+
+def _add_speedups(record: dict, plain: dict | None) -> None:
+    if record.get("status") != "ok" or plain is None or not plain.get("tokens_per_second"):
+        record.setdefault("speedup", None)
+        record.setdefault("speedup_decode", None)
+        return
+    record["speedup"] = record["tokens_per_second"] / plain["tokens_per_second"]
+    prefill = record["prefill_estimate_s"]
+
+    def decode_tps(r):
+        t = r["total_time_s"] - prefill
+        return r["new_tokens"] / t if t > 0 else None
+
+    a, b = decode_tps(record), decode_tps(plain)
+    record["speedup_decode"] = a / b if a and b else None
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def _fmt(value, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
+    return str(value)
+
+
+def markdown_table(records: list[dict]) -> str:
+    header = [
+        "method",
+        "T",
+        "lossless",
+        "speedup",
+        "speedup (decode)",
+        "tokens/s",
+        "accepted len",
+        "accepted len (no bonus)",
+        "target fwd / token",
+        "draft s",
+        "verify s",
+        "prefill s",
+        "other s",
+        "status",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in records:
+        status = r.get("status", "ok")
+        if status != "ok":
+            status = f"{status}: {r.get('error') or r.get('note', '')}"
+        elif r.get("note"):
+            status = f"ok ({r['note']})"
+        row = [
+            r["method"],
+            _fmt(r["temperature"], 1),
+            _fmt(r.get("lossless")),
+            _fmt(r.get("speedup")),
+            _fmt(r.get("speedup_decode")),
+            _fmt(r.get("tokens_per_second"), 1),
+            _fmt(r.get("mean_accepted_length")),
+            _fmt(r.get("mean_accepted_length_no_bonus")),
+            _fmt(r.get("target_forwards_per_token")),
+            _fmt(r.get("draft_time_s")),
+            _fmt(r.get("verify_time_s")),
+            _fmt(r.get("prefill_time_s")),
+            _fmt(r.get("other_time_s")),
+            status.replace("|", "/"),
+        ]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_results(records: list[dict], path: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if r.get("status") == "ok"]
+    methods = list(dict.fromkeys(r["method"] for r in ok))
+    temps = sorted({r["temperature"] for r in ok})
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * max(len(methods), 4) + 1.5))
+    height = 0.8 / max(len(temps), 1)
+    for panel, (key, title) in zip(
+        axes, (("speedup", "speedup vs plain"), ("mean_accepted_length", "accepted length"))
+    ):
+        for j, t in enumerate(temps):
+            values = []
+            for m in methods:
+                r = next((x for x in ok if x["method"] == m and x["temperature"] == t), None)
+                values.append((r or {}).get(key) or 0.0)
+            ys = [i + j * height for i in range(len(methods))]
+            panel.barh(ys, values, height=height, label=f"T={t:g}")
+        panel.set_yticks([i + 0.4 - height / 2 for i in range(len(methods))])
+        panel.set_yticklabels(methods)
+        panel.invert_yaxis()
+        panel.axvline(1.0, color="grey", linewidth=0.8, linestyle="--")
+        panel.set_title(title)
+        panel.legend(loc="lower right")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_results(records: list[dict], output_dir: str | Path, meta: dict | None = None) -> dict[str, Path]:
+    """``results.json`` (list of records), ``results.md`` (table) and ``results.png`` (plot) in ``output_dir``."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
+    paths["json"].write_text(json.dumps(records, indent=2, default=str))
+    text = ""
+    if meta:
+        text += "".join(f"- {k}: {v}\n" for k, v in meta.items()) + "\n"
+    paths["md"].write_text(text + markdown_table(records))
+    plot_results(records, paths["png"])
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------- tuning
+
+
+@torch.no_grad()
+def measure_verify_cost(model, inputs: dict, sizes=TUNE_SIZES, repeats: int = 3) -> dict[int, float]:
+    """Seconds of one target forward of ``n`` new tokens on a prefilled KV cache, for each ``n`` in ``sizes``."""
+    out = model(**inputs, use_cache=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    prompt_len = inputs["input_ids"].shape[1]
+    device = inputs["input_ids"].device
+    vocab_high = min(1000, model.config.get_text_config().vocab_size)
+    costs = {}
+    for n in sizes:
+        ids = torch.randint(5, vocab_high, (1, n), device=device)
+        position_ids = torch.arange(prompt_len, prompt_len + n, device=device)[None]
+        attention_mask = torch.ones(1, prompt_len + n, dtype=torch.long, device=device)
+        times = []
+        for _ in range(repeats):
+            c = copy.deepcopy(cache)
+            t0 = time.perf_counter()
+            model(
+                input_ids=ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=c,
+                use_cache=True,
+            )
+            times.append(time.perf_counter() - t0)
+        costs[n] = sorted(times)[len(times) // 2]
+    return costs
+
+
+def _interp_cost(costs: dict[int, float], n: int) -> float:
+    xs = sorted(costs)
+    if n <= xs[0]:
+        return costs[xs[0]]
+    for a, b in zip(xs, xs[1:]):
+        if n <= b:
+            return costs[a] + (costs[b] - costs[a]) * (n - a) / (b - a)
+    a, b = xs[-2], xs[-1]
+    return costs[b] + (costs[b] - costs[a]) * (n - b) / (b - a)
+
+
+def tune_tree(model, draft, prompts: list[dict], max_new_tokens: int = 32, grid=TUNE_GRID, progress=True):
+    """Pick (tree_total_tokens, tree_depth, tree_top_k) maximising estimated tokens/s.
+
+    estimated tokens/s = accepted length / (verify cost(total_tokens + 1) + draft time per step), with the accepted
+    length and draft time from a short run and the verify cost measured on a prefilled cache. Returns
+    ``(best, rows, costs)``; the caller stores ``best`` in the draft config.
+    """
+    costs = measure_verify_cost(model, prompts[0])
+    rows = []
+    with torch.inference_mode():
+        for total, depth, top_k in _progress(grid, "tune", progress):
+            settings = {"tree_total_tokens": total, "tree_depth": depth, "tree_top_k": top_k}
+            accepted, draft_s, wall, new = [], 0.0, 0.0, 0
+            for inputs in prompts:
+                t0 = time.perf_counter()
+                out = model.generate(
+                    **inputs,
+                    assistant_model=draft,
+                    decoding_mode="tree",
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    **settings,
+                )
+                wall += time.perf_counter() - t0
+                new += out.shape[1] - inputs["input_ids"].shape[1]
+                stats = draft.last_generation_stats
+                accepted += list(stats.accepted_lengths)
+                draft_s += stats.draft_time_s
+            steps = max(len(accepted), 1)
+            tau = sum(accepted) / steps
+            step_cost = _interp_cost(costs, total + 1) + draft_s / steps
+            rows.append(
+                {
+                    **settings,
+                    "accepted_length": tau,
+                    "verify_cost_s": _interp_cost(costs, total + 1),
+                    "draft_s_per_step": draft_s / steps,
+                    "estimated_tokens_per_second": tau / step_cost,
+                    "measured_tokens_per_second": new / wall if wall else 0.0,
+                }
+            )
+    best = max(rows, key=lambda r: r["estimated_tokens_per_second"])
+    return best, rows, costs
+
+
+def print_tune(best: dict, rows: list[dict], costs: dict[int, float]) -> None:
+    print("\ntarget verify cost on a prefilled cache:")
+    print("  " + "  ".join(f"{n:>3d} tok: {c * 1000:6.1f} ms" for n, c in costs.items()))
+    print(
+        f"\n{'total':>6s}{'depth':>6s}{'top_k':>6s}{'acc len':>9s}{'verify ms':>11s}{'draft ms':>10s}"
+        f"{'est tok/s':>11s}{'meas tok/s':>12s}"
+    )
+    for r in rows:
+        mark = "  <- best" if r is best else ""
+        print(
+            f"{r['tree_total_tokens']:>6d}{r['tree_depth']:>6d}{r['tree_top_k']:>6d}{r['accepted_length']:>9.2f}"
+            f"{r['verify_cost_s'] * 1000:>11.1f}{r['draft_s_per_step'] * 1000:>10.1f}"
+            f"{r['estimated_tokens_per_second']:>11.1f}{r['measured_tokens_per_second']:>12.1f}{mark}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- command
+
+
+def run_bench_cli(args) -> int:
+    from .demo import TrainBudget, load_draft, load_or_train_draft, load_rows, load_target, prompt_inputs
+
+    torch.manual_seed(args.seed)
+    start = time.perf_counter()
+    vlm, processor, label = load_target(args.target, args.toy_size, args.cache_dir, args.seed)
+    print(f"target: {label} ({sum(p.numel() for p in vlm.parameters()) / 1e6:.1f}M parameters)")
+    budget = TrainBudget(args.train_steps, args.train_seconds, args.batch_size, args.learning_rate)
+    drafts: dict[str, Any] = {}
+    draft_paths: dict[str, Path] = {}
+    if args.draft:
+        for path in args.draft:
+            drafts[path] = load_draft(path, vlm)
+            draft_paths[path] = Path(path)
+    else:
+        modes = [None] if args.tune else [None, "select"]
+        for mode in modes:
+            draft, path, _ = load_or_train_draft(
+                vlm, processor, label, mode, budget, args.seed, args.cache_dir
+            )
+            drafts[mode or "eagle"] = draft
+            draft_paths[mode or "eagle"] = path
+
+    rows = load_rows(args.dataset, args.prompts, args.seed, eval_rows=True)
+    device = next(vlm.parameters()).device
+    prompts = [prompt_inputs(processor, row, device) for row in rows]
+
+    if args.tune:
+        for name, draft in drafts.items():
+            best, table, costs = tune_tree(
+                vlm, draft, prompts[: min(3, len(prompts))], min(args.max_new_tokens, 48)
+            )
+            print(f"\ndraft {name}:")
+            print_tune(best, table, costs)
+            for key in ("tree_total_tokens", "tree_depth", "tree_top_k"):
+                setattr(draft.config, key, best[key])
+            if draft_paths[name].is_dir():
+                draft.save_pretrained(draft_paths[name])
+                print(f"saved the tuned tree budget in {draft_paths[name] / 'config.json'}")
+        return 0
+
+    assistant = None
+    if args.assistant is not None:
+        assistant, _, _ = load_target(args.assistant, cache_dir=args.cache_dir, seed=args.seed)
+    elif args.target is None and args.toy_size == "medium":
+        # the tiny toy target: an independent smaller model with the same tokenizer
+        assistant, _, _ = load_target(None, "tiny", args.cache_dir, args.seed, progress=False)
+    only = args.methods.split(",") if args.methods else None
+    methods = default_methods(drafts, assistant=assistant, only=only)
+    temperatures = [float(t) for t in args.temperatures.split(",")]
+    records = run_benchmark(
+        vlm, prompts, methods, temperatures, args.max_new_tokens, warmup=args.warmup, seed=args.seed
+    )
+    print()
+    print(markdown_table(records))
+    if args.output_dir:
+        meta = {
+            "target": label,
+            "prompts": len(prompts),
+            "max_new_tokens": args.max_new_tokens,
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+        }
+        paths = write_results(records, args.output_dir, meta)
+        print("wrote " + ", ".join(str(p) for p in paths.values()))
+    print(f"bench time: {time.perf_counter() - start:.1f} s")
+    greedy_bad = [r["method"] for r in records if r["temperature"] == 0 and r.get("lossless") is False]
+    if greedy_bad:
+        print(f"WARNING: greedy output differs from plain for: {', '.join(greedy_bad)}")
+    return 0
