@@ -85,8 +85,8 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
 SIZES_CONFIG = {
-    "tiny": {"hidden": 128, "intermediate": 352, "heads": 2, "layers": 3},
-    "medium": {"hidden": 1024, "intermediate": 2816, "heads": 16, "layers": 12},
+    "tiny": {"hidden": 128, "intermediate": 352, "heads": 4, "layers": 3},
+    "medium": {"hidden": 1024, "intermediate": 2816, "heads": 32, "layers": 12},
 }
 
 
@@ -209,7 +209,7 @@ def _llava_config(tokenizer, size: str):
         num_hidden_layers=dims["layers"],
         num_attention_heads=dims["heads"],
         num_key_value_heads=dims["heads"],
-        head_dim=64,
+        head_dim=32,
         max_position_embeddings=512,
         rms_norm_eps=1e-5 * 128 / dims["hidden"],
         tie_word_embeddings=False,
@@ -270,7 +270,10 @@ def _pretrain_vision_tower(vision_tower, processor, seed: int, steps: int, log) 
         loss.backward()
         opt.step()
         if step % 50 == 0 or step == steps - 1:
-            acc = [round((lg.argmax(-1) == labels[..., k]).float().mean().item(), 3) for k, lg in enumerate(logits)]
+            acc = [
+                round((lg.argmax(-1) == labels[..., k]).float().mean().item(), 3)
+                for k, lg in enumerate(logits)
+            ]
             log(f"vision step {step}: loss {loss.item():.3f}, per-head accuracy {acc}")
     vision_tower.eval()
     for p in vision_tower.parameters():
@@ -368,7 +371,7 @@ def _train_language_model(
         p.requires_grad_(False)
 
 
-def train_toy_target(seed: int = 0, progress: bool = True, vision_steps: int = 250, lm_steps: int = 400):
+def train_toy_target(seed: int = 0, progress: bool = True, vision_steps: int = 250, lm_steps: int = 600):
     """Build and train the tiny LLaVA target from scratch (no caching); returns ``(model, processor)``."""
     from transformers import LlavaForConditionalGeneration
 
@@ -402,7 +405,7 @@ def widen_toy_target(tiny, size: str = "medium"):
     tiny_text = tiny.config.text_config
     d, dd = tiny_text.hidden_size, dims["hidden"]
     n_tiny, n_big = tiny_text.num_hidden_layers, dims["layers"]
-    if dd % d or n_big % n_tiny or tiny_text.head_dim != 64:
+    if dd % d or n_big % n_tiny or dd // tiny_text.head_dim != dims["heads"]:
         raise ValueError(f"cannot widen hidden {d} -> {dd} / layers {n_tiny} -> {n_big}")
     norm_scale = math.sqrt(d / dd)
     config = tiny.config.__class__.from_dict(tiny.config.to_dict())
