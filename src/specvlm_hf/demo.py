@@ -155,6 +155,7 @@ def distill_draft(
             disable_tqdm=not progress,
             seed=seed,
             dataloader_num_workers=0,
+            dataloader_pin_memory=False,
             remove_unused_columns=False,
         )
         trainer = SpecVLMDistillationTrainer(
@@ -243,7 +244,8 @@ def load_or_train_draft(
         f"distilling a draft ({compressor_mode or 'EagleVLM, no compressor'}) online from the target: {budget_text}"
     )
     draft = new_draft(target, compressor_mode, seed=seed)
-    dataset = load_rows(None, num_examples, seed)
+    # enough rows for the budget (each row seen about once), at most num_examples
+    dataset = load_rows(None, max(64, min(num_examples, budget.steps * budget.batch_size)), seed)
     metrics = distill_draft(draft, target, processor, dataset, budget, seed=seed, progress=progress)
     save_draft(draft, path, metrics)
     log(f"draft trained in {metrics['train_time_s']} s, cached at {path}")
