@@ -97,15 +97,18 @@ def _toy_cached() -> bool:
 @pytest.mark.skipif(not _toy_cached(), reason="toy target not cached yet (run `specvlm demo --quick` once)")
 def test_demo_quick_runs(tmp_path):
     """`specvlm demo --quick` on the cached tiny toy target: trains a small draft, outputs identical."""
+    from specvlm_hf.demo import cache_root
+
+    for toy in cache_root().glob("toy-llava-tiny-*"):  # reuse the cached target, keep new drafts in tmp_path
+        if (toy / "config.json").exists():
+            (tmp_path / toy.name).symlink_to(toy, target_is_directory=True)
     env = dict(os.environ)
     root = Path(__file__).resolve().parents[1] / "src"
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "specvlm_hf.cli", "demo", "--quick", "--train-steps", "8"]
     out = subprocess.run(
-        [sys.executable, "-m", "specvlm_hf.cli", "demo", "--quick", "--train-steps", "8", "--retrain"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
+        [*cmd, "--cache-dir", str(tmp_path)], capture_output=True, text=True, timeout=600, env=env
     )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "identical outputs: yes" in out.stdout
+    assert any((tmp_path / "drafts").iterdir())
