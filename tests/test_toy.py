@@ -147,6 +147,19 @@ def test_tiny_target_generates_answers(toy_target):
         assert len(text.split()) >= 1 and text[-1] in ".?!"
 
 
+def test_widened_target_preserves_tiny_function(toy_target):
+    tiny, processor = toy_target
+    wide = widen_toy_target(tiny, dims={"hidden": 256, "intermediate": 704, "heads": 8, "layers": 6})
+    row = toy_prompts(1, seed=4)[0]
+    inputs = toy_generate_inputs(processor, row)
+    with torch.no_grad():
+        la, lb = tiny(**inputs).logits, wide(**inputs).logits
+    assert torch.allclose(la, lb, atol=1e-4), (la - lb).abs().max()
+    a = tiny.generate(**inputs, max_new_tokens=32, do_sample=False)
+    assert torch.equal(a, wide.generate(**inputs, max_new_tokens=32, do_sample=False))
+
+
+@pytest.mark.slow
 def test_medium_target_preserves_tiny_greedy_output(toy_target):
     tiny, processor = toy_target
     medium = widen_toy_target(tiny, "medium")

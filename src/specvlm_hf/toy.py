@@ -1,34 +1,37 @@
 """A small offline VLM world: tokenizer, processor and a trained LLaVA target, built on this CPU.
 
 Nothing is downloaded. ``load_toy_target()`` returns a real ``LlavaForConditionalGeneration`` and a real
-``LlavaProcessor``; the first call trains them (under a minute or two on 2 CPU cores) and caches
+``LlavaProcessor``; the first call trains them (about 2 minutes of CPU time) and caches
 them with ``save_pretrained`` under ``$SPECVLM_HF_CACHE`` (default ``~/.cache/specvlm_hf``); later calls
-load them with ``from_pretrained``.
+load them with ``from_pretrained``. The medium target is rebuilt from the cached tiny one (seconds).
 
 How the tiny target is built (``size="tiny"``), deterministic under ``seed``:
 
-1. Tokenizer: byte-level BPE (vocabulary 1024) trained with ``tokenizers`` on generated questions and
+1. Tokenizer: byte-level BPE (at most 1024 tokens; the toy language saturates near 630) trained with ``tokenizers`` on generated questions and
    answers, wrapped as ``PreTrainedTokenizerFast`` with special tokens ``<pad> <s> </s> <unk> <image>``
    and a LLaVA-1.5 style chat template (``USER: <image>\\n{question}\\nASSISTANT: {answer}</s>``).
 2. Processor: ``LlavaProcessor`` = ``CLIPImageProcessorPil`` (96x96, no torchvision) + the tokenizer;
    the 3x3 grid image becomes 9 ``<image>`` tokens, one 32x32 patch per grid cell.
-3. Vision tower: a 2-layer ``CLIPVisionModel`` pretrained briefly with a supervised per-cell objective
-   (shape, colour, size and cell index of each patch), then frozen.
-4. Projector + Llama language model (4 layers, hidden 256) trained on response tokens only.
+3. Vision tower: a 2-layer ``CLIPVisionModel`` (hidden 64) pretrained briefly with a supervised per-cell
+   objective (shape, colour, size and cell index of each patch; position embeddings initialised large so
+   the cell index is easy to read), then frozen.
+4. Projector + Llama language model (3 layers, hidden 128, 4 heads of 32, about 1M parameters) trained
+   for 600 steps of 32 rows on response tokens only (AdamW, cosine schedule, length-bucketed batches).
 
-The ``medium`` target (``size="medium"``, about 150M parameters) computes exactly the tiny target's
+The ``medium`` target (``size="medium"``, about 157M parameters) computes exactly the tiny target's
 function in a bigger network, so it gives realistic CPU forward costs with sensible outputs:
 
-* widening hidden 256 -> 1024, heads 4 -> 16 (head_dim stays 64), intermediate 688 -> 2752: every
-  trained weight is copied into the top-left block and all new entries that could reach the residual
-  stream are zero, so the extra residual dimensions stay exactly 0. RMSNorm averages over the wider
-  dimension, which divides the mean square by 4: each norm weight is multiplied by sqrt(256/1024) = 0.5
-  and ``rms_norm_eps`` divided by 4, which gives the same normalised values (a power-of-two rescale).
-  The projector and ``lm_head`` are padded the same way (zero rows/columns).
-* depth 4 -> 12: after each trained layer two extra decoder layers are inserted whose ``o_proj`` and
-  ``down_proj`` are zero (their q/k/v/gate/up keep a random init, so they cost real compute): each is
-  an identity residual block.
-* vision tower, tokenizer and processor are shared unchanged.
+* widening hidden 128 -> 1024, heads 4 -> 32 (head_dim stays 32, so RoPE is unchanged), intermediate
+  352 -> 2816: every trained weight is copied into the top-left block of the bigger matrix and every new
+  entry is zero, so the extra residual dimensions stay exactly 0 (new heads get zero q/k/v, hence zero
+  values; new MLP units get zero gate/up, and silu(0) * 0 = 0). RMSNorm averages over the wider
+  dimension, which divides the mean square by 8: each norm weight is multiplied by sqrt(128/1024) and
+  ``rms_norm_eps`` divided by 8, which gives the same normalised values. The projector, embedding and
+  ``lm_head`` are padded the same way (zero rows/columns; gelu(0) = 0).
+* depth 3 -> 12: after each trained layer three extra decoder layers are inserted whose ``o_proj`` and
+  ``down_proj`` are zero (their norms and q/k/v/gate/up keep the random init, so they cost real compute):
+  each is an identity residual block.
+* vision tower, tokenizer, processor and generation config are shared unchanged.
 
 Results agree with the tiny target up to float rounding (sums over padded zeros), so greedy outputs match.
 """
@@ -384,9 +387,16 @@ def train_toy_target(seed: int = 0, progress: bool = True, vision_steps: int = 2
     processor = build_toy_processor(seed)
     model = LlavaForConditionalGeneration(_llava_config(processor.tokenizer, "tiny"))
     _set_generation_defaults(model, processor.tokenizer)
-    _pretrain_vision_tower(model.model.vision_tower, processor, seed, vision_steps, log)
-    log(f"vision tower pretrained in {time.perf_counter() - start:.1f}s")
-    _train_language_model(model, processor, seed, lm_steps, n_images=1500, log=log)
+    # Matrices this small gain nothing from intra-op threads, and on a busy machine the threads' spin
+    # waits cost several times the work (measured: 2 min of CPU with one thread, 10+ with two).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _pretrain_vision_tower(model.model.vision_tower, processor, seed, vision_steps, log)
+        log(f"vision tower pretrained in {time.perf_counter() - start:.1f}s")
+        _train_language_model(model, processor, seed, lm_steps, n_images=1500, log=log)
+    finally:
+        torch.set_num_threads(threads)
     log(f"tiny target trained in {time.perf_counter() - start:.1f}s")
     return model, processor
 
@@ -397,11 +407,14 @@ def train_toy_target(seed: int = 0, progress: bool = True, vision_steps: int = 2
 
 
 @torch.no_grad()
-def widen_toy_target(tiny, size: str = "medium"):
-    """A bigger ``LlavaForConditionalGeneration`` computing the tiny target's function (module docstring)."""
+def widen_toy_target(tiny, size: str = "medium", dims: dict | None = None):
+    """A bigger ``LlavaForConditionalGeneration`` computing the tiny target's function (module docstring).
+
+    ``dims`` (keys hidden, intermediate, heads, layers) overrides the sizes of ``size``.
+    """
     from transformers import LlavaForConditionalGeneration
 
-    dims = SIZES_CONFIG[size]
+    dims = dims or SIZES_CONFIG[size]
     tiny_text = tiny.config.text_config
     d, dd = tiny_text.hidden_size, dims["hidden"]
     n_tiny, n_big = tiny_text.num_hidden_layers, dims["layers"]
