@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from forced_draft import expected_accepted_lengths, make_forced_draft
-from tiny_models import FAMILIES, make_inputs, make_tiny_target
 
+from forced_draft import expected_accepted_lengths, make_forced_draft
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
+from tiny_models import FAMILIES, make_inputs, make_tiny_target
 
 MODES = ["tree", "chain"]
 TREE_FAMILIES_WINDOW_LIMITED = {"gemma3"}

@@ -33,6 +33,8 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             "output_hidden_states": target_features.hidden_state_request(draft.config.target_layers)
         }
         self.logits_processor = logits_processor
+        # drafting stops at a token that ends generation, so a stop can only fall on a chunk's last token
+        self.stopping_criteria = getattr(draft, "_active_stopping_criteria", None)
         self.do_sample = bool(generation_config.do_sample)
         self.max_length = generation_config.max_length
         self.cache = DynamicCache()
@@ -128,6 +130,8 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             drafted_logits.append(logits)
             seq = torch.cat([seq, token], dim=1)
             if step == budget - 1:
+                break
+            if self.stopping_criteria is not None and bool(self.stopping_criteria(seq, None).any()):
                 break
             hidden = draft(
                 inputs_embeds=draft.embed_tokens(token),

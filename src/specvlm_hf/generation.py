@@ -14,6 +14,7 @@ are untouched):
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import time
@@ -22,6 +23,11 @@ from typing import Any
 import torch
 import transformers
 from packaging import version
+from transformers.generation.stopping_criteria import (
+    StoppingCriteria,
+    StoppingCriteriaList,
+    StopStringCriteria,
+)
 
 # The private pieces relied on, checked once at install time so a transformers upgrade fails loudly and early.
 _REQUIRED_PRIVATE_API = ("_get_candidate_generator", "_assisted_decoding", "prepare_inputs_for_generation")
@@ -105,6 +111,7 @@ def _generate_with_draft(target, draft, args, kwargs):
     options = {name: kwargs.pop(name) for name in DRAFT_GENERATE_KWARGS if name in kwargs}
     settings = draft.decoding_settings(**options)
     _check_batch(args, kwargs)
+    _move_stop_strings_to_criteria(target, kwargs)
     # A callable `custom_generate` only receives generate's prepared inputs, not the draft or the streamer.
     routed = {"assistant_model": draft, "streamer": kwargs.get("streamer"), "settings": settings}
     if settings.decoding_mode == "tree":
@@ -114,6 +121,30 @@ def _generate_with_draft(target, draft, args, kwargs):
     else:
         decoding = functools.partial(_chain_decoding, **routed)
     return type(target).generate(target, *args, custom_generate=decoding, **kwargs)
+
+
+def _move_stop_strings_to_criteria(target, kwargs) -> None:
+    """generate() drops `tokenizer` before a callable `custom_generate` builds its stopping criteria, so stop
+    strings would fail there; build their criterion here, exactly as generate would, and pass it explicitly."""
+    config = kwargs.get("generation_config")
+    stop_strings = kwargs.pop("stop_strings", None)
+    if stop_strings is None:
+        source = config if config is not None else target.generation_config
+        stop_strings = getattr(source, "stop_strings", None)
+        if stop_strings is not None:
+            config = copy.deepcopy(source)
+            config.stop_strings = None
+            kwargs["generation_config"] = config
+    if stop_strings is None:
+        return
+    tokenizer = kwargs.pop("tokenizer", None)
+    if tokenizer is None:
+        raise ValueError(
+            "Generating with stop strings needs the model's tokenizer: pass `tokenizer=` to generate."
+        )
+    criteria = StoppingCriteriaList(kwargs.get("stopping_criteria") or [])
+    criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings))
+    kwargs["stopping_criteria"] = criteria
 
 
 def _check_batch(args, kwargs) -> None:
@@ -138,6 +169,52 @@ def _unwrap(model):
     return unwrap_target(model)
 
 
+class _StopAtAnyNewToken(StoppingCriteria):
+    """Stock assisted decoding checks stopping criteria once per chunk, at its end; plain generate checks after
+    every token. This checks every position added since the last call, so the loop ends on the chunk holding
+    the stop; the caller then cuts the chunk where plain generate would have stopped."""
+
+    def __init__(self, criteria: StoppingCriteriaList, checked_len: int):
+        self.criteria, self.checked_len = criteria, checked_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for end in range(self.checked_len + 1, input_ids.shape[1] + 1):
+            done |= self.criteria(input_ids[:, :end], scores)
+            if bool(done.all()):
+                break
+        self.checked_len = input_ids.shape[1]
+        return done
+
+
+def first_stop(criteria: StoppingCriteriaList, sequence: torch.Tensor, start: int) -> int:
+    """Length at which plain generate would have stopped, scanning positions after `start`."""
+    for end in range(start + 1, sequence.shape[1] + 1):
+        if bool(criteria(sequence[:, :end], None).any()):
+            return end
+    return sequence.shape[1]
+
+
+class _ExactStreamer:
+    """Forwards chunks to the user's streamer, cut at the first token where plain generate would stop."""
+
+    def __init__(self, streamer, criteria: StoppingCriteriaList, input_ids: torch.Tensor):
+        self.streamer, self.criteria, self.sequence, self.stopped = streamer, criteria, input_ids, False
+
+    def put(self, value):
+        if self.stopped:
+            return
+        start = self.sequence.shape[1]
+        self.sequence = torch.cat([self.sequence, value.to(self.sequence.device).view(1, -1)], dim=1)
+        end = first_stop(self.criteria, self.sequence, start)
+        self.stopped = end < self.sequence.shape[1] or bool(self.criteria(self.sequence[:, :end], None).any())
+        self.sequence = self.sequence[:, :end]
+        self.streamer.put(value.view(-1)[: end - start])
+
+    def end(self):
+        self.streamer.end()
+
+
 def _chain_decoding(
     model,
     input_ids,
@@ -155,13 +232,18 @@ def _chain_decoding(
     kwargs.pop("assistant_model", None)
     kwargs.pop("streamer", None)
     draft._active_settings = settings
+    draft._active_stopping_criteria = stopping_criteria
     start = time.perf_counter()
+    prompt_len = input_ids.shape[1]
+    loop_criteria = StoppingCriteriaList([_StopAtAnyNewToken(stopping_criteria, prompt_len)])
+    if streamer is not None:
+        streamer = _ExactStreamer(streamer, stopping_criteria, input_ids)
     try:
         result = type(model)._assisted_decoding(
             model,
             input_ids,
             logits_processor=logits_processor,
-            stopping_criteria=stopping_criteria,
+            stopping_criteria=loop_criteria,
             generation_config=generation_config,
             assistant_model=draft,
             streamer=streamer,
@@ -169,8 +251,14 @@ def _chain_decoding(
         )
     finally:
         draft._active_settings = None
+        draft._active_stopping_criteria = None
     sequences = result if isinstance(result, torch.Tensor) else result.sequences
-    _finish_chain_stats(draft.last_generation_stats, sequences.shape[1] - input_ids.shape[1])
+    sequences = sequences[:, : first_stop(stopping_criteria, sequences, prompt_len)]
+    if isinstance(result, torch.Tensor):
+        result = sequences
+    else:
+        result.sequences = sequences
+    _finish_chain_stats(draft.last_generation_stats, sequences.shape[1] - prompt_len)
     draft.last_generation_stats.total_time_s = time.perf_counter() - start
     return result
 
