@@ -120,7 +120,12 @@ def _generate_with_draft(target, draft, args, kwargs):
         decoding = functools.partial(tree_decoding, **routed)
     else:
         decoding = functools.partial(_chain_decoding, **routed)
-    return type(target).generate(target, *args, custom_generate=decoding, **kwargs)
+    was_training = draft.training
+    draft.eval()  # inference behaviour (e.g. the compressor gate's argmax), whatever mode training left it in
+    try:
+        return type(target).generate(target, *args, custom_generate=decoding, **kwargs)
+    finally:
+        draft.train(was_training)
 
 
 def _move_stop_strings_to_criteria(target, kwargs) -> None:

@@ -463,6 +463,69 @@ def widen_toy_target(tiny, size: str = "medium", dims: dict | None = None):
     return big
 
 
+def widen_draft(tiny_draft, big_target):
+    """A draft for the widened target (`widen_toy_target`) computing `tiny_draft`'s function exactly.
+
+    Same construction as the target's widening: every weight goes in the top-left block of the bigger one
+    with zeros elsewhere (the fusion layer and the gate keep their two input blocks), RMSNorm weights are
+    scaled by sqrt(h_tiny / h_big) (the config's eps is already eps_tiny * h_tiny / h_big, taken from the
+    widened target). The widened draft's features are the tiny draft's padded with zeros, so it proposes the
+    same tokens at the real cost of a draft of the big width. The resampler's LayerNorms do not widen
+    exactly, so drafts that can use it are refused.
+    """
+    from .configuration_specvlm import SpecVLMDraftConfig
+    from .modeling_specvlm import SpecVLMDraftModel, SpecVLMRMSNorm
+
+    small_cfg = tiny_draft.config
+    if small_cfg.compressor_mode == "resampler" or (
+        small_cfg.compressor_mode in ("select", "weighted", "concat")
+        and "resampler" in small_cfg.compressor_primitives
+    ):
+        raise ValueError("widen_draft: the resampler compressor cannot be widened exactly")
+    if small_cfg.target_layers != [-1]:
+        raise ValueError("widen_draft supports single-layer fusion (target_layers=[-1]) only")
+    keep = (
+        "compressor_mode",
+        "compressor_primitives",
+        "compressor_prune_ratio",
+        "compressor_pool_kernel",
+        "compressor_conv_ratio",
+        "compressor_prune_score",
+        "num_hidden_layers",
+        "decoding_mode",
+        "tree_top_k",
+        "tree_depth",
+        "tree_total_tokens",
+        "num_draft_tokens",
+        "draft_confidence_threshold",
+    )
+    config = SpecVLMDraftConfig.from_target(big_target, **{k: getattr(small_cfg, k) for k in keep})
+    big = SpecVLMDraftModel(config)
+    d, dd = small_cfg.hidden_size, config.hidden_size
+    scale = math.sqrt(d / dd)
+    norms = {name for name, m in big.named_modules() if isinstance(m, SpecVLMRMSNorm)}
+    small_params = dict(tiny_draft.named_parameters())
+    with torch.no_grad():
+        for name, param in big.named_parameters():
+            src = small_params[name]
+            module = name.rsplit(".", 1)[0]
+            param.zero_()
+            if module in norms:
+                param[:d] = src * scale
+            elif name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+                groups = small_cfg.num_attention_heads // small_cfg.num_key_value_heads
+                per_head = src.view(small_cfg.num_key_value_heads, small_cfg.head_dim, d)
+                src = per_head.repeat_interleave(groups, dim=0).reshape(-1, d)  # grouped-query -> one kv per head
+                param[: src.shape[0], :d] = src
+            elif name in ("fc.weight", "compressor.gate.proj.weight"):
+                n_in = src.shape[1] // d
+                for block in range(n_in):  # input blocks [embed ; feature] (fc) or [question ; visual] (gate)
+                    param[: src.shape[0], block * dd : block * dd + d] = src[:, block * d : (block + 1) * d]
+            else:
+                param[tuple(slice(0, n) for n in src.shape)] = src
+    return big.eval()
+
+
 # ----------------------------------------------------------------------------------------------
 # Public entry point
 # ----------------------------------------------------------------------------------------------
