@@ -515,7 +515,9 @@ def widen_draft(tiny_draft, big_target):
             elif name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
                 groups = small_cfg.num_attention_heads // small_cfg.num_key_value_heads
                 per_head = src.view(small_cfg.num_key_value_heads, small_cfg.head_dim, d)
-                src = per_head.repeat_interleave(groups, dim=0).reshape(-1, d)  # grouped-query -> one kv per head
+                src = per_head.repeat_interleave(groups, dim=0).reshape(
+                    -1, d
+                )  # grouped-query -> one kv per head
                 param[: src.shape[0], :d] = src
             elif name in ("fc.weight", "compressor.gate.proj.weight"):
                 n_in = src.shape[1] // d
