@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import make_inputs, make_tiny_target
 
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel, target_features, targets
 from specvlm_hf.toy import widen_draft, widen_toy_target
+from tiny_models import make_inputs, make_tiny_target
 
 
 @pytest.mark.parametrize("compressor_mode", [None, "pool", "conv", "select"])

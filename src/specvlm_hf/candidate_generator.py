@@ -47,9 +47,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self.stats = GenerationStats(decoding_mode="chain")
         self.stats.target_forwards = 0
         self._start = time.perf_counter()
-        self._mm_kwargs = {
-            k: v for k, v in model_kwargs.items() if k in ("image_grid_thw", "video_grid_thw", "image_sizes")
-        }
+        self._layout_kwargs = getattr(draft, "_layout_kwargs", {})
         draft.last_generation_stats = self.stats
 
     @torch.no_grad()
@@ -78,7 +76,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             prompt_ids = input_ids[:, : self.prompt_len]
             embeds = self._captured.pop()
             spans = targets.visual_spans(
-                targets.unwrap_target(self.target), prompt_ids, {**model_kwargs, **self._mm_kwargs}
+                targets.unwrap_target(self.target), prompt_ids, {**model_kwargs, **self._layout_kwargs}
             )
             ctx = draft.prepare_context(
                 prompt_ids,

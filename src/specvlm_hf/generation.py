@@ -33,6 +33,14 @@ from transformers.generation.stopping_criteria import (
 _REQUIRED_PRIVATE_API = ("_get_candidate_generator", "_assisted_decoding", "prepare_inputs_for_generation")
 _TESTED_RANGE = (version.parse("5.23"), version.parse("6.0"))
 
+LAYOUT_KWARGS = (
+    "image_sizes",
+    "image_grid_thw",
+    "video_grid_thw",
+    "pixel_values_videos",
+    "vision_feature_select_strategy",
+)
+
 DRAFT_GENERATE_KWARGS = (
     "decoding_mode",
     "tree_top_k",
@@ -101,7 +109,12 @@ def install(target) -> None:
 
 
 def _generate_with_draft(target, draft, args, kwargs):
-    if draft._bound is None or draft._bound[0] is not _unwrap(target):
+    if draft._bound is None:
+        raise ValueError(
+            "This SpecVLM draft is not bound to a target. Call `draft.bind(vlm)` once, then "
+            "`vlm.generate(**inputs, assistant_model=draft)`."
+        )
+    if draft._bound[0] is not _unwrap(target):
         raise ValueError(
             "This SpecVLM draft is bound to a different model than the one generating. Call "
             "`draft.bind(vlm)` with the model whose generate() you call."
@@ -114,6 +127,9 @@ def _generate_with_draft(target, draft, args, kwargs):
     _move_stop_strings_to_criteria(target, kwargs)
     # A callable `custom_generate` only receives generate's prepared inputs, not the draft or the streamer.
     routed = {"assistant_model": draft, "streamer": kwargs.get("streamer"), "settings": settings}
+    # generate() consumes the image-encoder arguments (image_sizes, ...) before the decoding loop; keep the ones
+    # that describe the visual layout for the draft's compressor and stats
+    draft._layout_kwargs = {key: kwargs[key] for key in LAYOUT_KWARGS if kwargs.get(key) is not None}
     if settings.decoding_mode == "tree":
         from .tree import tree_decoding
 

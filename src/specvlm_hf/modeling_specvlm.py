@@ -177,6 +177,13 @@ class DraftContext:
     gate_cost: torch.Tensor | None = None
 
 
+class _UnboundDraftError(AttributeError):
+    """Raised when an unbound draft reaches transformers' stock assisted decoding (it asks for generation_config).
+
+    An AttributeError, so `hasattr(draft, "generation_config")` stays False for code that probes it.
+    """
+
+
 class SpecVLMPreTrainedModel(PreTrainedModel):
     config_class = SpecVLMDraftConfig
     config: SpecVLMDraftConfig
@@ -204,7 +211,12 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
     def __init__(self, config: SpecVLMDraftConfig):
         super().__init__(config)
         h = config.hidden_size
-        self.fc = nn.Linear((config.num_fused_layers + 1) * h, h, bias=False)
+        # several target layers (EAGLE-3 style) are first projected to one h-wide feature, so that deeper tree
+        # levels can feed the draft its own h-wide output in the same slot
+        self.feature_proj = (
+            nn.Linear(config.num_fused_layers * h, h, bias=False) if config.num_fused_layers > 1 else None
+        )
+        self.fc = nn.Linear(2 * h, h, bias=False)
         self.input_norm = SpecVLMRMSNorm(h, config.rms_norm_eps)
         self.layers = nn.ModuleList(SpecVLMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = SpecVLMRMSNorm(h, config.rms_norm_eps)
@@ -292,9 +304,16 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
 
     # ------------------------------------------------------------------ forward
     def fuse(self, inputs_embeds: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[embed(x_{t+1}) ; f_t] -> fused draft input rows. (B, T, h) + (B, T, n*h) -> (B, T, h)."""
+        """[embed(x_{t+1}) ; f_t] -> fused draft input rows. (B, T, h) + (B, T, n*h or h) -> (B, T, h).
+
+        With several fused target layers, target features (n*h wide) go through `feature_proj` first; the
+        draft's own h-wide outputs (fed back while drafting) go straight into the feature slot.
+        """
         dtype = self.fc.weight.dtype
-        x = torch.cat([inputs_embeds.to(dtype), hidden_states.to(dtype)], dim=-1)
+        hidden_states = hidden_states.to(dtype)
+        if self.feature_proj is not None and hidden_states.shape[-1] != self.config.hidden_size:
+            hidden_states = self.feature_proj(hidden_states)
+        x = torch.cat([inputs_embeds.to(dtype), hidden_states], dim=-1)
         return self.input_norm(self.fc(x))
 
     def forward(
@@ -375,6 +394,28 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
         from .decoding import DecodingSettings
 
         return DecodingSettings.from_config(self.config, **overrides)
+
+    @property
+    def generation_config(self):
+        """Drafts have no generation config of their own: stock assisted decoding reaching here means unbound."""
+        raise _UnboundDraftError(
+            "This SpecVLM draft is not bound to the model generating with it. Call `draft.bind(vlm)` once, then "
+            "`vlm.generate(**inputs, assistant_model=draft)`."
+        )
+
+    @generation_config.setter
+    def generation_config(self, value):
+        pass  # PreTrainedModel.__init__ assigns one; a draft keeps none
+
+    def __getattr__(self, name: str):
+        if (
+            name == "generation_config"
+        ):  # the property raised: keep its message instead of nn.Module's generic one
+            raise _UnboundDraftError(
+                "This SpecVLM draft is not bound to the model generating with it. Call `draft.bind(vlm)` once, "
+                "then `vlm.generate(**inputs, assistant_model=draft)`."
+            )
+        return super().__getattr__(name)
 
     def generate(self, *args, **kwargs):
         """A draft does not generate on its own: it is passed to its target's generate."""

@@ -470,7 +470,8 @@ def widen_draft(tiny_draft, big_target):
     with zeros elsewhere (the fusion layer and the gate keep their two input blocks), RMSNorm weights are
     scaled by sqrt(h_tiny / h_big) (the config's eps is already eps_tiny * h_tiny / h_big, taken from the
     widened target). The widened draft's features are the tiny draft's padded with zeros, so it proposes the
-    same tokens at the real cost of a draft of the big width. The resampler's LayerNorms do not widen
+    same tokens at the real cost of a draft of the big width (its decoder layer keeps the small draft's heads and
+    MLP width: a lean draft, as one would pick for a CPU). The resampler's LayerNorms do not widen
     exactly, so drafts that can use it are refused.
     """
     from .configuration_specvlm import SpecVLMDraftConfig
@@ -499,7 +500,12 @@ def widen_draft(tiny_draft, big_target):
         "num_draft_tokens",
         "draft_confidence_threshold",
     )
-    config = SpecVLMDraftConfig.from_target(big_target, **{k: getattr(small_cfg, k) for k in keep})
+    # the decoder layer keeps the small draft's heads and MLP width (a lean draft): only the residual width grows
+    lean = {
+        k: getattr(small_cfg, k)
+        for k in ("num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size")
+    }
+    config = SpecVLMDraftConfig.from_target(big_target, **{k: getattr(small_cfg, k) for k in keep}, **lean)
     big = SpecVLMDraftModel(config)
     d, dd = small_cfg.hidden_size, config.hidden_size
     scale = math.sqrt(d / dd)
@@ -512,13 +518,6 @@ def widen_draft(tiny_draft, big_target):
             param.zero_()
             if module in norms:
                 param[:d] = src * scale
-            elif name.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
-                groups = small_cfg.num_attention_heads // small_cfg.num_key_value_heads
-                per_head = src.view(small_cfg.num_key_value_heads, small_cfg.head_dim, d)
-                src = per_head.repeat_interleave(groups, dim=0).reshape(
-                    -1, d
-                )  # grouped-query -> one kv per head
-                param[: src.shape[0], :d] = src
             elif name in ("fc.weight", "compressor.gate.proj.weight"):
                 n_in = src.shape[1] // d
                 for block in range(n_in):  # input blocks [embed ; feature] (fc) or [question ; visual] (gate)

@@ -278,7 +278,8 @@ def tree_decoding(
         root = select(input_ids, outputs.logits[0, -1])
     input_ids, finished = _append(input_ids, [root], stopping_criteria, streamer, stats)
 
-    spans = targets.visual_spans(targets.unwrap_target(model), prompt_ids, model_kwargs)
+    layout = {**model_kwargs, **getattr(draft, "_layout_kwargs", {})}
+    spans = targets.visual_spans(targets.unwrap_target(model), prompt_ids, layout)
     stats.visual_tokens = sum(s.length for s in spans)
     draft_cache = DynamicCache()
     if not finished:
