@@ -48,7 +48,20 @@ METHOD_NAMES = (
 REQUIRED_KEYS = ("method", "temperature", "speedup", "mean_accepted_length", "tokens_per_second", "lossless")
 TUNE_SIZES = (1, 8, 16, 32, 60)
 # (tree_total_tokens, tree_depth, tree_top_k) candidates for --tune
-TUNE_GRID = ((8, 4, 2), (12, 5, 3), (16, 5, 4), (16, 8, 2), (24, 6, 4), (32, 6, 6), (32, 8, 4), (60, 7, 10))
+TUNE_GRID = (
+    (8, 4, 2),
+    (8, 6, 2),
+    (10, 6, 3),
+    (12, 5, 3),
+    (12, 8, 2),
+    (16, 5, 4),
+    (16, 6, 3),
+    (16, 8, 2),
+    (20, 8, 3),
+    (24, 6, 4),
+    (32, 8, 4),
+    (60, 7, 10),
+)
 
 
 @dataclass
@@ -546,7 +559,18 @@ def run_bench_cli(args) -> int:
 
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    vlm, processor, label = load_target(args.target, args.toy_size, args.cache_dir, args.seed)
+    toy_medium = args.target is None and args.toy_size == "medium"
+    if toy_medium:
+        # drafts are distilled on the tiny toy target (fast) and widened exactly with it: the medium toy target
+        # is the tiny one widened (toy.widen_toy_target), so outputs and acceptance are the tiny pair's, while
+        # every forward costs what a ~157M-parameter target and its draft cost
+        from .toy import widen_draft, widen_toy_target
+
+        train_target, processor, train_label = load_target(None, "tiny", args.cache_dir, args.seed)
+        vlm, label = widen_toy_target(train_target, "medium").eval(), f"toy-llava-medium-seed{args.seed}"
+    else:
+        vlm, processor, label = load_target(args.target, args.toy_size, args.cache_dir, args.seed)
+        train_target, train_label = vlm, label
     print(f"target: {label} ({sum(p.numel() for p in vlm.parameters()) / 1e6:.1f}M parameters)")
     budget = TrainBudget(args.train_steps, args.train_seconds, args.batch_size, args.learning_rate)
     drafts: dict[str, Any] = {}
@@ -556,11 +580,14 @@ def run_bench_cli(args) -> int:
             drafts[path] = load_draft(path, vlm)
             draft_paths[path] = Path(path)
     else:
-        modes = [None] if args.tune else [None, "select"]
+        # the resampler does not widen exactly, so the widened toy bench uses a fixed pooling compressor
+        modes = [None] if args.tune else [None, "pool" if toy_medium else "select"]
         for mode in modes:
             draft, path, _ = load_or_train_draft(
-                vlm, processor, label, mode, budget, args.seed, args.cache_dir
+                train_target, processor, train_label, mode, budget, args.seed, args.cache_dir
             )
+            if toy_medium:
+                draft = widen_draft(draft, vlm).bind(vlm)
             drafts[mode or "eagle"] = draft
             draft_paths[mode or "eagle"] = path
 
@@ -578,16 +605,21 @@ def run_bench_cli(args) -> int:
             for key in ("tree_total_tokens", "tree_depth", "tree_top_k"):
                 setattr(draft.config, key, best[key])
             if draft_paths[name].is_dir():
-                draft.save_pretrained(draft_paths[name])
+                from .configuration_specvlm import SpecVLMDraftConfig
+
+                saved = SpecVLMDraftConfig.from_pretrained(draft_paths[name])
+                for key in ("tree_total_tokens", "tree_depth", "tree_top_k"):
+                    setattr(saved, key, best[key])
+                saved.save_pretrained(draft_paths[name])
                 print(f"saved the tuned tree budget in {draft_paths[name] / 'config.json'}")
         return 0
 
     assistant = None
     if args.assistant is not None:
         assistant, _, _ = load_target(args.assistant, cache_dir=args.cache_dir, seed=args.seed)
-    elif args.target is None and args.toy_size == "medium":
+    elif toy_medium:
         # the tiny toy target: an independent smaller model with the same tokenizer
-        assistant, _, _ = load_target(None, "tiny", args.cache_dir, args.seed, progress=False)
+        assistant = train_target
     only = args.methods.split(",") if args.methods else None
     methods = default_methods(drafts, assistant=assistant, only=only)
     temperatures = [float(t) for t in args.temperatures.split(",")]

@@ -64,6 +64,13 @@ def _add_train_budget_args(p: argparse.ArgumentParser, steps: int) -> None:
     p.add_argument("--learning-rate", type=float, default=3e-3, help="learning rate (default: 3e-3).")
 
 
+def _add_tree_args(p: argparse.ArgumentParser) -> None:
+    # CPU-sized defaults: verifying many tokens at once is not free on a CPU (see `specvlm bench --tune`)
+    p.add_argument("--tree-top-k", type=int, default=4, help="tree top-k (default: 4).")
+    p.add_argument("--tree-depth", type=int, default=6, help="tree depth (default: 6).")
+    p.add_argument("--tree-total-tokens", type=int, default=16, help="tree size (default: 16).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specvlm",
@@ -88,13 +95,21 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--draft", default=None, help="a trained draft (Hub id or local path) instead of training one."
     )
-    _add_train_budget_args(demo, 300)
+    _add_train_budget_args(demo, 1200)
     demo.add_argument(
         "--compressor", type=_compressor, default="none", help="compressor mode of a newly trained draft."
     )
     demo.add_argument("--prompts", type=int, default=4, help="number of image prompts (default: 4).")
     demo.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer (default: 64).")
     demo.add_argument("--decoding-mode", choices=("tree", "chain"), default="tree")
+    demo.add_argument(
+        "--time-on",
+        choices=("medium", "tiny"),
+        default="medium",
+        help="toy target the comparison is timed on (default: medium, the tiny target and its draft widened "
+        "exactly to ~157M parameters: same outputs, the per-token cost of a real small model).",
+    )
+    _add_tree_args(demo)
     demo.add_argument(
         "--quick",
         "--smoke",
@@ -176,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure verify cost vs tree size, pick the tree budget with the best estimated tokens/s, save it in the draft config.",
     )
-    _add_train_budget_args(bench, 300)
+    _add_train_budget_args(bench, 1200)
     bench.set_defaults(func=_run_bench)
 
     # ------------------------------------------------------------------ push

@@ -45,6 +45,7 @@ its constructor); the draft's `_init_weights` only re-draws the `nn.Linear`s wit
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -85,6 +86,28 @@ class SpanLayout:
     @property
     def num_rows(self) -> int:
         return self.row_end - self.row_start
+
+
+def split_trailing(spans):
+    """Spans with `trailing` rows after their grid (a OneVision video's final newline) become two spans: the
+    grid part, compressed with its 2-D layout, and the trailing rows as a 1-D span of their own."""
+    out = []
+    for span in spans:
+        trailing = int(getattr(span, "trailing", 0) or 0)
+        if trailing <= 0 or trailing >= span.length:
+            out.append(span)
+            continue
+        body = dataclasses.replace(span, length=span.length - trailing, trailing=0)
+        tail = dataclasses.replace(
+            span,
+            start=span.start + span.length - trailing,
+            length=trailing,
+            grid=None,
+            newline_every=None,
+            trailing=0,
+        )
+        out += [body, tail]
+    return out
 
 
 def span_layout(span: VisualSpan, num_rows: int) -> SpanLayout | None:
@@ -387,7 +410,7 @@ class ElasticVisualCompressor(nn.Module):
         visual = torch.zeros(bsz, seq_len, dtype=torch.bool, device=fused.device)
         for b, seq_spans in enumerate(spans):
             lay = sorted(
-                (x for x in (span_layout(s, lengths[b]) for s in seq_spans) if x is not None),
+                (x for x in (span_layout(s, lengths[b]) for s in split_trailing(seq_spans)) if x is not None),
                 key=lambda x: x.row_start,
             )
             for prev, nxt in zip(lay, lay[1:]):
