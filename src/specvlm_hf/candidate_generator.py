@@ -7,7 +7,7 @@ its own predicted features are cropped, and the verified tokens are consumed wit
 
 Sampling: each drafted token is drawn from softmax(processed draft logits), and exactly those processed logits
 are returned, so transformers' speculative sampling compares the target against the distribution the draft
-really sampled from.
+really sampled from. With a reduced draft vocabulary the returned logits are -inf outside it (q = 0 there).
 """
 
 from __future__ import annotations
@@ -117,12 +117,9 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         seq = input_ids
         position = self.row_position
         for step in range(max(budget, 0)):
-            logits = draft.compute_logits(hidden[:, -1]).float()  # (1, V)
-            if len(self.logits_processor) > 0:
-                logits = self.logits_processor(seq, logits)
-            probs = torch.softmax(logits, dim=-1)  # q: the distribution the token is drawn from
-            token = torch.multinomial(probs, 1) if self.do_sample else probs.argmax(-1, keepdim=True)
-            if step > 0 and float(probs.max()) < self.settings.draft_confidence_threshold:
+            token, logits, top_prob = self._draft_token(seq, hidden[:, -1])
+            threshold = self.settings.draft_confidence_threshold
+            if step > 0 and threshold > 0 and float(top_prob) < threshold:
                 break
             drafted.append(token)
             drafted_logits.append(logits)
@@ -143,6 +140,30 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         if not drafted:
             return input_ids, None
         return seq, torch.stack(drafted_logits, dim=1)  # (1, n, V)
+
+    def _draft_token(
+        self, seq: torch.Tensor, hidden: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One drafted token from the draft output `hidden` (1, h) after `seq` (1, L).
+
+        Returns (token (1, 1), full-vocabulary processed logits (1, V), top probability (scalar tensor)). The token is drawn from
+        exactly q = softmax(returned logits); with a reduced draft vocabulary q is 0 outside it (-inf logits).
+        """
+        draft = self.draft
+        logits, ids = draft.draft_logits(hidden)  # (1, Vd), ids (Vd,) or None (full vocabulary)
+        logits = logits.float()
+        if ids is not None and len(self.logits_processor) == 0:
+            # q restricted to the draft vocabulary: softmax over Vd columns equals softmax of the scattered logits
+            probs = torch.softmax(logits, dim=-1)
+            column = torch.multinomial(probs, 1) if self.do_sample else probs.argmax(-1, keepdim=True)
+            return ids[column], draft.full_vocab_logits(logits, ids), probs.max()
+        if ids is not None:
+            logits = draft.full_vocab_logits(logits, ids)  # (1, V): processors see the target's vocabulary
+        if len(self.logits_processor) > 0:
+            logits = self.logits_processor(seq, logits)
+        probs = torch.softmax(logits, dim=-1)  # q: the distribution the token is drawn from
+        token = torch.multinomial(probs, 1) if self.do_sample else probs.argmax(-1, keepdim=True)
+        return token, logits, probs.max()
 
     def update_candidate_strategy(self, input_ids, scores, num_matches):
         self.stats.total_time_s = time.perf_counter() - self._start

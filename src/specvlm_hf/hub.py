@@ -280,6 +280,8 @@ def write_custom_generate(folder: str | Path, repo_id: str) -> Path:
 def _check_draft_only(draft) -> None:
     vocab = draft.config.vocab_size
     for name, tensor in draft.state_dict().items():
+        if name.startswith("draft_lm_head."):  # the draft's own reduced-vocabulary head (Vd, h)
+            continue
         if tensor.dim() == 2 and vocab in tensor.shape and vocab != draft.config.hidden_size:
             raise ValueError(
                 f"draft weight {name!r} {tuple(tensor.shape)} looks like a target embedding/lm_head; "

@@ -50,6 +50,25 @@ def soft_cross_entropy(
     return _masked_mean(per_position, _mask_like(draft_logits, mask))
 
 
+def draft_vocab_soft_cross_entropy(
+    target_logits: torch.Tensor,
+    draft_logits: torch.Tensor,
+    draft_vocab_ids: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Soft cross-entropy of a reduced-vocabulary draft head against the target restricted to that vocabulary.
+
+    target_logits: (..., V) full target logits; draft_logits: (..., Vd); draft_vocab_ids: (Vd,) target id of each
+    draft column. The target's probabilities restricted to the draft vocabulary and renormalised,
+    p_d(j) = p(ids[j]) / sum_i p(ids[i]), are exactly softmax(target_logits[..., ids]), so this is
+    soft_cross_entropy on the gathered target logits: mean over masked positions of -sum_j p_d(j) log q(j).
+    """
+    ids = draft_vocab_ids.to(target_logits.device)
+    restricted = target_logits.index_select(-1, ids).to(draft_logits.device)  # (..., Vd)
+    return soft_cross_entropy(restricted, draft_logits, mask, temperature=temperature)
+
+
 def feature_smooth_l1(
     draft_features: torch.Tensor,
     target_features: torch.Tensor,
@@ -67,11 +86,20 @@ def feature_smooth_l1(
 
 
 def top1_agreement(
-    draft_logits: torch.Tensor, target_logits: torch.Tensor, mask: torch.Tensor | None = None
+    draft_logits: torch.Tensor,
+    target_logits: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    draft_vocab_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Fraction of masked positions where argmax(draft) == argmax(target) (greedy acceptance rate). No grad."""
+    """Fraction of masked positions where argmax(draft) == argmax(target) (greedy acceptance rate). No grad.
+
+    draft_vocab_ids: (Vd,) target id of each draft column when draft_logits are (..., Vd) (reduced vocabulary).
+    """
     with torch.no_grad():
-        agree = (draft_logits.argmax(-1) == target_logits.argmax(-1)).float()
+        draft_top = draft_logits.argmax(-1)
+        if draft_vocab_ids is not None:
+            draft_top = draft_vocab_ids.to(draft_top.device)[draft_top]  # draft column -> target token id
+        agree = (draft_top.to(target_logits.device) == target_logits.argmax(-1)).float()
         return _masked_mean(agree, _mask_like(draft_logits, mask))
 
 
@@ -121,15 +149,23 @@ def distillation_loss(
     feature_weight: float = 1.0,
     gate_cost: torch.Tensor | None = None,
     temperature: float = 1.0,
+    draft_vocab_ids: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """SpecVLM's online distillation objective.
 
     draft_logits (..., V), draft_features (..., h): the draft's outputs at rows whose targets are
     target_logits (..., V) (the target's distribution for the same next token) and target_next_features (..., h).
     gate_cost: the compressor's (already weighted) compute cost term, added as is; None counts as 0.
+    draft_vocab_ids: (Vd,) for a reduced-vocabulary draft whose draft_logits are (..., Vd): the CE term is then
+    `draft_vocab_soft_cross_entropy` (target restricted to the draft vocabulary, renormalised).
     Returns {"loss", "ce", "feature", "gate_cost"} (scalar tensors; "loss" carries the gradient).
     """
-    ce = soft_cross_entropy(target_logits, draft_logits, mask, temperature=temperature)
+    if draft_vocab_ids is None:
+        ce = soft_cross_entropy(target_logits, draft_logits, mask, temperature=temperature)
+    else:
+        ce = draft_vocab_soft_cross_entropy(
+            target_logits, draft_logits, draft_vocab_ids, mask, temperature=temperature
+        )
     feature = feature_smooth_l1(draft_features, target_next_features, mask)
     if gate_cost is None:
         gate_cost = torch.zeros((), device=ce.device)
@@ -139,6 +175,7 @@ def distillation_loss(
 
 __all__ = [
     "soft_cross_entropy",
+    "draft_vocab_soft_cross_entropy",
     "feature_smooth_l1",
     "distillation_loss",
     "top1_agreement",

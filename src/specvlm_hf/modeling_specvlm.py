@@ -226,6 +226,12 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
             from .compression import build_compressor
 
             self.compressor = build_compressor(config)
+        # reduced draft vocabulary (EAGLE-3 style): the draft's own head over Vd target tokens, and the target id of
+        # each of its rows (saved with the draft; `arange(Vd)` until the trainer or `set_draft_vocab` sets it)
+        self.draft_lm_head = None
+        if config.draft_vocab_size is not None:
+            self.draft_lm_head = nn.Linear(h, config.draft_vocab_size, bias=False)
+            self.register_buffer("draft_vocab_ids", torch.arange(config.draft_vocab_size), persistent=True)
         self.last_generation_stats = None
         self._bound = None  # (target, embed, lm_head); a plain tuple so the target is never a submodule
         self.post_init()
@@ -293,9 +299,68 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
         return self._bound_parts()[1](input_ids)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Target-vocabulary logits from draft outputs, through the target's `lm_head` (frozen)."""
-        lm_head = self._bound_parts()[2]
-        return lm_head(hidden.to(lm_head.weight.dtype))
+        """Full target-vocabulary logits (..., V) from draft outputs (..., h).
+
+        Without a reduced vocabulary: the target's `lm_head` (frozen). With one: the draft head's Vd logits placed
+        at their target ids, -inf (probability 0) everywhere else. Drafting itself uses `draft_logits` (O(h*Vd)).
+        """
+        if self.draft_lm_head is None:
+            lm_head = self._bound_parts()[2]
+            return lm_head(hidden.to(lm_head.weight.dtype))
+        logits, ids = self.draft_logits(hidden)
+        return self.full_vocab_logits(logits, ids)
+
+    def draft_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The draft's output distribution in its own vocabulary: (logits (..., Vd), ids (Vd,)).
+
+        ids[j] is the target token id of column j. Without a reduced vocabulary the logits are the target
+        `lm_head`'s (..., V) and ids is None (column j is token j).
+        """
+        if self.draft_lm_head is None:
+            return self.compute_logits(hidden), None
+        return self.draft_lm_head(hidden.to(self.draft_lm_head.weight.dtype)), self.draft_vocab_ids
+
+    def full_vocab_logits(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Scatter draft-vocabulary logits (..., Vd) into a (..., V) tensor that is -inf outside the draft vocab."""
+        full = logits.new_full((*logits.shape[:-1], self.config.vocab_size), float("-inf"))
+        full[..., ids] = logits
+        return full
+
+    @property
+    def has_draft_vocab_map(self) -> bool:
+        """True when a reduced draft vocabulary has its index map set (anything but the default `arange`)."""
+        if self.draft_lm_head is None:
+            return False
+        ids = self.draft_vocab_ids
+        return not torch.equal(ids, torch.arange(ids.numel(), device=ids.device))
+
+    @torch.no_grad()
+    def set_draft_vocab(self, token_ids, init_from_target: bool = False) -> SpecVLMDraftModel:
+        """Set the target token id of each draft-vocabulary row (`token_ids`: Vd distinct ids in [0, vocab_size)).
+
+        init_from_target: also copy the target `lm_head` rows of those tokens into the draft head (a bound draft;
+        the target's head has no bias), so an untrained head starts as the target's head restricted to them.
+        """
+        if self.draft_lm_head is None:
+            raise ValueError(
+                "This draft uses the full target vocabulary (config.draft_vocab_size is None); build it with "
+                "`SpecVLMDraftConfig.from_target(vlm, draft_vocab_size=...)` to give it a reduced vocabulary."
+            )
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().to(self.draft_vocab_ids.device)
+        size, vocab = self.config.draft_vocab_size, self.config.vocab_size
+        if ids.numel() != size:
+            raise ValueError(
+                f"set_draft_vocab: got {ids.numel()} token ids; expected draft_vocab_size={size}."
+            )
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+            raise ValueError(f"set_draft_vocab: token ids must lie in [0, vocab_size={vocab}).")
+        if ids.unique().numel() != size:
+            raise ValueError("set_draft_vocab: token ids must be distinct.")
+        self.draft_vocab_ids.copy_(ids)
+        if init_from_target:
+            weight = self._bound_parts()[2].weight
+            self.draft_lm_head.weight.copy_(weight[ids.to(weight.device)].to(self.draft_lm_head.weight))
+        return self
 
     def _bound_parts(self):
         if self._bound is None:

@@ -7,6 +7,8 @@ Each step runs the frozen target on the batch (no grad) and trains the draft on 
     draft row r = [e_{r+1}; f_r] -> draft output d_r, predicting f_{r+1} and z_{r+1} (the target's x_{r+2})
     loss = 0.1 * soft_CE(softmax(z_{r+1}), lm_head(d_r)) + 1.0 * SmoothL1(d_r, f_{r+1}) + gate cost
 
+(with a reduced draft vocabulary the CE is between the target restricted to it and the draft's own head)
+
 averaged over rows whose input token x_{r+1} is a response token (`response_mask`): those are the rows the draft
 runs on while the target generates. Only the draft is a module of the Trainer: DDP/FSDP wrap it, checkpoints
 hold it alone, the optimizer sees only its parameters. The target is an attribute held outside the module tree.
@@ -78,6 +80,49 @@ def batch_visual_spans(target, input_ids: torch.Tensor, batch: dict[str, Any]) -
     return per_row
 
 
+def count_response_tokens(
+    dataset, data_collator, vocab_size: int, max_rows: int = 4096, batch_size: int = 8
+) -> torch.Tensor:
+    """How often each target token id occurs among the response tokens of the first `max_rows` dataset rows.
+
+    Rows go through `data_collator` in batches of `batch_size` (as the training dataloader would collate them);
+    a batch's `response_mask` (else its `attention_mask`) selects the counted `input_ids`. Returns (vocab_size,) long.
+    """
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+
+    def add(rows: list) -> None:
+        batch = data_collator(rows)
+        ids = batch["input_ids"]
+        mask = batch.get("response_mask")
+        if mask is None:
+            mask = batch.get("attention_mask")
+        tokens = ids[mask.bool()] if mask is not None else ids.flatten()
+        tokens = tokens[(tokens >= 0) & (tokens < vocab_size)].cpu()
+        counts.add_(torch.bincount(tokens, minlength=vocab_size))
+
+    rows: list = []
+    for i, row in enumerate(dataset):
+        if i >= max_rows:
+            break
+        rows.append(row)
+        if len(rows) == batch_size:
+            add(rows)
+            rows = []
+    if rows:
+        add(rows)
+    return counts
+
+
+def select_draft_vocab(counts: torch.Tensor, draft_vocab_size: int) -> torch.Tensor:
+    """The `draft_vocab_size` most frequent token ids (ties and unseen ids: lowest id first), ascending.
+
+    counts: (V,) token frequencies. With fewer distinct tokens than `draft_vocab_size` the rest is padded with the
+    most frequent remaining ids (zero-count ids, lowest first).
+    """
+    order = torch.argsort(counts, descending=True, stable=True)
+    return order[:draft_vocab_size].sort().values
+
+
 class SpecVLMDistillationTrainer(Trainer):
     """Train a [`SpecVLMDraftModel`] by online distillation from its frozen target.
 
@@ -90,6 +135,10 @@ class SpecVLMDistillationTrainer(Trainer):
         ce_weight, feature_weight: loss weights (paper: 0.1 and 1.0).
         feature_noise_std: std of Gaussian noise added to the target features fed to the draft (not to the
             regression targets), to make the draft robust to its own errors at decoding time.
+        draft_vocab_rows: with a reduced draft vocabulary (`config.draft_vocab_size`) whose index map is not set
+            yet, the map is built from the response tokens of the first `draft_vocab_rows` training rows (the
+            `draft_vocab_size` most frequent target tokens) and the draft head starts from the target `lm_head`'s
+            rows of those tokens. The head is trained on the target's distribution restricted to that vocabulary.
         unroll_steps: k > 1 enables the EAGLE-3 "training-time test": step j feeds the draft its own step-(j-1)
             feature predictions (f_hat_{r} at row r, same tokens) and adds the loss of every step (mean over steps).
             Needs `target_layers == [-1]`. Default 1 (plain teacher forcing).
@@ -115,6 +164,7 @@ class SpecVLMDistillationTrainer(Trainer):
         feature_weight: float = 1.0,
         feature_noise_std: float = 0.0,
         unroll_steps: int = 1,
+        draft_vocab_rows: int = 4096,
         **kwargs,
     ):
         if not isinstance(model, SpecVLMDraftModel):
@@ -175,6 +225,24 @@ class SpecVLMDistillationTrainer(Trainer):
         # our loss is a mean over the batch's response rows: let Trainer scale it for gradient accumulation
         self.model_accepts_loss_kwargs = False
         self._place_target()
+        if model.draft_lm_head is not None and not model.has_draft_vocab_map and train_dataset is not None:
+            self.build_draft_vocab(max_rows=draft_vocab_rows)
+
+    def build_draft_vocab(self, max_rows: int = 4096) -> torch.Tensor:
+        """Set the draft's reduced vocabulary to the most frequent response tokens of the training data."""
+        draft: SpecVLMDraftModel = self.model
+        counts = count_response_tokens(
+            self.train_dataset, self.data_collator, draft.config.vocab_size, max_rows=max_rows
+        )
+        ids = select_draft_vocab(counts, draft.config.draft_vocab_size)
+        draft.set_draft_vocab(ids, init_from_target=True)
+        covered = int(counts[ids].sum()) / max(int(counts.sum()), 1)
+        logger.info(
+            "draft vocabulary: %d tokens cover %.1f%% of the response tokens counted",
+            ids.numel(),
+            100 * covered,
+        )
+        return ids
 
     # ------------------------------------------------------------------ target
     def _place_target(self) -> None:
@@ -268,7 +336,11 @@ class SpecVLMDistillationTrainer(Trainer):
             b_idx, t_idx = keep.nonzero(as_tuple=True)
             pos = nxt[b_idx, t_idx]
             draft_h = hidden[b_idx, t_idx]  # (N, h)
-            draft_logits = draft.compute_logits(draft_h.to(lm_head_device)).to(device)  # (N, V)
+            if draft.draft_lm_head is None:
+                draft_logits = draft.compute_logits(draft_h.to(lm_head_device)).to(device)  # (N, V)
+                vocab_ids = None
+            else:  # reduced vocabulary: (N, Vd) from the draft's own head, vocab_ids (Vd,) their target ids
+                draft_logits, vocab_ids = draft.draft_logits(draft_h)
             # (N, V): the target's distribution of x_{r+2}
             target_logits = logits[b_idx.to(logits.device), pos.to(logits.device)].to(device)
             parts = distillation_loss(
@@ -280,10 +352,11 @@ class SpecVLMDistillationTrainer(Trainer):
                 ce_weight=self.ce_weight,
                 feature_weight=self.feature_weight,
                 gate_cost=ctx.gate_cost,
+                draft_vocab_ids=vocab_ids,
             )
             for key, value in parts.items():
                 totals[key] = totals.get(key, 0.0) + value / self.unroll_steps
-            agreements.append(top1_agreement(draft_logits, target_logits))
+            agreements.append(top1_agreement(draft_logits, target_logits, draft_vocab_ids=vocab_ids))
             if step == 0 and ctx.visual_tokens and sum(ctx.visual_tokens) > 0:
                 kept_ratio = sum(ctx.kept_visual_tokens) / sum(ctx.visual_tokens)
 
@@ -339,4 +412,10 @@ class SpecVLMDistillationTrainer(Trainer):
         super().log(logs, start_time)
 
 
-__all__ = ["SpecVLMDistillationTrainer", "SpecVLMDataCollator", "batch_visual_spans"]
+__all__ = [
+    "SpecVLMDistillationTrainer",
+    "SpecVLMDataCollator",
+    "batch_visual_spans",
+    "count_response_tokens",
+    "select_draft_vocab",
+]

@@ -2,7 +2,8 @@
 
 One decoding step, given the verified tokens x_0..x_n (x_n, the "root", not yet seen by the target):
 
-1. Draft: the root row's output scores level-1 candidates (top_k of the draft distribution). For each of the
+1. Draft: the root row's output scores level-1 candidates (top_k of the draft distribution, over the draft's
+   own vocabulary: with a reduced `draft_vocab_size` a step costs O(h * Vd) and columns map to target ids). For each of the
    next `depth - 1` levels the `top_k` best nodes by cumulative draft log-probability are fed to the draft in
    ONE batched forward (tree attention mask over the draft cache), each proposing its `top_k` children.
 2. Rerank: keep the `total_tokens` best candidates by cumulative log-probability (ancestor-closed).
@@ -63,9 +64,13 @@ def build_tree(
     k, depth, total = settings.tree_top_k, settings.tree_depth, settings.tree_total_tokens
     device = root_hidden.device
     prefix_len = draft_cache.get_seq_length()
-    logp = torch.log_softmax(draft.compute_logits(root_hidden[0, -1]).float(), dim=-1)  # (V,)
+    # draft distribution over its own vocabulary (Vd columns; ids maps a column to its target token, None = same)
+    logits, vocab_ids = draft.draft_logits(root_hidden[0, -1])
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (Vd,)
     k = min(k, logp.shape[-1])
     row_scores, row_tokens = logp.topk(k)  # level-1 candidates, (k,)
+    if vocab_ids is not None:
+        row_tokens = vocab_ids[row_tokens]  # draft column -> target token id
     cand_tokens, cand_scores, cand_parents, cand_depths = [row_tokens], [row_scores], [], []
     cand_parents.append(torch.full((k,), -1, dtype=torch.long, device=device))
     cand_depths.append(torch.ones(k, dtype=torch.long, device=device))
@@ -91,8 +96,10 @@ def build_tree(
             attention_mask=mask,
             past_key_values=draft_cache,
         ).last_hidden_state[0]  # (k, h)
-        logp = torch.log_softmax(draft.compute_logits(hidden).float(), dim=-1)  # (k, V)
+        logp = torch.log_softmax(draft.draft_logits(hidden)[0].float(), dim=-1)  # (k, Vd)
         child_lp, child_tok = logp.topk(k, dim=-1)  # (k, k)
+        if vocab_ids is not None:
+            child_tok = vocab_ids[child_tok]  # tokens outside the draft vocabulary never enter the tree
         child_scores = (row_scores[:, None] + child_lp).flatten()  # cumulative log-prob of each child
         cand_tokens.append(child_tok.flatten())
         cand_scores.append(child_scores)
