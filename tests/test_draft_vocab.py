@@ -175,6 +175,7 @@ def test_index_map_round_trips(tmp_path):
     assert torch.equal(loaded.draft_vocab_ids, ids)
     assert torch.equal(loaded.draft_lm_head.weight, draft.draft_lm_head.weight)
     folder = save_for_hub(draft, tmp_path / "hub")
+    assert f"{DRAFT_VOCAB} most frequent target tokens" in (folder / "README.md").read_text()
     auto = AutoModel.from_pretrained(folder)
     assert isinstance(auto, SpecVLMDraftModel)
     assert torch.equal(auto.draft_vocab_ids, ids)

@@ -157,6 +157,13 @@ def _draft_description(config) -> list[str]:
             f"{config.num_attention_heads} heads ({config.num_key_value_heads} KV), MLP {config.intermediate_size}",
         ),
         ("Target features", f"`target_layers={config.target_layers}`"),
+        (
+            "Draft vocabulary",
+            "the target's full vocabulary"
+            if config.draft_vocab_size is None
+            else f"{config.draft_vocab_size} most frequent target tokens of {config.vocab_size} "
+            "(own head; index map `draft_vocab_ids` in the weights)",
+        ),
         ("Visual compressor (draft side)", f"`{compressor}`"),
         (
             "Decoding",

@@ -225,8 +225,17 @@ class SpecVLMDistillationTrainer(Trainer):
         # our loss is a mean over the batch's response rows: let Trainer scale it for gradient accumulation
         self.model_accepts_loss_kwargs = False
         self._place_target()
-        if model.draft_lm_head is not None and not model.has_draft_vocab_map and train_dataset is not None:
-            self.build_draft_vocab(max_rows=draft_vocab_rows)
+        if model.draft_lm_head is not None and not model.has_draft_vocab_map:
+            if train_dataset is not None:
+                self.build_draft_vocab(max_rows=draft_vocab_rows)
+            else:
+                logger.warning(
+                    "The draft has a reduced vocabulary (draft_vocab_size=%d) but no index map and there is no "
+                    "train_dataset to build one from: it keeps the default ids 0..%d. Call "
+                    "`draft.set_draft_vocab(ids)` or `trainer.build_draft_vocab()` first.",
+                    model.config.draft_vocab_size,
+                    model.config.draft_vocab_size - 1,
+                )
 
     def build_draft_vocab(self, max_rows: int = 4096) -> torch.Tensor:
         """Set the draft's reduced vocabulary to the most frequent response tokens of the training data."""
