@@ -6,6 +6,9 @@ anything else runs at the same time they make every forward many times slower (m
 
 from __future__ import annotations
 
+import os
+
 import torch
 
+os.environ["OMP_NUM_THREADS"] = "1"  # subprocesses (DDP, kill-and-resume) compute with the same thread count
 torch.set_num_threads(1)

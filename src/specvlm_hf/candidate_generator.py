@@ -87,7 +87,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             )
             stats.visual_tokens = sum(s.length for s in spans)
             stats.draft_visual_tokens = (
-                ctx.kept_visual_tokens[0] if ctx.kept_visual_tokens else stats.visual_tokens
+                ctx.kept_visual_tokens[0] if draft.compressor is not None else stats.visual_tokens
             )
             stats.compressor_choice = ctx.choices[0] if ctx.choices else None
             out = draft(fused_inputs=ctx.fused, position_ids=ctx.position_ids, past_key_values=self.cache)

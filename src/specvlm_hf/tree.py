@@ -300,7 +300,7 @@ def tree_decoding(
                 spans=[spans] if draft.compressor is not None else None,
             )
             stats.draft_visual_tokens = (
-                ctx.kept_visual_tokens[0] if ctx.kept_visual_tokens else stats.visual_tokens
+                ctx.kept_visual_tokens[0] if draft.compressor is not None else stats.visual_tokens
             )
             stats.compressor_choice = ctx.choices[0] if ctx.choices else None
             root_hidden = draft(
