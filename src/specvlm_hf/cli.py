@@ -192,6 +192,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure verify cost vs tree size, pick the tree budget with the best estimated tokens/s, save it in the draft config.",
     )
     _add_train_budget_args(bench, 1200)
+    bench.add_argument(
+        "--tree-top-k",
+        type=int,
+        default=None,
+        help="tree top-k for every draft (default: each draft's config).",
+    )
+    bench.add_argument(
+        "--tree-depth",
+        type=int,
+        default=None,
+        help="tree depth for every draft (default: each draft's config).",
+    )
+    bench.add_argument(
+        "--tree-total-tokens",
+        type=int,
+        default=None,
+        help="tree size for every draft (default: each draft's config).",
+    )
     bench.set_defaults(func=_run_bench)
 
     # ------------------------------------------------------------------ push
