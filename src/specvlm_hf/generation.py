@@ -29,6 +29,8 @@ from transformers.generation.stopping_criteria import (
     StopStringCriteria,
 )
 
+from .decoding import DecodingSettings
+
 # The private pieces relied on, checked once at install time so a transformers upgrade fails loudly and early.
 _REQUIRED_PRIVATE_API = ("_get_candidate_generator", "_assisted_decoding", "prepare_inputs_for_generation")
 _TESTED_RANGE = (version.parse("5.23"), version.parse("6.0"))
@@ -41,14 +43,8 @@ LAYOUT_KWARGS = (
     "vision_feature_select_strategy",
 )
 
-DRAFT_GENERATE_KWARGS = (
-    "decoding_mode",
-    "tree_top_k",
-    "tree_depth",
-    "tree_total_tokens",
-    "num_draft_tokens",
-    "draft_confidence_threshold",
-)
+# per-call decoding overrides accepted by generate(): exactly the fields of DecodingSettings
+DRAFT_GENERATE_KWARGS = tuple(DecodingSettings.__dataclass_fields__)
 
 
 def _check_transformers(target) -> None:

@@ -475,6 +475,7 @@ def widen_draft(tiny_draft, big_target):
     exactly, so drafts that can use it are refused.
     """
     from .configuration_specvlm import SpecVLMDraftConfig
+    from .decoding import DecodingSettings
     from .modeling_specvlm import SpecVLMDraftModel, SpecVLMRMSNorm
 
     small_cfg = tiny_draft.config
@@ -493,12 +494,8 @@ def widen_draft(tiny_draft, big_target):
         "compressor_conv_ratio",
         "compressor_prune_score",
         "num_hidden_layers",
-        "decoding_mode",
-        "tree_top_k",
-        "tree_depth",
-        "tree_total_tokens",
-        "num_draft_tokens",
-        "draft_confidence_threshold",
+        "draft_vocab_size",
+        *DecodingSettings.__dataclass_fields__,
     )
     # the decoder layer keeps the small draft's heads and MLP width (a lean draft): only the residual width grows
     lean = {
@@ -524,6 +521,9 @@ def widen_draft(tiny_draft, big_target):
                     param[: src.shape[0], block * dd : block * dd + d] = src[:, block * d : (block + 1) * d]
             else:
                 param[tuple(slice(0, n) for n in src.shape)] = src
+        for name, buffer in tiny_draft.named_buffers():
+            if name == "draft_vocab_ids":  # the reduced vocabulary's index map
+                big.draft_vocab_ids.copy_(buffer)
     return big.eval()
 
 
