@@ -210,3 +210,17 @@ def test_stop_string_and_streamer(llava, capsys):
         assert torch.equal(out, expected), mode
         printed = capsys.readouterr().out
         assert printed.strip() == tokenizer.decode(out[0, prompt_len:]).strip(), mode
+
+
+@pytest.mark.parametrize("mode", ["tree", "chain"])
+def test_logits_processors_apply_as_in_plain_generate(llava, mode):
+    """Repetition penalty and a min length depend on each node's own prefix: greedy output must still match."""
+    model, inputs = llava
+    kwargs = {"max_new_tokens": 24, "do_sample": False, "repetition_penalty": 1.5, "no_repeat_ngram_size": 2}
+    expected = model.generate(**inputs, **kwargs)
+    plain_greedy = model.generate(**inputs, max_new_tokens=24, do_sample=False)
+    assert not torch.equal(expected, plain_greedy)  # the processors really change this continuation
+    draft = make_forced_draft(model, expected[0], ())
+    out = model.generate(**inputs, **kwargs, assistant_model=draft, decoding_mode=mode)
+    assert torch.equal(out, expected)
+    assert draft.last_generation_stats.mean_accepted_length > 2
