@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from . import target_features, targets
-from .decoding import GenerationStats
+from .decoding import GenerationStats, draft_prefill
 
 
 class SpecVLMChainCandidateGenerator(CandidateGenerator):
@@ -78,19 +78,16 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             spans = targets.visual_spans(
                 targets.unwrap_target(self.target), prompt_ids, {**model_kwargs, **self._layout_kwargs}
             )
-            ctx = draft.prepare_context(
+            hidden = draft_prefill(
+                draft,
                 prompt_ids,
                 embeds,
                 feats[:, : self.prompt_len],
-                next_embeds=draft.embed_tokens(input_ids[:, self.prompt_len :]),
-                spans=[spans] if draft.compressor is not None else None,
+                input_ids[:, self.prompt_len :],
+                spans,
+                self.cache,
+                stats,
             )
-            stats.visual_tokens = sum(s.length for s in spans)
-            stats.draft_visual_tokens = (
-                ctx.kept_visual_tokens[0] if draft.compressor is not None else stats.visual_tokens
-            )
-            stats.compressor_choice = ctx.choices[0] if ctx.choices else None
-            out = draft(fused_inputs=ctx.fused, position_ids=ctx.position_ids, past_key_values=self.cache)
             self.row_position = self.prompt_len
             stats.new_tokens = 1
         else:
@@ -101,15 +98,14 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             m = n_last_matches + 1
             new_tokens = input_ids[:, -m:]
             positions = torch.arange(self.row_position, self.row_position + m, device=input_ids.device)[None]
-            out = draft(
+            hidden = draft(
                 inputs_embeds=draft.embed_tokens(new_tokens),
                 hidden_states=feats[:, :m],
                 position_ids=positions,
                 past_key_values=self.cache,
-            )
+            ).last_hidden_state[:, -1:]
             self.row_position += m
         self.context_len = self.cache.get_seq_length()
-        hidden = out.last_hidden_state[:, -1:]
 
         # draft a chain
         budget = min(self.settings.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)

@@ -94,3 +94,26 @@ def target_prefill(model, draft, input_ids: torch.Tensor, model_kwargs: dict):
         outputs = model(**model_inputs)
     features = target_features.select_features(outputs.hidden_states, draft.config.target_layers)
     return outputs, captured[0], features
+
+
+def draft_prefill(
+    draft, prompt_ids, prompt_embeds, prompt_feats, next_token, spans, cache, stats: GenerationStats
+):
+    """Run the draft over the prompt (compressing its visual rows if it has a compressor) into `cache`.
+
+    next_token: (1, 1) the token after the prompt (the first generated one). Records the visual-token stats and
+    returns the draft output of the last row, (1, 1, h): the root of the first draft.
+    """
+    compressed = draft.compressor is not None
+    ctx = draft.prepare_context(
+        prompt_ids,
+        prompt_embeds,
+        prompt_feats,
+        next_embeds=draft.embed_tokens(next_token),
+        spans=[spans] if compressed else None,
+    )
+    stats.visual_tokens = sum(s.length for s in spans)
+    stats.draft_visual_tokens = ctx.kept_visual_tokens[0] if compressed else stats.visual_tokens
+    stats.compressor_choice = ctx.choices[0] if ctx.choices else None
+    out = draft(fused_inputs=ctx.fused, position_ids=ctx.position_ids, past_key_values=cache)
+    return out.last_hidden_state[:, -1:]

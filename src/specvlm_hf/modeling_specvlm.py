@@ -132,6 +132,13 @@ class SpecVLMDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Boolean "may attend" mask -> additive float mask (0 where allowed, the dtype's minimum elsewhere)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+        ~allowed, torch.finfo(dtype).min
+    )
+
+
 def causal_mask(
     q_len: int,
     kv_len: int,
@@ -149,9 +156,7 @@ def causal_mask(
     allowed = allowed[None, None]
     if key_padding is not None:
         allowed = allowed & key_padding[:, None, None, :]
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
+    return additive_mask(allowed, dtype)
 
 
 @dataclass
@@ -495,4 +500,4 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
         return f"bound={self.is_bound}, decoding_mode={self.config.decoding_mode!r}"
 
 
-__all__ = ["SpecVLMDraftModel", "SpecVLMPreTrainedModel", "DraftContext", "causal_mask"]
+__all__ = ["SpecVLMDraftModel", "SpecVLMPreTrainedModel", "DraftContext", "additive_mask", "causal_mask"]

@@ -29,8 +29,8 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from . import target_features, targets
-from .decoding import DecodingSettings, GenerationStats, Timer, target_prefill
-from .modeling_specvlm import SpecVLMDraftModel
+from .decoding import DecodingSettings, GenerationStats, Timer, draft_prefill, target_prefill
+from .modeling_specvlm import SpecVLMDraftModel, additive_mask
 
 
 @dataclass
@@ -39,12 +39,6 @@ class DraftTree:
     parents: list[int]  # tree index of each node's parent (-1 for the root)
     depths: torch.Tensor  # (n,) 0 for the root
     ancestors: torch.Tensor  # (n, n) bool, ancestors[i, j]: node j is i or an ancestor of i
-
-
-def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
 
 
 @torch.no_grad()
@@ -87,7 +81,7 @@ def build_tree(
         row_anc[n_before : n_before + k, : n_before + k] = level_anc
         allowed = torch.ones(k, prefix_len + n_before + k, dtype=torch.bool, device=device)
         allowed[:, prefix_len:] = row_anc[n_before : n_before + k, : n_before + k]
-        mask = _additive(allowed, draft.dtype)[None, None]
+        mask = additive_mask(allowed, draft.dtype)[None, None]
         positions = torch.full((1, k), row_position + level - 1, dtype=torch.long, device=device)
         hidden = draft(
             inputs_embeds=draft.embed_tokens(row_tokens)[None],
@@ -190,7 +184,7 @@ def verify_mask(cache, ancestors: torch.Tensor, depths: torch.Tensor, layer_type
     full[:, past:] = ancestors
     sliding_layers = [layer for layer in cache.layers if getattr(layer, "sliding_window", None)]
     if not sliding_layers or layer_types is None:
-        return _additive(full, dtype)[None, None]
+        return additive_mask(full, dtype)[None, None]
     layer = sliding_layers[0]
     window = layer.sliding_window
     held = min(
@@ -202,8 +196,8 @@ def verify_mask(cache, ancestors: torch.Tensor, depths: torch.Tensor, layer_type
     sliding[:, :held] = distance < window
     sliding[:, held:] = ancestors
     return {
-        "full_attention": _additive(full, dtype)[None, None],
-        "sliding_attention": _additive(sliding, dtype)[None, None],
+        "full_attention": additive_mask(full, dtype)[None, None],
+        "sliding_attention": additive_mask(sliding, dtype)[None, None],
     }
 
 
@@ -287,25 +281,13 @@ def tree_decoding(
 
     layout = {**model_kwargs, **getattr(draft, "_layout_kwargs", {})}
     spans = targets.visual_spans(targets.unwrap_target(model), prompt_ids, layout)
-    stats.visual_tokens = sum(s.length for s in spans)
     draft_cache = DynamicCache()
     if not finished:
         with Timer(stats, "draft_time_s"):
             root_t = torch.tensor([root], device=input_ids.device)
-            ctx = draft.prepare_context(
-                prompt_ids,
-                prompt_embeds,
-                prompt_feats,
-                next_embeds=draft.embed_tokens(root_t)[None],
-                spans=[spans] if draft.compressor is not None else None,
+            root_hidden = draft_prefill(
+                draft, prompt_ids, prompt_embeds, prompt_feats, root_t[None], spans, draft_cache, stats
             )
-            stats.draft_visual_tokens = (
-                ctx.kept_visual_tokens[0] if draft.compressor is not None else stats.visual_tokens
-            )
-            stats.compressor_choice = ctx.choices[0] if ctx.choices else None
-            root_hidden = draft(
-                fused_inputs=ctx.fused, position_ids=ctx.position_ids, past_key_values=draft_cache
-            ).last_hidden_state[:, -1:]
     row_position = prompt_len  # draft position of the next row (pairs f_{n} with the token after the root)
     mask_dtype = next(targets.unwrap_target(model).parameters()).dtype
     layer_types = getattr(targets.text_config(targets.unwrap_target(model)), "layer_types", None)
