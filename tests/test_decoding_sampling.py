@@ -116,6 +116,12 @@ def test_sampling_with_forced_draft_is_target_distribution(peaked_target, plain_
     assert sum(accepted) / len(accepted) > 1.05  # measured 1.13: only greedy-path prefixes match
 
 
+def _first_new_token(continuation: list[int], start: int) -> tuple[int, int]:
+    """(index, token) of the first token at or after `start` that does not occur earlier in `continuation`."""
+    index = next(i for i in range(start, len(continuation)) if continuation[i] not in continuation[:i])
+    return index, continuation[index]
+
+
 @pytest.fixture(scope="module")
 def llava():
     model = make_tiny_target("llava")
@@ -127,10 +133,8 @@ def test_eos_inside_accepted_path(llava, mode):
     model, inputs = llava
     reference = model.generate(**inputs, max_new_tokens=30, do_sample=False)
     prompt_len = inputs["input_ids"].shape[1]
-    continuation = reference[0, prompt_len:].tolist()
-    # the EOS: a generated token, at index >= 6, whose first occurrence is there (so stopping happens mid-way)
-    index = next(i for i in range(6, len(continuation)) if continuation[i] not in continuation[:i])
-    eos = continuation[index]
+    # the EOS: a generated token whose first occurrence is mid-way, so stopping happens inside a draft
+    index, eos = _first_new_token(reference[0, prompt_len:].tolist(), start=6)
     expected = model.generate(**inputs, max_new_tokens=30, do_sample=False, eos_token_id=eos)
     assert expected.shape[1] == prompt_len + index + 1
     draft = make_forced_draft(model, reference[0], ())
@@ -174,9 +178,8 @@ def test_stop_string_and_streamer(llava, capsys):
     prompt_len = inputs["input_ids"].shape[1]
     reference = model.generate(**inputs, max_new_tokens=30, do_sample=False)
     tokenizer = _word_tokenizer(model.config.text_config.vocab_size)
-    continuation = reference[0, prompt_len:].tolist()
-    index = next(i for i in range(6, len(continuation)) if continuation[i] not in continuation[:i])
-    stop = f"w{continuation[index]}"
+    index, token = _first_new_token(reference[0, prompt_len:].tolist(), start=6)
+    stop = f"w{token}"
     expected = model.generate(
         **inputs, max_new_tokens=30, do_sample=False, stop_strings=[stop], tokenizer=tokenizer
     )

@@ -10,24 +10,11 @@ import torch
 from transformers import AutoConfig
 
 import specvlm_hf
-from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
+from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel, targets
 
 HUB_CONFIGS = Path(__file__).resolve().parents[1] / "hub_configs"
 CONFIG_DIRS = sorted(p.parent for p in HUB_CONFIGS.glob("*/config.json"))
-FAMILIES = {
-    "llava",
-    "llava_next",
-    "llava_onevision",
-    "qwen2_vl",
-    "qwen2_5_vl",
-    "qwen3_vl",
-    "gemma3",
-    "idefics3",
-    "smolvlm",
-    "paligemma",
-    "internvl",
-    "mistral3",
-}
+FAMILIES = set(targets.SUPPORTED_FAMILIES) - {"causal_lm"}  # the VLM families hub configs may name
 
 
 def _without_version(text: str) -> dict:

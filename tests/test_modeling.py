@@ -20,15 +20,6 @@ VIDEO_FAMILIES_WITH_ID = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision
 TARGET_KEY_MARKERS = ("lm_head", "embed_tokens", "vision", "language_model")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one intra-op thread is much faster than two on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def targets_cache():
     """One tiny target per family, built on first use and shared by the module's tests."""
