@@ -557,7 +557,17 @@ def print_tune(best: dict, rows: list[dict], costs: dict[int, float]) -> None:
 
 
 def run_bench_cli(args) -> int:
-    from .demo import TrainBudget, load_draft, load_or_train_draft, load_rows, load_target, prompt_inputs
+    from .demo import (
+        TrainBudget,
+        load_draft,
+        load_or_train_draft,
+        load_rows,
+        load_target,
+        prompt_inputs,
+        timing_dtype,
+        widen_draft_for_timing,
+        widen_for_timing,
+    )
 
     torch.manual_seed(args.seed)
     start = time.perf_counter()
@@ -565,11 +575,11 @@ def run_bench_cli(args) -> int:
     if toy_medium:
         # drafts are distilled on the tiny toy target (fast) and widened exactly with it: the medium toy target
         # is the tiny one widened (toy.widen_toy_target), so outputs and acceptance are the tiny pair's, while
-        # every forward costs what a ~157M-parameter target and its draft cost
-        from .toy import widen_draft, widen_toy_target
-
+        # every forward costs what a ~157M-parameter target and its draft cost (in bf16 where it is native)
         train_target, processor, train_label = load_target(None, "tiny", args.cache_dir, args.seed)
-        vlm, label = widen_toy_target(train_target, "medium").eval(), f"toy-llava-medium-seed{args.seed}"
+        dtype = timing_dtype(args.dtype)
+        vlm = widen_for_timing(train_target, dtype)
+        label = f"toy-llava-medium-seed{args.seed}-{str(dtype).removeprefix('torch.')}"
     else:
         vlm, processor, label = load_target(args.target, args.toy_size, args.cache_dir, args.seed)
         train_target, train_label = vlm, label
@@ -589,7 +599,7 @@ def run_bench_cli(args) -> int:
                 train_target, processor, train_label, mode, budget, args.seed, args.cache_dir
             )
             if toy_medium:
-                draft = widen_draft(draft, vlm).bind(vlm)
+                draft = widen_draft_for_timing(draft, vlm)
             drafts[mode or "eagle"] = draft
             draft_paths[mode or "eagle"] = path
 

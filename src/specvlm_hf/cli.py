@@ -71,6 +71,16 @@ def _add_tree_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-total-tokens", type=int, default=16, help="tree size (default: 16).")
 
 
+def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "float32", "bfloat16"),
+        default="auto",
+        help="dtype the medium toy target is timed in (default: auto = bfloat16 where this machine multiplies "
+        "it natively, as VLMs are shipped and served; float32 elsewhere).",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specvlm",
@@ -110,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         "exactly to ~157M parameters: same outputs, the per-token cost of a real small model).",
     )
     _add_tree_args(demo)
+    _add_dtype_arg(demo)
     demo.add_argument(
         "--quick",
         "--smoke",
@@ -192,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure verify cost vs tree size, pick the tree budget with the best estimated tokens/s, save it in the draft config.",
     )
     _add_train_budget_args(bench, 1200)
+    _add_dtype_arg(bench)
     bench.add_argument(
         "--tree-top-k",
         type=int,

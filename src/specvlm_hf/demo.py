@@ -398,7 +398,7 @@ def run_demo(args) -> int:
     )
 
     if args.target is None and args.toy_size == "tiny" and getattr(args, "time_on", "tiny") == "medium":
-        vlm, draft = _widen_for_timing(vlm, draft)
+        vlm, draft = _widen_for_timing(vlm, draft, timing_dtype(getattr(args, "dtype", "auto")))
     spec_kwargs = {"decoding_mode": args.decoding_mode}
     if args.decoding_mode == "tree":
         spec_kwargs.update(
@@ -427,19 +427,47 @@ def run_demo(args) -> int:
     return 0
 
 
-def _widen_for_timing(vlm, draft):
-    """The medium toy target and draft: the tiny ones widened exactly (toy.widen_toy_target / widen_draft)."""
-    from .toy import widen_draft, widen_toy_target
+def timing_dtype(choice: str = "auto") -> torch.dtype:
+    """The dtype the medium toy target (and its draft) is timed in.
 
+    "auto": bfloat16 -- the dtype public VLMs ship and are served in -- where this machine multiplies it natively
+    (a GPU, or a CPU with AVX512-BF16 / AMX), float32 elsewhere (emulated bf16 matmuls are slower than fp32).
+    """
+    if choice == "auto":
+        native = torch.cuda.is_available() or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return torch.bfloat16 if native else torch.float32
+    if choice not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype {choice!r}: choose 'auto', 'float32' or 'bfloat16'")
+    return getattr(torch, choice)
+
+
+def widen_for_timing(tiny_target, dtype: torch.dtype):
+    """The medium toy target: the tiny one widened exactly (`toy.widen_toy_target`), cast to `dtype`."""
+    from .toy import widen_toy_target
+
+    return widen_toy_target(tiny_target, "medium").to(dtype).eval()
+
+
+def widen_draft_for_timing(tiny_draft, medium_target):
+    """A draft of the tiny target widened exactly for `widen_for_timing`'s target, in its dtype, bound to it.
+
+    Raises ValueError for a draft that does not widen exactly (the resampler)."""
+    from .toy import widen_draft
+
+    dtype = next(medium_target.parameters()).dtype
+    return widen_draft(tiny_draft, medium_target).to(dtype).bind(medium_target)
+
+
+def _widen_for_timing(vlm, draft, dtype: torch.dtype):
+    big = widen_for_timing(vlm, dtype)
     try:
-        big = widen_toy_target(vlm, "medium")
-        wide = widen_draft(draft, big).bind(big)
+        wide = widen_draft_for_timing(draft, big)
     except ValueError as err:  # e.g. a resampler draft does not widen exactly
         print(f"timing on the tiny target ({err})")
         return vlm, draft
     print(
-        f"timing on the medium toy target: the tiny target and draft widened exactly (same outputs), "
-        f"{sum(p.numel() for p in big.parameters()) / 1e6:.0f}M target / "
+        f"timing on the medium toy target ({str(dtype).removeprefix('torch.')}): the tiny target and draft widened "
+        f"exactly, {sum(p.numel() for p in big.parameters()) / 1e6:.0f}M target / "
         f"{sum(p.numel() for p in wide.parameters()) / 1e6:.1f}M draft parameters"
     )
     return big, wide
