@@ -9,12 +9,16 @@ One decoding step, given the verified tokens x_0..x_n (x_n, the "root", not yet 
 2. Rerank: keep the `total_tokens` best candidates by cumulative log-probability (ancestor-closed).
 3. Verify: root + kept nodes go through the target's standard forward once, with a 4-D tree attention mask
    (each node sees the prefix, its ancestors and itself) and per-node positions (prefix end + depth).
-4. Accept: walk down from the root. At a node the target's next token y is argmax (greedy) or a sample of the
-   target's processed distribution p (sampling); if a child carries y, descend, else y is the bonus token.
-   Sampling is lossless: this is multi-candidate rejection sampling where each candidate's draft distribution
-   is a point mass (the tree is built deterministically), so candidate c_i is accepted with probability
-   min(1, p_i(c_i) / 1) and the residual renormalises p with c_i removed; drawing y ~ p once and matching it
-   against the children realises exactly that sequence of accept/reject decisions.
+4. Accept: walk down from the root. Greedy: at a node the target's next token y is the argmax of its processed
+   logits; if a child carries y, descend, else y is the bonus token (exact by construction).
+   Sampling: the tree is drawn instead of picked. Each expanded node's children are a sample WITHOUT replacement
+   from the draft distribution q at that node (Gumbel-top-k on log q), and how many children a node gets and
+   which nodes are expanded depend only on what was drawn before them (never on the children's own values), so
+   verification can use recursive rejection sampling: the i-th child c is accepted with min(1, p_i(c) / q_i(c));
+   on rejection p_{i+1} = norm(max(p_i - q_i, 0)) and q_{i+1} = q_i without c, renormalised; if every child is
+   rejected the bonus token is drawn from the last residual. The emitted token then has exactly the target's
+   processed distribution p (lossless), and a draft close to the target is accepted with probability close to 1
+   even where p is flat -- which a fixed top-k child set cannot do.
 5. Compact: target cache keeps prefix + root + accepted path; draft cache drops all tree rows and consumes the
    accepted tokens with the target's true features.
 """
@@ -39,6 +43,22 @@ class DraftTree:
     parents: list[int]  # tree index of each node's parent (-1 for the root)
     depths: torch.Tensor  # (n,) 0 for the root
     ancestors: torch.Tensor  # (n, n) bool, ancestors[i, j]: node j is i or an ancestor of i
+    # sampled trees only: node -> the draft distribution (Vd,) its children were drawn from, in the draft's own
+    # vocabulary (`vocab_ids` maps a column to its target token id; None = same ids)
+    child_q: dict[int, torch.Tensor] | None = None
+    vocab_ids: torch.Tensor | None = None
+
+
+def _children(logp: torch.Tensor, k: int, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """k children per row of log q (..., Vd): (log q of each child, column), both (..., k).
+
+    Greedy: the k most likely columns. Sampling: the k largest of log q + Gumbel noise, which is a sample of k
+    columns without replacement from q, in draw order (columns with q = 0 come last with log q = -inf)."""
+    if not sample:
+        return logp.topk(k, dim=-1)
+    gumbel = -torch.empty_like(logp).exponential_().log()  # G = -log(E), E ~ Exp(1)
+    columns = (logp + gumbel).topk(k, dim=-1).indices
+    return logp.gather(-1, columns), columns
 
 
 @torch.no_grad()
@@ -49,20 +69,25 @@ def build_tree(
     root_token: torch.Tensor,
     row_position: int,
     settings: DecodingSettings,
+    temperature: float | None = None,
 ) -> DraftTree:
     """Grow the EAGLE-2 dynamic tree from the root row's draft output.
 
     root_hidden: (1, 1, h) draft output of the row that consumed the root token.
     row_position: draft position of level-1 rows. The tree rows are appended to `draft_cache`; the caller crops.
+    temperature: None builds the greedy tree (top-k children, the `total_tokens` best kept). A number draws a
+    sampled tree from q = softmax(draft logits / temperature) for lossless rejection sampling (module docstring).
     """
+    sample = temperature is not None
     k, depth, total = settings.tree_top_k, settings.tree_depth, settings.tree_total_tokens
     device = root_hidden.device
     prefix_len = draft_cache.get_seq_length()
     # draft distribution over its own vocabulary (Vd columns; ids maps a column to its target token, None = same)
     logits, vocab_ids = draft.draft_logits(root_hidden[0, -1])
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (Vd,)
+    logp = _draft_logp(logits, temperature)  # (Vd,)
     k = min(k, logp.shape[-1])
-    row_scores, row_tokens = logp.topk(k)  # level-1 candidates, (k,)
+    child_q = {-1: logp.exp()} if sample else None  # candidate id (-1: root) -> q its children come from
+    row_scores, row_tokens = _children(logp, k, sample)  # level-1 candidates, (k,)
     if vocab_ids is not None:
         row_tokens = vocab_ids[row_tokens]  # draft column -> target token id
     cand_tokens, cand_scores, cand_parents, cand_depths = [row_tokens], [row_scores], [], []
@@ -90,8 +115,10 @@ def build_tree(
             attention_mask=mask,
             past_key_values=draft_cache,
         ).last_hidden_state[0]  # (k, h)
-        logp = torch.log_softmax(draft.draft_logits(hidden)[0].float(), dim=-1)  # (k, Vd)
-        child_lp, child_tok = logp.topk(k, dim=-1)  # (k, k)
+        logp = _draft_logp(draft.draft_logits(hidden)[0], temperature)  # (k, Vd)
+        child_lp, child_tok = _children(logp, k, sample)  # (k, k)
+        if sample:
+            child_q.update(zip(row_cand.tolist(), logp.exp()))
         if vocab_ids is not None:
             child_tok = vocab_ids[child_tok]  # tokens outside the draft vocabulary never enter the tree
         child_scores = (row_scores[:, None] + child_lp).flatten()  # cumulative log-prob of each child
@@ -99,8 +126,8 @@ def build_tree(
         cand_scores.append(child_scores)
         cand_parents.append(row_cand[:, None].expand(k, k).flatten())
         cand_depths.append(torch.full((k * k,), level + 1, dtype=torch.long, device=device))
-        if level == depth - 1:
-            break
+        if level == depth - 1 or (sample and n_cands + k * k >= total):
+            break  # last level, or (sampled tree) the budget is drawn: nothing later would be kept
         best = child_scores.topk(k).indices  # the k best children become the next level's rows
         parent_row = best // k
         row_tokens, row_scores = child_tok.flatten()[best], child_scores[best]
@@ -117,19 +144,46 @@ def build_tree(
     scores = torch.cat(cand_scores)
     parents = torch.cat(cand_parents)
     depths = torch.cat(cand_depths)
-    return _select_tree(root_token, tokens, scores, parents, depths, total)
+    if not sample:
+        return _select_tree(
+            root_token, tokens, scores, parents, depths, _best_candidates(scores, depths, total)
+        )
+    # sampled tree: the first `total` drawn candidates in construction order (level by level, each level's rows
+    # in an order fixed before their children were drawn, each row's children in draw order), never ranked by
+    # their own values; candidates with q = 0 were not drawn
+    drawn = torch.isfinite(scores).nonzero().squeeze(1)[:total]
+    keep = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
+    keep[drawn] = True
+    tree = _select_tree(root_token, tokens, scores, parents, depths, keep)
+    tree_index = torch.cat([torch.zeros(1, dtype=torch.long, device=device), keep.long().cumsum(0)])
+    tree.child_q = {int(tree_index[c + 1]): q for c, q in child_q.items() if c < 0 or keep[c]}
+    tree.vocab_ids = vocab_ids
+    return tree
 
 
-def _select_tree(root_token, tokens, scores, parents, depths, total: int) -> DraftTree:
-    """Keep the `total` best candidates (ancestor-closed) and lay them out as the verification tree."""
-    device = tokens.device
-    n_cand = tokens.shape[0]
-    total = min(total, n_cand)
+def _draft_logp(logits: torch.Tensor, temperature: float | None) -> torch.Tensor:
+    """log q over the draft vocabulary; the sampled tree draws from softmax(logits / temperature)."""
+    logits = logits.float()
+    if temperature is not None and temperature != 1.0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _best_candidates(scores, depths, total: int) -> torch.Tensor:
+    """Greedy tree: the `total` candidates with the best cumulative draft log-probability, ancestor-closed below."""
+    total = min(total, scores.shape[0])
     # a child's cumulative score never exceeds its parent's; the depth term breaks ties towards ancestors
     rank = scores - 1e-4 * depths.to(scores.dtype)
     rank = torch.nan_to_num(rank, neginf=-1e30)
-    keep = torch.zeros(n_cand, dtype=torch.bool, device=device)
+    keep = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
     keep[rank.topk(total).indices] = True
+    return keep
+
+
+def _select_tree(root_token, tokens, scores, parents, depths, keep: torch.Tensor) -> DraftTree:
+    """Lay the kept candidates (`keep`, bool over candidates; closed under ancestry here) out as the tree."""
+    device = tokens.device
+    n_cand = tokens.shape[0]
     for _ in range(int(depths.max())):  # close under ancestry (only matters for exact ties)
         p = parents[keep]
         keep[p[p >= 0]] = True
@@ -208,15 +262,82 @@ class _Selector:
         self.logits_processor = logits_processor
         self.do_sample = do_sample
 
-    def __call__(self, prefix_ids: torch.Tensor, logits: torch.Tensor) -> int:
-        # logits: (V,) raw target logits for the token after prefix_ids (1, L)
+    def scores(self, prefix_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        # logits: (V,) raw target logits for the token after prefix_ids (1, L) -> processed scores (1, V)
         scores = logits[None].float()
         if len(self.logits_processor) > 0:
             scores = self.logits_processor(prefix_ids, scores)
+        return scores
+
+    def probs(self, prefix_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """p: the target's processed distribution (V,), in float64 for the rejection-sampling residuals."""
+        return torch.softmax(self.scores(prefix_ids, logits)[0].double(), dim=-1)
+
+    def __call__(self, prefix_ids: torch.Tensor, logits: torch.Tensor) -> int:
+        scores = self.scores(prefix_ids, logits)
         if self.do_sample:
             probs = torch.softmax(scores, dim=-1)  # p: the target's processed distribution
             return int(torch.multinomial(probs, 1))
         return int(scores.argmax(-1))
+
+
+def accept_greedy(tree: DraftTree, logits: torch.Tensor, prefix: torch.Tensor, select) -> tuple[list, list]:
+    """Greedy walk: descend while a child carries the target's choice y. Returns (path, emitted tokens)."""
+    children: dict[tuple[int, int], int] = {}
+    tree_tokens = tree.tokens.tolist()
+    for i in range(1, len(tree_tokens)):
+        children.setdefault((tree.parents[i], tree_tokens[i]), i)
+    path, emitted, node = [0], [], 0
+    while True:
+        token = select(prefix, logits[node])
+        emitted.append(token)
+        child = children.get((node, token))
+        if child is None:
+            return path, emitted
+        path.append(child)
+        node = child
+        prefix = torch.cat([prefix, tree.tokens[child].view(1, 1)], dim=1)
+
+
+def accept_sampled(
+    tree: DraftTree, logits: torch.Tensor, prefix: torch.Tensor, selector: _Selector
+) -> tuple[list, list]:
+    """Recursive rejection sampling down a sampled tree (module docstring). Returns (path, emitted tokens).
+
+    logits: (n, V) raw target logits of the tree nodes; every emitted token has the target's distribution."""
+    kids: list[list[int]] = [[] for _ in tree.parents]
+    for i, parent in enumerate(tree.parents[1:], start=1):
+        kids[parent].append(i)  # ascending tree index = draw order among siblings
+    tree_tokens = tree.tokens.tolist()
+    vocab = logits.shape[-1]
+    path, emitted, node = [0], [], 0
+    while True:
+        p = selector.probs(prefix, logits[node])  # (V,) target distribution at this node
+        chosen = None
+        if kids[node]:
+            q = p.new_zeros(vocab)  # the draft distribution the children were drawn from, on target ids
+            draft_q = tree.child_q[node].double()
+            if tree.vocab_ids is None:
+                q[: draft_q.shape[0]] = draft_q
+            else:
+                q[tree.vocab_ids] = draft_q
+            for child in kids[node]:
+                token = tree_tokens[child]
+                # c ~ q_i: accept with min(1, p_i(c) / q_i(c))
+                if float(torch.rand(())) * float(q[token]) < float(p[token]):
+                    chosen = child
+                    break
+                p = (p - q).clamp_min_(0.0)  # residual: p_{i+1} = norm(max(p_i - q_i, 0))
+                p = p / p.sum()
+                q[token] = 0.0  # the next child was drawn from q_i without c (no replacement)
+                q = q / q.sum().clamp_min(1e-300)
+        if chosen is None:
+            emitted.append(int(torch.multinomial(p, 1)))  # bonus token from the last residual
+            return path, emitted
+        emitted.append(tree_tokens[chosen])
+        path.append(chosen)
+        node = chosen
+        prefix = torch.cat([prefix, tree.tokens[chosen].view(1, 1)], dim=1)
 
 
 def _unsupported_outputs(generation_config) -> None:
@@ -258,6 +379,8 @@ def tree_decoding(
     draft.last_generation_stats = stats
     start_time = time.perf_counter()
     select = _Selector(logits_processor, generation_config.do_sample)
+    # sampling draws the tree from the draft at the target's temperature (any q is lossless; a close one accepts)
+    draft_temperature = (generation_config.temperature or 1.0) if generation_config.do_sample else None
     request = target_features.hidden_state_request(draft.config.target_layers)
     prompt_ids = input_ids
     prompt_len = input_ids.shape[1]
@@ -296,7 +419,9 @@ def tree_decoding(
         # ---- draft a tree
         with Timer(stats, "draft_time_s"):
             draft_prefix = draft_cache.get_seq_length()
-            tree = build_tree(draft, draft_cache, root_hidden, root_t, row_position, settings)
+            tree = build_tree(
+                draft, draft_cache, root_hidden, root_t, row_position, settings, draft_temperature
+            )
         n = tree.tokens.shape[0]
 
         # ---- verify it in one target forward
@@ -314,21 +439,11 @@ def tree_decoding(
             stats.target_forwards += 1
             logits = out.logits[0]  # (n, V)
 
-            # ---- accept the longest matching path
-            children: dict[tuple[int, int], int] = {}
-            tree_tokens = tree.tokens.tolist()
-            for i in range(1, n):
-                children.setdefault((tree.parents[i], tree_tokens[i]), i)
-            path, emitted, node, prefix = [0], [], 0, input_ids
-            while True:
-                token = select(prefix, logits[node])
-                emitted.append(token)
-                child = children.get((node, token))
-                if child is None:
-                    break
-                path.append(child)
-                node = child
-                prefix = torch.cat([prefix, tree.tokens[child].view(1, 1)], dim=1)
+            # ---- accept the longest matching path (greedy) / rejection-sample down the drawn tree
+            if tree.child_q is None:
+                path, emitted = accept_greedy(tree, logits, input_ids, select)
+            else:
+                path, emitted = accept_sampled(tree, logits, input_ids, select)
         before = input_ids.shape[1]
         input_ids, finished = _append(input_ids, emitted, stopping_criteria, streamer, stats)
         stats.accepted_lengths.append(input_ids.shape[1] - before)
