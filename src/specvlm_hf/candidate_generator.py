@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from . import target_features, targets
-from .decoding import GenerationStats, draft_prefill
+from .decoding import GenerationStats, draft_prefill, draft_step
 
 
 class SpecVLMChainCandidateGenerator(CandidateGenerator):
@@ -98,12 +98,9 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             m = n_last_matches + 1
             new_tokens = input_ids[:, -m:]
             positions = torch.arange(self.row_position, self.row_position + m, device=input_ids.device)[None]
-            hidden = draft(
-                inputs_embeds=draft.embed_tokens(new_tokens),
-                hidden_states=feats[:, :m],
-                position_ids=positions,
-                past_key_values=self.cache,
-            ).last_hidden_state[:, -1:]
+            hidden = draft_step(
+                draft, new_tokens[0], feats[0, :m], position_ids=positions, past_key_values=self.cache
+            )[None, -1:]
             self.row_position += m
         self.context_len = self.cache.get_seq_length()
 
@@ -124,12 +121,13 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
                 break
             if self.stopping_criteria is not None and bool(self.stopping_criteria(seq, None).any()):
                 break
-            hidden = draft(
-                inputs_embeds=draft.embed_tokens(token),
-                hidden_states=hidden,
+            hidden = draft_step(
+                draft,
+                token[0],
+                hidden[0],
                 position_ids=torch.tensor([[position]], device=seq.device),
                 past_key_values=self.cache,
-            ).last_hidden_state
+            )[None]
             position += 1
         stats.draft_time_s += time.perf_counter() - t0
         stats.total_time_s = time.perf_counter() - self._start

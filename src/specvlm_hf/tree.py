@@ -33,7 +33,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from . import target_features, targets
-from .decoding import DecodingSettings, GenerationStats, Timer, draft_prefill, target_prefill
+from .decoding import DecodingSettings, GenerationStats, Timer, draft_prefill, draft_step, target_prefill
 from .modeling_specvlm import SpecVLMDraftModel, additive_mask
 
 
@@ -108,13 +108,14 @@ def build_tree(
         allowed[:, prefix_len:] = row_anc[n_before : n_before + k, : n_before + k]
         mask = additive_mask(allowed, draft.dtype)[None, None]
         positions = torch.full((1, k), row_position + level - 1, dtype=torch.long, device=device)
-        hidden = draft(
-            inputs_embeds=draft.embed_tokens(row_tokens)[None],
-            hidden_states=parent_hidden[None],
+        hidden = draft_step(
+            draft,
+            row_tokens,
+            parent_hidden,
             position_ids=positions,
             attention_mask=mask,
             past_key_values=draft_cache,
-        ).last_hidden_state[0]  # (k, h)
+        )  # (k, h)
         logp = _draft_logp(draft.draft_logits(hidden)[0], temperature)  # (k, Vd)
         child_lp, child_tok = _children(logp, k, sample)  # (k, k)
         if sample:
@@ -461,12 +462,9 @@ def tree_decoding(
             next_tokens = torch.tensor(emitted, device=input_ids.device)
             m = len(emitted)
             positions = torch.arange(row_position, row_position + m, device=input_ids.device)[None]
-            root_hidden = draft(
-                inputs_embeds=draft.embed_tokens(next_tokens)[None],
-                hidden_states=feats[None],
-                position_ids=positions,
-                past_key_values=draft_cache,
-            ).last_hidden_state[:, -1:]
+            root_hidden = draft_step(
+                draft, next_tokens, feats, position_ids=positions, past_key_values=draft_cache
+            )[None, -1:]
             row_position += m
             root_t = next_tokens[-1:]
 
