@@ -87,6 +87,13 @@ def _check_save_load(model, draft, directory):
     assert bound.is_bound and bound.target is model
     for name, tensor in draft.state_dict().items():
         assert torch.equal(bound.state_dict()[name], tensor), name
+    # ... and computes the same function: non-persistent buffers (RoPE frequencies) are rebuilt on load
+    assert torch.equal(bound.rotary_emb.inv_freq, draft.rotary_emb.inv_freq)
+    e = torch.randn(1, 5, HIDDEN)
+    f = torch.randn(1, 5, draft.config.num_fused_layers * HIDDEN)
+    with torch.no_grad():
+        expected = draft.eval()(inputs_embeds=e, hidden_states=f).last_hidden_state
+        assert torch.equal(bound.eval()(inputs_embeds=e, hidden_states=f).last_hidden_state, expected)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -41,8 +41,11 @@ class SpecVLMRMSNorm(nn.Module):
 class SpecVLMRotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, theta: float):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.theta = head_dim, theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         # position_ids: (B, T) -> cos, sin: (B, T, head_dim)
@@ -206,6 +209,11 @@ class SpecVLMPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(module.bias)
         elif isinstance(module, SpecVLMRMSNorm):
             nn.init.ones_(module.weight)
+        elif isinstance(module, SpecVLMRotaryEmbedding):
+            # a non-persistent buffer: from_pretrained builds it on the meta device and never loads it, so it is
+            # recomputed here (without this a loaded draft's RoPE frequencies were uninitialised memory)
+            with torch.no_grad():
+                module.inv_freq.copy_(module.compute_inv_freq().to(module.inv_freq.device))
         elif hasattr(module, "reset_compressor_parameters"):
             module.reset_compressor_parameters()
 
