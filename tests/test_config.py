@@ -9,7 +9,12 @@ from transformers import AutoConfig, BertConfig, BertForMaskedLM, GPT2Config, GP
 
 import specvlm_hf  # noqa: F401  (registers "specvlm_draft" with AutoConfig / AutoModel)
 from specvlm_hf import SpecVLMDraftConfig
-from specvlm_hf.configuration_specvlm import COMPRESSOR_MODES, COMPRESSOR_PRIMITIVES, DECODING_MODES
+from specvlm_hf.configuration_specvlm import (
+    COMPRESSOR_MODES,
+    COMPRESSOR_PRIMITIVES,
+    DECODING_MODES,
+    DRAFT_ARCHITECTURES,
+)
 
 SMALL = dict(hidden_size=32, vocab_size=320, num_attention_heads=4, intermediate_size=64)
 
@@ -27,6 +32,7 @@ def test_defaults_are_valid_and_documented_values():
     assert config.compressor_primitives == list(COMPRESSOR_PRIMITIVES)
     assert config.target_layers == [-1]
     assert config.num_fused_layers == 1
+    assert config.draft_architecture == "eagle" and config.fused_size == 32
     assert config.num_key_value_heads == config.num_attention_heads
     assert config.head_dim == 32 // 4
     assert config.specvlm_hf_version == specvlm_hf.__version__
@@ -38,6 +44,13 @@ def test_every_decoding_mode_is_accepted(mode):
     assert _config(decoding_mode=mode).decoding_mode == mode
 
 
+@pytest.mark.parametrize("arch", DRAFT_ARCHITECTURES)
+def test_every_draft_architecture_is_accepted(arch):
+    config = _config(draft_architecture=arch)
+    assert config.draft_architecture == arch
+    assert config.fused_size == (64 if arch == "eagle3" else 32)
+
+
 @pytest.mark.parametrize("mode", COMPRESSOR_MODES)
 def test_every_compressor_mode_is_accepted(mode):
     assert _config(compressor_mode=mode).compressor_mode == mode
@@ -45,6 +58,8 @@ def test_every_compressor_mode_is_accepted(mode):
 
 INVALID = [
     ("decoding_mode", dict(decoding_mode="beam")),
+    ("draft_architecture", dict(draft_architecture="eagle4")),
+    ("draft_architecture", dict(draft_architecture=None)),
     ("tree_top_k", dict(tree_top_k=0)),
     ("tree_depth", dict(tree_depth=0)),
     ("tree_total_tokens", dict(tree_total_tokens=3, tree_depth=5)),
@@ -143,6 +158,7 @@ def test_save_load_round_trip_keeps_every_field(tmp_path):
         target_model_type="llava",
         target_family="llava",
         num_key_value_heads=2,
+        draft_architecture="eagle3",
     )
     config.save_pretrained(tmp_path)
     for loaded in (SpecVLMDraftConfig.from_pretrained(tmp_path), AutoConfig.from_pretrained(tmp_path)):
@@ -155,3 +171,4 @@ def test_save_load_round_trip_keeps_every_field(tmp_path):
         }
         assert theirs == ours
         assert loaded.num_fused_layers == 2
+        assert loaded.draft_architecture == "eagle3"

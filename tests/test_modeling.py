@@ -45,7 +45,11 @@ def _draft_forward_on_real_features(family, model, draft):
     assert features.shape == (1, seq_len, config.num_fused_layers * HIDDEN)
     with torch.no_grad():
         ctx = draft.prepare_context(input_ids, captured[0], features)
-        assert ctx.fused.shape == (1, seq_len - 1, HIDDEN)  # no next token: the last row is dropped
+        assert ctx.fused.shape == (
+            1,
+            seq_len - 1,
+            config.fused_size,
+        )  # no next token: the last row is dropped
         assert ctx.position_ids.shape == (1, seq_len - 1)
         assert torch.equal(ctx.position_ids[0], torch.arange(seq_len - 1))
         hidden = draft(fused_inputs=ctx.fused, position_ids=ctx.position_ids).last_hidden_state
@@ -123,6 +127,18 @@ def test_every_family_from_target_bind_forward_save_load(family, targets_cache, 
 
     _draft_forward_on_real_features(family, model, draft)
     _check_save_load(model, draft, tmp_path / "draft")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_eagle3_bind_forward_save_load(family, targets_cache, tmp_path):
+    model = targets_cache(family)
+    config = SpecVLMDraftConfig.from_target(model, draft_architecture="eagle3", target_layers=[0, 1, -1])
+    draft = SpecVLMDraftModel(config).bind(model)
+    assert draft.fc.weight.shape == (HIDDEN, 3 * HIDDEN)  # [f_0 ; f_1 ; f_-1] -> g
+    assert draft.layers[0].self_attn.q_proj.weight.shape[1] == 2 * HIDDEN  # [norm(embed) ; norm(g)]
+    _draft_forward_on_real_features(family, model, draft)
+    _check_save_load(model, draft, tmp_path / "draft")
+    assert SpecVLMDraftModel.from_pretrained(tmp_path / "draft").config.draft_architecture == "eagle3"
 
 
 @pytest.mark.parametrize("family,compressor_mode", [("llava", None), ("qwen2_vl", "select")])

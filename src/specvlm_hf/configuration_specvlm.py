@@ -13,6 +13,7 @@ from transformers import PretrainedConfig
 
 from ._version import __version__
 
+DRAFT_ARCHITECTURES = ("eagle", "eagle3")
 DECODING_MODES = ("tree", "chain")
 COMPRESSOR_MODES = (None, "select", "weighted", "concat", "prune", "pool", "conv", "resampler", "text_only")
 COMPRESSOR_PRIMITIVES = ("prune", "pool", "conv", "resampler", "text_only")
@@ -30,9 +31,16 @@ class SpecVLMDraftConfig(PretrainedConfig):
         vocab_size: the target's text vocabulary (rows of its `lm_head`).
         num_hidden_layers, num_attention_heads, num_key_value_heads, head_dim, intermediate_size, rms_norm_eps,
         rope_theta, max_position_embeddings: the draft decoder (default: the target's head dims, 1 layer).
+        draft_architecture: "eagle" (default: SpecVLM's EAGLE-2 draft, `RMSNorm(fc([embed ; f]))` into a Llama
+            layer) or "eagle3" (the EAGLE-3 draft of vLLM `speculators`: `fc` projects the fused target layers to
+            one feature g, the first layer's attention reads `[norm(embed) ; norm(g)]` and its residual stream
+            starts at g; exports exactly with `export_draft(..., format="speculators")`). See
+            `modeling_specvlm.py`.
         target_layers: which target features feed the draft. `[-1]` (default) is the target's last hidden state
             after its final norm (the input of `lm_head`); a longer list (indices into the target's
-            `hidden_states`, e.g. `[2, 16, -1]`) fuses several layers EAGLE-3 style.
+            `hidden_states`, e.g. `[2, 16, -1]`) fuses several layers EAGLE-3 style. `from_target` with
+            `draft_architecture="eagle3"` defaults to EAGLE-3's `[2, L // 2, L - 3]` of an L-layer target (when
+            those are three distinct layers; `[-1]` otherwise).
         image_token_ids: the target's image/video placeholder token ids.
         target_name_or_path, target_architecture, target_model_type, target_family: provenance, checked by `bind`.
         decoding_mode: "tree" (EAGLE-2 dynamic tree, default) or "chain".
@@ -63,6 +71,7 @@ class SpecVLMDraftConfig(PretrainedConfig):
         rope_theta: float = 10000.0,
         max_position_embeddings: int = 8192,
         attention_bias: bool = False,
+        draft_architecture: str = "eagle",
         target_layers: list[int] | None = None,
         image_token_ids: list[int] | None = None,
         target_name_or_path: str | None = None,
@@ -101,6 +110,7 @@ class SpecVLMDraftConfig(PretrainedConfig):
         self.rope_theta = rope_theta
         self.max_position_embeddings = max_position_embeddings
         self.attention_bias = attention_bias
+        self.draft_architecture = draft_architecture
         self.target_layers = list(target_layers) if target_layers is not None else [-1]
         self.image_token_ids = list(image_token_ids) if image_token_ids is not None else []
         self.target_name_or_path = target_name_or_path
@@ -134,6 +144,19 @@ class SpecVLMDraftConfig(PretrainedConfig):
     def num_fused_layers(self) -> int:
         return len(self.target_layers)
 
+    @property
+    def fused_size(self) -> int:
+        """Width of one fused draft input row: h ("eagle"), or 2h for the `[embed ; g]` rows of "eagle3"."""
+        return 2 * self.hidden_size if self.draft_architecture == "eagle3" else self.hidden_size
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        """What `save_pretrained` writes. `draft_architecture` only when it is not the default "eagle", so configs
+        written before the option existed (e.g. `hub_configs/`) re-save byte for byte; loading fills the default."""
+        out = super().to_diff_dict()
+        if out.get("draft_architecture") == "eagle":
+            del out["draft_architecture"]
+        return out
+
     def validate(self) -> None:
         """Raise `ValueError` naming the first invalid field and its value."""
 
@@ -156,6 +179,8 @@ class SpecVLMDraftConfig(PretrainedConfig):
                 self.num_key_value_heads,
                 f"a divisor of num_attention_heads={self.num_attention_heads}",
             )
+        if self.draft_architecture not in DRAFT_ARCHITECTURES:
+            raise bad("draft_architecture", self.draft_architecture, f"one of {DRAFT_ARCHITECTURES}")
         if not self.target_layers or not all(isinstance(i, int) for i in self.target_layers):
             raise bad("target_layers", self.target_layers, "a non-empty list of target hidden-state indices")
         if self.decoding_mode not in DECODING_MODES:
@@ -233,5 +258,11 @@ class SpecVLMDraftConfig(PretrainedConfig):
                 value = getattr(model.config, token_field, None)
             if value is not None:
                 values[token_field] = value
+        if overrides.get("draft_architecture") == "eagle3" and "target_layers" not in overrides:
+            # EAGLE-3's default layers (low, middle, high), as vLLM `speculators` picks them
+            n_layers = targets.target_num_layers(model)
+            layers = [2, n_layers // 2, n_layers - 3]
+            if layers[0] < layers[1] < layers[2]:
+                values["target_layers"] = layers
         values.update(overrides)
         return cls(**values)

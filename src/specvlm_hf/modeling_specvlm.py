@@ -1,6 +1,6 @@
 """SpecVLM draft model: an EAGLE-2 style draft that reads the target's own features.
 
-The whole draft forward reads top to bottom in this file:
+The whole draft forward reads top to bottom in this file. Default architecture ("eagle", `config.draft_architecture`):
 
     fused_t = RMSNorm( fc( [ embed(x_{t+1}) ; f_t ] ) )     # f_t: target feature(s) at position t
     h       = DecoderLayer^N( fused )                        # RoPE, grouped-query attention, SwiGLU
@@ -9,6 +9,23 @@ The whole draft forward reads top to bottom in this file:
 `embed` and `lm_head` are the bound target's own modules, held by reference (frozen, never saved with the
 draft). Rows whose next token is a visual placeholder carry the target's visual features as `embed(x_{t+1})`
 and may be reduced by the elastic visual compressor (`compression.py`) before they enter the decoder.
+
+EAGLE-3 architecture ("eagle3"), the draft of vLLM `speculators` (`Eagle3DraftModel`) with the same weight names:
+
+    g_t     = fc( [ f^1_t ; ... ; f^n_t ] )                  # n > 1 target layers (n*h -> h); n == 1: g_t = f_t
+    fused_t = [ embed(x_{t+1}) ; g_t ]                        # (2h,) rows; the compressor works on these
+    a       = Attn( [ input_layernorm(embed(x_{t+1})) ; hidden_norm(g_t) ] )   # q/k/v read 2h
+    h       = g_t + a;  h = h + MLP( post_attention_layernorm(h) )              # residual stream starts at g_t
+    h       = DecoderLayer^(N-1)( h )                         # further layers: plain Llama layers
+    out_t   = h                                               # returned as `last_hidden_state` (no final norm)
+    logits  = head( norm( out_t ) )                           # `compute_logits` / `draft_logits` apply `norm`
+
+Deeper draft steps (tree levels, chain steps) put the draft's own h-wide output `out_t` in the feature slot g,
+exactly as EAGLE-3's training-time test and vLLM do; n*h-wide target features go through `fc` first (the width
+tells them apart, which is why a one-layer EAGLE-3 draft has no `fc`: it exports `fc` as the identity).
+`fused_inputs` (what `prepare_context` returns and the compressor reduces) is always the first layer's input:
+(.., h) rows for "eagle", (.., 2h) `[embed ; g]` rows for "eagle3" (`config.fused_size`); a compressed
+"eagle3" row is split back into its embedding half and feature half by the first layer.
 """
 
 from __future__ import annotations
@@ -65,16 +82,17 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 class SpecVLMAttention(nn.Module):
-    def __init__(self, config: SpecVLMDraftConfig, layer_idx: int):
+    def __init__(self, config: SpecVLMDraftConfig, layer_idx: int, input_size: int | None = None):
         super().__init__()
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        d_in = input_size or config.hidden_size  # 2h for EAGLE-3's first layer
+        self.q_proj = nn.Linear(d_in, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(d_in, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(d_in, self.num_kv_heads * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
 
     def forward(
@@ -135,6 +153,26 @@ class SpecVLMDecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class SpecVLMEagle3FirstLayer(nn.Module):
+    """EAGLE-3's first decoder layer: attention over `[input_layernorm(embed) ; hidden_norm(g)]`, residual from g."""
+
+    def __init__(self, config: SpecVLMDraftConfig, layer_idx: int = 0):
+        super().__init__()
+        h = config.hidden_size
+        self.input_layernorm = SpecVLMRMSNorm(h, config.rms_norm_eps)  # on the token embedding half
+        self.hidden_norm = SpecVLMRMSNorm(h, config.rms_norm_eps)  # on the feature half
+        self.self_attn = SpecVLMAttention(config, layer_idx, input_size=2 * h)
+        self.post_attention_layernorm = SpecVLMRMSNorm(h, config.rms_norm_eps)
+        self.mlp = SpecVLMMLP(config)
+
+    def forward(self, x, cos, sin, attention_mask, past_key_values):
+        # x: (B, T, 2h) = [embed(x_{t+1}) ; g_t]
+        embeds, g = x.chunk(2, dim=-1)
+        attn_in = torch.cat([self.input_layernorm(embeds), self.hidden_norm(g)], dim=-1)
+        x = g + self.self_attn(attn_in, cos, sin, attention_mask, past_key_values)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean "may attend" mask -> additive float mask (0 where allowed, the dtype's minimum elsewhere)."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
@@ -166,7 +204,7 @@ def causal_mask(
 class DraftContext:
     """Draft-side view of a batch of prompts, after the (optional) visual compression.
 
-    fused:        (B, L', h) fused draft input rows, right-padded
+    fused:        (B, L', fused_size) fused draft input rows, right-padded (h wide; 2h `[embed ; g]` for "eagle3")
     position_ids: (B, L') RoPE positions (text rows keep their original positions; see compression.py)
     row_index:    (B, L') original draft row of each kept row (row t pairs f_t with x_{t+1}); -1 for compressed or
                   padded rows
@@ -198,7 +236,7 @@ class SpecVLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "specvlm_draft"
     main_input_name = "inputs_embeds"
     supports_gradient_checkpointing = False
-    _no_split_modules = ["SpecVLMDecoderLayer"]
+    _no_split_modules = ["SpecVLMDecoderLayer", "SpecVLMEagle3FirstLayer"]
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -224,14 +262,25 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
     def __init__(self, config: SpecVLMDraftConfig):
         super().__init__(config)
         h = config.hidden_size
-        # several target layers (EAGLE-3 style) are first projected to one h-wide feature, so that deeper tree
-        # levels can feed the draft its own h-wide output in the same slot
-        self.feature_proj = (
-            nn.Linear(config.num_fused_layers * h, h, bias=False) if config.num_fused_layers > 1 else None
-        )
-        self.fc = nn.Linear(2 * h, h, bias=False)
-        self.input_norm = SpecVLMRMSNorm(h, config.rms_norm_eps)
-        self.layers = nn.ModuleList(SpecVLMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.is_eagle3 = config.draft_architecture == "eagle3"
+        multi = config.num_fused_layers > 1
+        if self.is_eagle3:
+            # fc: the fused target layers -> one h-wide feature g (absent for one layer: g is the feature itself)
+            self.feature_proj, self.input_norm = None, None
+            self.fc = nn.Linear(config.num_fused_layers * h, h, bias=False) if multi else None
+            self.layers = nn.ModuleList(
+                [SpecVLMEagle3FirstLayer(config, 0)]
+                + [SpecVLMDecoderLayer(config, i) for i in range(1, config.num_hidden_layers)]
+            )
+        else:
+            # several target layers (EAGLE-3 style) are first projected to one h-wide feature, so that deeper tree
+            # levels can feed the draft its own h-wide output in the same slot
+            self.feature_proj = nn.Linear(config.num_fused_layers * h, h, bias=False) if multi else None
+            self.fc = nn.Linear(2 * h, h, bias=False)
+            self.input_norm = SpecVLMRMSNorm(h, config.rms_norm_eps)
+            self.layers = nn.ModuleList(
+                SpecVLMDecoderLayer(config, i) for i in range(config.num_hidden_layers)
+            )
         self.norm = SpecVLMRMSNorm(h, config.rms_norm_eps)
         self.rotary_emb = SpecVLMRotaryEmbedding(config.head_dim, config.rope_theta)
         self.compressor = None
@@ -295,7 +344,7 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
         embed, lm_head = targets.input_embeddings(model), targets.output_embeddings(model)
         self._bound = (model, embed, lm_head)
         device = lm_head.weight.device
-        if self.fc.weight.device != device:
+        if self.norm.weight.device != device:
             self.to(device)
         generation.install(model)
         return self
@@ -316,9 +365,12 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
 
         Without a reduced vocabulary: the target's `lm_head` (frozen). With one: the draft head's Vd logits placed
         at their target ids, -inf (probability 0) everywhere else. Drafting itself uses `draft_logits` (O(h*Vd)).
+        An "eagle3" draft applies its final `norm` first (its outputs are pre-norm; module docstring).
         """
         if self.draft_lm_head is None:
             lm_head = self._bound_parts()[2]
+            if self.is_eagle3:
+                hidden = self.norm(hidden.to(self.norm.weight.device)).to(lm_head.weight.device)
             return lm_head(hidden.to(lm_head.weight.dtype))
         logits, ids = self.draft_logits(hidden)
         return self.full_vocab_logits(logits, ids)
@@ -331,6 +383,8 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
         """
         if self.draft_lm_head is None:
             return self.compute_logits(hidden), None
+        if self.is_eagle3:
+            hidden = self.norm(hidden)
         return self.draft_lm_head(hidden.to(self.draft_lm_head.weight.dtype)), self.draft_vocab_ids
 
     def full_vocab_logits(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -382,11 +436,18 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
 
     # ------------------------------------------------------------------ forward
     def fuse(self, inputs_embeds: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        """[embed(x_{t+1}) ; f_t] -> fused draft input rows. (B, T, h) + (B, T, n*h or h) -> (B, T, h).
+        """[embed(x_{t+1}) ; f_t] -> fused draft input rows. (B, T, h) + (B, T, n*h or h) -> (B, T, fused_size).
 
-        With several fused target layers, target features (n*h wide) go through `feature_proj` first; the
-        draft's own h-wide outputs (fed back while drafting) go straight into the feature slot.
+        With several fused target layers, target features (n*h wide) go through `feature_proj` ("eagle") or
+        `fc` ("eagle3") first; the draft's own h-wide outputs (fed back while drafting) go straight into the
+        feature slot. "eagle" rows are `RMSNorm(fc([embed ; f]))` (h wide), "eagle3" rows `[embed ; g]` (2h wide).
         """
+        if self.is_eagle3:
+            dtype = self.norm.weight.dtype
+            hidden_states = hidden_states.to(dtype)
+            if self.fc is not None and hidden_states.shape[-1] != self.config.hidden_size:
+                hidden_states = self.fc(hidden_states)  # g_t = fc([f^1_t ; ... ; f^n_t])
+            return torch.cat([inputs_embeds.to(dtype), hidden_states], dim=-1)
         dtype = self.fc.weight.dtype
         hidden_states = hidden_states.to(dtype)
         if self.feature_proj is not None and hidden_states.shape[-1] != self.config.hidden_size:
@@ -406,11 +467,13 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
     ) -> BaseModelOutputWithPast:
         """Run the draft decoder.
 
-        inputs_embeds: (B, T, h) target embedding of x_{t+1}; hidden_states: (B, T, n*h) target features f_t.
-        Or `fused_inputs` (B, T, h) already fused (e.g. after visual compression).
+        inputs_embeds: (B, T, h) target embedding of x_{t+1}; hidden_states: (B, T, n*h) target features f_t
+        (or (B, T, h) draft outputs fed back). Or `fused_inputs` (B, T, fused_size) already fused (e.g. after visual
+        compression).
         position_ids: (B, T) RoPE positions (default: continuing the cache).
         attention_mask: (B, 1, T, kv_len) additive float mask (tree or padding), or None for causal.
-        Returns `last_hidden_state` (B, T, h): the draft's prediction of the target's next features.
+        Returns `last_hidden_state` (B, T, h): the draft's prediction of the target's next features ("eagle",
+        after the final norm), or the pre-norm state EAGLE-3 feeds back ("eagle3"; `compute_logits` norms it).
         """
         x = fused_inputs if fused_inputs is not None else self.fuse(inputs_embeds, hidden_states)
         bsz, q_len, _ = x.shape
@@ -422,7 +485,8 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
             attention_mask = attention_mask.to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, attention_mask, past_key_values)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(x), past_key_values=past_key_values)
+        out = x if self.is_eagle3 else self.norm(x)
+        return BaseModelOutputWithPast(last_hidden_state=out, past_key_values=past_key_values)
 
     # ---------------------------------------------------------- prompt context
     def prepare_context(
@@ -505,7 +569,15 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
 
     # ---------------------------------------------------------------- misc
     def extra_repr(self) -> str:
-        return f"bound={self.is_bound}, decoding_mode={self.config.decoding_mode!r}"
+        arch = f"draft_architecture={self.config.draft_architecture!r}, " if self.is_eagle3 else ""
+        return f"{arch}bound={self.is_bound}, decoding_mode={self.config.decoding_mode!r}"
 
 
-__all__ = ["SpecVLMDraftModel", "SpecVLMPreTrainedModel", "DraftContext", "additive_mask", "causal_mask"]
+__all__ = [
+    "SpecVLMDraftModel",
+    "SpecVLMPreTrainedModel",
+    "SpecVLMEagle3FirstLayer",
+    "DraftContext",
+    "additive_mask",
+    "causal_mask",
+]
