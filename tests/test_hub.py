@@ -223,6 +223,20 @@ def test_export_speculators_fields(draft, tmp_path):
     assert "compressor" in readme and "dropped" in readme
 
 
+def test_eagle3_card_and_default_card(draft, tmp_path):
+    default = (save_for_hub(draft, tmp_path / "default") / "README.md").read_text()
+    assert "EAGLE-2 draft model" in default and "EAGLE-3" not in default
+    assert "`speculators` EAGLE layout" in default
+    eagle3 = SpecVLMDraftModel(
+        SpecVLMDraftConfig(**{**draft.config.to_dict(), "draft_architecture": "eagle3"})
+    )
+    folder = save_for_hub(eagle3, tmp_path / "eagle3")
+    readme = (folder / "README.md").read_text()
+    assert "EAGLE-3 architecture" in readme and 'EAGLE-3 (`draft_architecture="eagle3"`)' in readme
+    assert "`speculators` EAGLE-3 layout (exact)" in readme
+    assert json.loads((folder / "config.json").read_text())["draft_architecture"] == "eagle3"
+
+
 def test_export_drops_compressor_and_refuses_unmappable(draft):
     assert speculators_weight_name("compressor.gate.weight") is None
     assert speculators_weight_name("layers.0.mlp.up_proj.weight") == "transformer.mlp.up_proj.weight"
@@ -235,7 +249,8 @@ def test_export_drops_compressor_and_refuses_unmappable(draft):
 
 @pytest.mark.slow
 def test_speculators_export_loads_with_speculators():
-    """Builds two venvs under /tmp (minutes the first time) and loads the export with speculators itself."""
+    """Builds two venvs under /tmp (minutes the first time) and loads the exports with speculators itself: the
+    "eagle3" exports with speculators 0.9.0's Eagle3DraftModel, whose forward must match the draft's (< 1e-4)."""
     result = subprocess.run(
         ["bash", str(ROOT / "scripts" / "validate_speculators_export.sh")],
         capture_output=True,
@@ -244,3 +259,4 @@ def test_speculators_export_loads_with_speculators():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "OK: speculators export validated" in result.stdout
+    assert "EAGLE-3 forward of speculators vs the SpecVLM eagle3 draft" in result.stdout

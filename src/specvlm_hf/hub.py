@@ -153,7 +153,8 @@ def _draft_description(config) -> list[str]:
         ),
         (
             "Draft",
-            f"{config.num_hidden_layers} decoder layer(s), hidden {config.hidden_size}, "
+            ('EAGLE-3 (`draft_architecture="eagle3"`), ' if config.draft_architecture == "eagle3" else "")
+            + f"{config.num_hidden_layers} decoder layer(s), hidden {config.hidden_size}, "
             f"{config.num_attention_heads} heads ({config.num_key_value_heads} KV), MLP {config.intermediate_size}",
         ),
         ("Target features", f"`target_layers={config.target_layers}`"),
@@ -193,11 +194,23 @@ def build_model_card(
         tags=tags,
     )
     title = repo_id.split("/")[-1] if repo_id != PLACEHOLDER_REPO else "SpecVLM draft"
+    if config.draft_architecture == "eagle3":
+        what = (
+            f"A **SpecVLM draft model in the EAGLE-3 architecture** that speeds up `{config.target_name_or_path}` "
+            "with lossless speculative decoding. The draft predicts the target's next tokens from the target's "
+            f"own hidden states (`target_layers={config.target_layers}`"
+            + (", projected to g_t by `fc`" if config.num_fused_layers > 1 else ", g_t = the feature")
+            + "; its first decoder layer attends over `[norm(embed(x_t+1)); norm(g_t)]`)"
+        )
+    else:
+        what = (
+            f"A **SpecVLM / EAGLE-2 draft model** that speeds up `{config.target_name_or_path}` with lossless "
+            "speculative decoding. The draft predicts the target's next tokens from the target's own last hidden "
+            "state (one small decoder layer on `fc([embed(x_t+1); f_t])`)"
+        )
     sections = [
         f"# {title}",
-        f"A **SpecVLM / EAGLE-2 draft model** that speeds up `{config.target_name_or_path}` with lossless "
-        "speculative decoding. The draft predicts the target's next tokens from the target's own last hidden "
-        "state (one small decoder layer on `fc([embed(x_t+1); f_t])`), optionally after an elastic compressor "
+        what + ", optionally after an elastic compressor "
         "has reduced the visual tokens on the draft side. The target verifies every drafted token, so the "
         "output is exactly the target's (greedy: identical tokens; sampling: identical distribution).",
         "This repository holds **only the draft's weights**; the target's token embedding and `lm_head` are "
@@ -228,10 +241,11 @@ def build_model_card(
             "target; mean accepted length: tokens committed per target forward).\n\n"
             + metrics_table(records),
         ]
+    layout = "EAGLE-3 layout (exact)" if config.draft_architecture == "eagle3" else "EAGLE layout"
     sections += [
         "## Other formats",
         '`specvlm_hf.export_draft(draft, out_dir, format="speculators")` writes the weights in the vLLM '
-        "`speculators` EAGLE layout (see that function's notes on what carries over).",
+        f"`speculators` {layout} (see that function's notes on what carries over).",
     ]
     content = f"---\n{card_data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n"
     return ModelCard(content)
