@@ -344,7 +344,7 @@ class ElasticVisualCompressor(nn.Module):
             )
         else:
             self.primitives = [mode]
-        h = config.hidden_size
+        h = config.fused_size  # width of the draft's fused rows (2 * hidden_size for an "eagle3" draft)
         k = self.pool_kernel
         stride = (k, k) if mode == "weighted" else conv_stride(int(config.compressor_conv_ratio))
         self.conv = ConvCompressor(h, stride) if "conv" in self.primitives else None

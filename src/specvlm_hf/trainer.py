@@ -310,7 +310,7 @@ class SpecVLMDistillationTrainer(Trainer):
 
         inputs_embeds, features, last_hidden, logits = self._target_outputs(inputs)
         # a target dispatched over several devices (device_map) may return these elsewhere than the draft
-        device = draft.fc.weight.device
+        device = draft.norm.weight.device  # every draft architecture has `norm` ("eagle3" may have no `fc`)
         inputs_embeds, features, last_hidden = (t.to(device) for t in (inputs_embeds, features, last_hidden))
         valid, response = valid.to(device), response.to(device)
         lm_head_device = targets.output_embeddings(targets.unwrap_target(self.target_model)).weight.device
