@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessorList
 
-from specvlm_hf.tree import DraftTree, _children, _Selector, accept_sampled
+from specvlm_hf.tree import DraftTree, _Selector, accept_sampled, draw_without_replacement, sibling_counts
 
 V = 5
 # target logits of the next token given the previous token (row = previous token; row V = the root's context)
@@ -35,8 +35,8 @@ Q_LOGITS = torch.tensor(
 def _draw_tree(k: int) -> DraftTree:
     """Root with k children drawn without replacement from q; each child with k children of its own."""
     logq_root = torch.log_softmax(Q_LOGITS[V], dim=-1)
-    _, level1 = _children(logq_root, k, sample=True)
-    level1 = [int(t) for t in level1 if torch.isfinite(logq_root[t])]
+    level1 = draw_without_replacement(logq_root, k).tolist()
+    assert all(torch.isfinite(logq_root[t]) for t in level1)
     tokens, parents, child_q = [V], [-1], {0: logq_root.exp()}
     for token in level1:
         tokens.append(token)
@@ -44,7 +44,7 @@ def _draw_tree(k: int) -> DraftTree:
     for i, token in enumerate(level1, start=1):
         logq = torch.log_softmax(Q_LOGITS[token], dim=-1)
         child_q[i] = logq.exp()
-        for child in _children(logq, k, sample=True)[1].tolist():
+        for child in draw_without_replacement(logq, k).tolist():
             tokens.append(child)
             parents.append(i)
     n = len(tokens)
@@ -84,3 +84,25 @@ def test_recursive_rejection_sampling_is_exact():
         assert tv_second < 0.03, (k, tv_second)
         # the draft really was used: the first token came from the tree in most steps
         assert rows.sum() / n > 0.4, k
+
+
+def test_sibling_counts_fill_shallow_levels_first():
+    assert sibling_counts(4, 0, 3) == [0, 0, 0, 0]
+    assert sibling_counts(4, 3, 3) == [1, 1, 1, 0]
+    assert sibling_counts(3, 5, 3) == [2, 2, 1]
+    assert sibling_counts(2, 9, 2) == [2, 2]  # at most max_per_level extra children per level
+
+
+def test_draw_without_replacement_is_a_uniform_sample_order():
+    """First draw ~ q; the second draw given the first ~ q without it (checked on the pair distribution)."""
+    torch.manual_seed(0)
+    q = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    n = 20000
+    pairs = torch.zeros(4, 4)
+    for _ in range(n):
+        drawn = draw_without_replacement(q.log(), 3).tolist()
+        assert 3 not in drawn and len(set(drawn)) == len(drawn) == 3  # q = 0 never drawn, no repeats
+        pairs[drawn[0], drawn[1]] += 1
+    expected = q[:, None] * q[None, :] / (1 - q[:, None])
+    expected.fill_diagonal_(0.0)
+    assert 0.5 * (pairs / n - expected).abs().sum() < 0.02

@@ -11,14 +11,15 @@ One decoding step, given the verified tokens x_0..x_n (x_n, the "root", not yet 
    (each node sees the prefix, its ancestors and itself) and per-node positions (prefix end + depth).
 4. Accept: walk down from the root. Greedy: at a node the target's next token y is the argmax of its processed
    logits; if a child carries y, descend, else y is the bonus token (exact by construction).
-   Sampling: the tree is drawn instead of picked. Each expanded node's children are a sample WITHOUT replacement
-   from the draft distribution q at that node (Gumbel-top-k on log q), and how many children a node gets and
-   which nodes are expanded depend only on what was drawn before them (never on the children's own values), so
-   verification can use recursive rejection sampling: the i-th child c is accepted with min(1, p_i(c) / q_i(c));
-   on rejection p_{i+1} = norm(max(p_i - q_i, 0)) and q_{i+1} = q_i without c, renormalised; if every child is
-   rejected the bonus token is drawn from the last residual. The emitted token then has exactly the target's
-   processed distribution p (lossless), and a draft close to the target is accepted with probability close to 1
-   even where p is flat -- which a fixed top-k child set cannot do.
+   Sampling: the tree is drawn instead of picked (`build_sampled_tree`): a spine of `tree_depth` nodes, each the
+   first child drawn at the node above, plus sibling leaves with the rest of the budget; every node's children are
+   a sample WITHOUT replacement from the draft distribution q there (Gumbel-top-k on log q), and the shape is
+   fixed before anything is drawn (never ranked by the drawn values), so verification can use recursive
+   rejection sampling: the i-th child c is accepted with min(1, p_i(c) / q_i(c)); on rejection
+   p_{i+1} = norm(max(p_i - q_i, 0)) and q_{i+1} = q_i without c, renormalised; if every child is rejected the
+   bonus token is drawn from the last residual. The emitted token then has exactly the target's processed
+   distribution p (lossless); the first drawn child is accepted with probability 1 - TV(p, q), close to 1 for a
+   good draft even where p is flat, which a fixed top-k child set cannot match -- hence the deep spine.
 5. Compact: target cache keeps prefix + root + accepted path; draft cache drops all tree rows and consumes the
    accepted tokens with the target's true features.
 """
@@ -49,18 +50,6 @@ class DraftTree:
     vocab_ids: torch.Tensor | None = None
 
 
-def _children(logp: torch.Tensor, k: int, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """k children per row of log q (..., Vd): (log q of each child, column), both (..., k).
-
-    Greedy: the k most likely columns. Sampling: the k largest of log q + Gumbel noise, which is a sample of k
-    columns without replacement from q, in draw order (columns with q = 0 come last with log q = -inf)."""
-    if not sample:
-        return logp.topk(k, dim=-1)
-    gumbel = -torch.empty_like(logp).exponential_().log()  # G = -log(E), E ~ Exp(1)
-    columns = (logp + gumbel).topk(k, dim=-1).indices
-    return logp.gather(-1, columns), columns
-
-
 @torch.no_grad()
 def build_tree(
     draft: SpecVLMDraftModel,
@@ -69,57 +58,49 @@ def build_tree(
     root_token: torch.Tensor,
     row_position: int,
     settings: DecodingSettings,
-    temperature: float | None = None,
 ) -> DraftTree:
-    """Grow the EAGLE-2 dynamic tree from the root row's draft output.
+    """Grow the EAGLE-2 dynamic tree (greedy decoding) from the root row's draft output.
 
     root_hidden: (1, 1, h) draft output of the row that consumed the root token.
     row_position: draft position of level-1 rows. The tree rows are appended to `draft_cache`; the caller crops.
-    temperature: None builds the greedy tree (top-k children, the `total_tokens` best kept). A number draws a
-    sampled tree from q = softmax(draft logits / temperature) for lossless rejection sampling (module docstring).
     """
-    sample = temperature is not None
     k, depth, total = settings.tree_top_k, settings.tree_depth, settings.tree_total_tokens
     device = root_hidden.device
     prefix_len = draft_cache.get_seq_length()
     # draft distribution over its own vocabulary (Vd columns; ids maps a column to its target token, None = same)
     logits, vocab_ids = draft.draft_logits(root_hidden[0, -1])
-    logp = _draft_logp(logits, temperature)  # (Vd,)
+    logp = _draft_logp(logits, None)  # (Vd,)
     k = min(k, logp.shape[-1])
-    child_q = {-1: logp.exp()} if sample else None  # candidate id (-1: root) -> q its children come from
-    row_scores, row_tokens = _children(logp, k, sample)  # level-1 candidates, (k,)
+    row_scores, row_tokens = logp.topk(k)  # level-1 candidates, (k,), most likely first
     if vocab_ids is not None:
         row_tokens = vocab_ids[row_tokens]  # draft column -> target token id
-    cand_tokens, cand_scores, cand_parents, cand_depths = [row_tokens], [row_scores], [], []
-    cand_parents.append(torch.full((k,), -1, dtype=torch.long, device=device))
-    cand_depths.append(torch.ones(k, dtype=torch.long, device=device))
+    cand_tokens, cand_scores = [row_tokens], [row_scores]
+    cand_parents = [torch.full((k,), -1, dtype=torch.long, device=device)]
+    cand_depths = [torch.ones(k, dtype=torch.long, device=device)]
     row_cand = torch.arange(k, device=device)  # candidate id of each row at the current level
     parent_hidden = root_hidden[0, -1].expand(k, -1)  # (k, h)
     n_rows_max = k * max(depth - 1, 0)
-    row_anc = torch.zeros(
-        n_rows_max, n_rows_max, dtype=torch.bool, device=device
-    )  # among tree rows in the cache
-    level_anc = torch.eye(k, dtype=torch.bool, device=device)  # (k, rows so far) for the current level
+    # additive attention mask of every tree row the draft may run: the prefix is visible, tree rows start masked
+    # and each level unmasks its rows' ancestry (itself and the rows it descends from)
+    mask = torch.zeros(n_rows_max, prefix_len + n_rows_max, dtype=draft.dtype, device=device)
+    mask[:, prefix_len:] = torch.finfo(draft.dtype).min
+    row_anc = torch.zeros(n_rows_max, n_rows_max, dtype=torch.bool, device=device)  # among tree rows
+    row_anc[:k, :k] = torch.eye(k, dtype=torch.bool, device=device)
     n_cands = k
     for level in range(1, depth):
-        n_before = (level - 1) * k
-        row_anc[n_before : n_before + k, : n_before + k] = level_anc
-        allowed = torch.ones(k, prefix_len + n_before + k, dtype=torch.bool, device=device)
-        allowed[:, prefix_len:] = row_anc[n_before : n_before + k, : n_before + k]
-        mask = additive_mask(allowed, draft.dtype)[None, None]
+        lo, hi = (level - 1) * k, level * k  # this level's rows
+        mask[lo:hi, prefix_len : prefix_len + hi].masked_fill_(row_anc[lo:hi, :hi], 0.0)
         positions = torch.full((1, k), row_position + level - 1, dtype=torch.long, device=device)
         hidden = draft_step(
             draft,
             row_tokens,
             parent_hidden,
             position_ids=positions,
-            attention_mask=mask,
+            attention_mask=mask[None, None, lo:hi, : prefix_len + hi],
             past_key_values=draft_cache,
         )  # (k, h)
-        logp = _draft_logp(draft.draft_logits(hidden)[0], temperature)  # (k, Vd)
-        child_lp, child_tok = _children(logp, k, sample)  # (k, k)
-        if sample:
-            child_q.update(zip(row_cand.tolist(), logp.exp()))
+        logp = _draft_logp(draft.draft_logits(hidden)[0], None)  # (k, Vd)
+        child_lp, child_tok = logp.topk(k, dim=-1)  # (k, k)
         if vocab_ids is not None:
             child_tok = vocab_ids[child_tok]  # tokens outside the draft vocabulary never enter the tree
         child_scores = (row_scores[:, None] + child_lp).flatten()  # cumulative log-prob of each child
@@ -127,39 +108,107 @@ def build_tree(
         cand_scores.append(child_scores)
         cand_parents.append(row_cand[:, None].expand(k, k).flatten())
         cand_depths.append(torch.full((k * k,), level + 1, dtype=torch.long, device=device))
-        if level == depth - 1 or (sample and n_cands + k * k >= total):
-            break  # last level, or (sampled tree) the budget is drawn: nothing later would be kept
+        if level == depth - 1:
+            break
         best = child_scores.topk(k).indices  # the k best children become the next level's rows
         parent_row = best // k
         row_tokens, row_scores = child_tok.flatten()[best], child_scores[best]
         row_cand = n_cands + best
         parent_hidden = hidden[parent_row]
         # ancestry of a new row: its parent row's ancestry (rows of earlier levels) plus itself
-        next_anc = torch.zeros(k, n_before + 2 * k, dtype=torch.bool, device=device)
-        next_anc[:, : n_before + k] = row_anc[n_before + parent_row, : n_before + k]
-        next_anc[:, n_before + k :] = torch.eye(k, dtype=torch.bool, device=device)
-        level_anc = next_anc
+        row_anc[hi : hi + k, :hi] = row_anc[lo + parent_row, :hi]
+        row_anc[hi : hi + k, hi : hi + k] = torch.eye(k, dtype=torch.bool, device=device)
         n_cands += k * k
 
     tokens = torch.cat(cand_tokens)
     scores = torch.cat(cand_scores)
     parents = torch.cat(cand_parents)
     depths = torch.cat(cand_depths)
-    if not sample:
-        return _select_tree(
-            root_token, tokens, scores, parents, depths, _best_candidates(scores, depths, total)
-        )
-    # sampled tree: the first `total` drawn candidates in construction order (level by level, each level's rows
-    # in an order fixed before their children were drawn, each row's children in draw order), never ranked by
-    # their own values; candidates with q = 0 were not drawn
-    drawn = torch.isfinite(scores).nonzero().squeeze(1)[:total]
-    keep = torch.zeros(tokens.shape[0], dtype=torch.bool, device=device)
-    keep[drawn] = True
-    tree = _select_tree(root_token, tokens, scores, parents, depths, keep)
-    tree_index = torch.cat([torch.zeros(1, dtype=torch.long, device=device), keep.long().cumsum(0)])
-    tree.child_q = {int(tree_index[c + 1]): q for c, q in child_q.items() if c < 0 or keep[c]}
-    tree.vocab_ids = vocab_ids
-    return tree
+    return _select_tree(root_token, tokens, scores, parents, depths, _best_candidates(scores, depths, total))
+
+
+def draw_without_replacement(logp: torch.Tensor, n: int) -> torch.Tensor:
+    """n columns drawn without replacement from q = exp(logp) (Vd,), in draw order (Gumbel-top-k: the n largest
+    of log q + G with G = -log(E), E ~ Exp(1)). Columns with q = 0 are never drawn, so fewer may come back."""
+    keys, columns = (logp - torch.empty_like(logp).exponential_().log()).topk(n)
+    return columns[torch.isfinite(keys)]
+
+
+def sibling_counts(spine: int, extra: int, max_per_level: int) -> list[int]:
+    """Extra children per spine level of a sampled tree: one per level from the top down, then a second, ...
+
+    Under rejection sampling a node's reach probability falls with its depth and with its draw rank among its
+    siblings, so the shallow levels get the extra candidates first. The shape is fixed before anything is drawn."""
+    counts = [0] * spine
+    for _rank in range(max(max_per_level, 0)):
+        for level in range(spine):
+            if extra <= 0:
+                return counts
+            counts[level] += 1
+            extra -= 1
+    return counts
+
+
+@torch.no_grad()
+def build_sampled_tree(
+    draft: SpecVLMDraftModel,
+    draft_cache: DynamicCache,
+    root_hidden: torch.Tensor,
+    root_token: torch.Tensor,
+    row_position: int,
+    settings: DecodingSettings,
+    temperature: float,
+) -> DraftTree:
+    """Draw the tree for sampling: a spine of first draws with sibling leaves (module docstring, step 4).
+
+    The spine has min(tree_depth, tree_total_tokens) levels; every spine node's children are drawn without
+    replacement from q = softmax(draft logits / temperature) (Gumbel-top-k), the first drawn child continues the
+    spine, the others are leaves (`sibling_counts`: the remaining budget, shallow levels first, at most
+    tree_top_k - 1 per level). Only spine rows go through the draft, one per level.
+    """
+    device = root_hidden.device
+    spine = min(settings.tree_depth, settings.tree_total_tokens)
+    siblings = sibling_counts(spine, settings.tree_total_tokens - spine, settings.tree_top_k - 1)
+    logits, vocab_ids = draft.draft_logits(root_hidden[0, -1])
+    hidden = root_hidden[0, -1:]  # (1, h)
+    tokens, parents, depths, child_q = [root_token.view(1)], [-1], [0], {}
+    node = 0  # tree index of the current spine node
+    for level in range(1, spine + 1):
+        logp = _draft_logp(logits.view(-1), temperature)  # (Vd,) log q at the spine node
+        n_children = min(1 + siblings[level - 1], logp.shape[-1])
+        drawn = draw_without_replacement(logp, n_children)
+        if drawn.numel() == 0:
+            break
+        child_q[node] = logp.exp()
+        first = len(parents)  # tree index of the first drawn child
+        tokens.append(drawn if vocab_ids is None else vocab_ids[drawn])
+        parents += [node] * drawn.numel()
+        depths += [level] * drawn.numel()
+        if level == spine:
+            break
+        hidden = draft_step(
+            draft,
+            tokens[-1][:1],  # the first drawn child continues the spine
+            hidden,
+            position_ids=torch.full((1, 1), row_position + level - 1, dtype=torch.long, device=device),
+            past_key_values=draft_cache,  # one row: it sees the prefix and the spine above it (causal)
+        )  # (1, h)
+        logits = draft.draft_logits(hidden)[0]
+        node = first
+    n = len(parents)
+    ancestors = torch.zeros(n, n, dtype=torch.bool, device=device)
+    for i, parent in enumerate(parents):
+        if parent >= 0:
+            ancestors[i] = ancestors[parent]
+        ancestors[i, i] = True
+    return DraftTree(
+        torch.cat(tokens),
+        parents,
+        torch.tensor(depths, device=device),
+        ancestors,
+        child_q=child_q,
+        vocab_ids=vocab_ids,
+    )
 
 
 def _draft_logp(logits: torch.Tensor, temperature: float | None) -> torch.Tensor:
@@ -420,9 +469,12 @@ def tree_decoding(
         # ---- draft a tree
         with Timer(stats, "draft_time_s"):
             draft_prefix = draft_cache.get_seq_length()
-            tree = build_tree(
-                draft, draft_cache, root_hidden, root_t, row_position, settings, draft_temperature
-            )
+            if draft_temperature is None:
+                tree = build_tree(draft, draft_cache, root_hidden, root_t, row_position, settings)
+            else:
+                tree = build_sampled_tree(
+                    draft, draft_cache, root_hidden, root_t, row_position, settings, draft_temperature
+                )
         n = tree.tokens.shape[0]
 
         # ---- verify it in one target forward
