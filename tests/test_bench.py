@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from specvlm_hf import bench
+from specvlm_hf import bench, tuning
 from specvlm_hf.demo import new_draft
 from tiny_models import make_inputs, make_tiny_target
 
@@ -93,9 +93,9 @@ def test_skipped_and_failed_methods_are_reported(setup):
 def test_tune_picks_a_grid_point(setup):
     vlm, drafts, prompts = setup
     grid = ((4, 2, 2), (8, 3, 3))
-    best, rows, costs = bench.tune_tree(
+    best, rows, costs = tuning.tune_tree(
         vlm, drafts["eagle"], prompts, max_new_tokens=4, grid=grid, progress=False
     )
-    assert set(costs) == set(bench.TUNE_SIZES) and all(c > 0 for c in costs.values())
+    assert set(costs) == set(tuning.TUNE_SIZES) and all(c > 0 for c in costs.values())
     assert len(rows) == 2 and best in rows
     assert (best["tree_total_tokens"], best["tree_depth"], best["tree_top_k"]) in grid

@@ -19,6 +19,9 @@ Definitions (per method and temperature, summed over prompts):
 * ``target_forwards_per_token`` counts every target forward (a hook on the target);
 * ``mean_accepted_length``: tokens emitted per verify forward, bonus token included (SpecVLM: from
   ``draft.last_generation_stats``; other methods: new tokens / target forwards); ``..._no_bonus`` = that - 1;
+* ``draft_ms_per_step`` / ``verify_ms_per_step`` (SpecVLM methods): draft time (tree or chain drafting plus
+  feeding the accepted tokens back) and verify time (the target forward plus cache compaction) per verify step;
+  ``draft_vs_target_forward`` = draft time per step / plain's decode time per token (one single-token forward);
 * ``lossless``: greedy: token-identical to plain for every prompt; sampling: ``"distribution"`` (exact in
   distribution by construction, not checkable per sample).
 """
@@ -26,7 +29,6 @@ Definitions (per method and temperature, summed over prompts):
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
 import time
@@ -46,22 +48,6 @@ METHOD_NAMES = (
     "specvlm_tree",
 )
 REQUIRED_KEYS = ("method", "temperature", "speedup", "mean_accepted_length", "tokens_per_second", "lossless")
-TUNE_SIZES = (1, 8, 16, 32, 60)
-# (tree_total_tokens, tree_depth, tree_top_k) candidates for --tune
-TUNE_GRID = (
-    (8, 4, 2),
-    (8, 6, 2),
-    (10, 6, 3),
-    (12, 5, 3),
-    (12, 8, 2),
-    (16, 5, 4),
-    (16, 6, 3),
-    (16, 8, 2),
-    (20, 8, 3),
-    (24, 6, 4),
-    (32, 8, 4),
-    (60, 7, 10),
-)
 
 
 @dataclass
@@ -74,6 +60,7 @@ class Method:
     assistant: Any = None
     decoding_mode: str | None = None
     gen_kwargs: dict = field(default_factory=dict)
+    sampling_kwargs: dict = field(default_factory=dict)  # extra generate() kwargs at temperature > 0 only
     note: str = ""
 
 
@@ -187,6 +174,8 @@ def _sampling_kwargs(temperature: float) -> dict:
 
 def _generate(model, method: Method, inputs: dict, max_new_tokens: int, temperature: float):
     kwargs = {"max_new_tokens": max_new_tokens, **_sampling_kwargs(temperature), **method.gen_kwargs}
+    if temperature > 0:
+        kwargs.update(method.sampling_kwargs)
     if method.kind == "assisted":
         kwargs["assistant_model"] = method.assistant
     elif method.kind == "spec":
@@ -313,6 +302,9 @@ def _run_method(model, method, prompts, temperature, max_new_tokens, warmup, see
     if method.kind == "spec" and accepted:
         record["mean_accepted_length"] = sum(accepted) / len(accepted)
         record["draft_time_s"] = draft_s
+        record["verify_steps"] = len(accepted)
+        record["draft_ms_per_step"] = 1000 * draft_s / len(accepted)
+        record["verify_ms_per_step"] = 1000 * verify_s / len(accepted) if have_verify else None
         record["verify_time_s"] = verify_s if have_verify else None
         record["prefill_time_s"] = spec_prefill_s if have_verify else None
         accounted = draft_s + (verify_s + spec_prefill_s if have_verify else 0.0)
@@ -340,6 +332,10 @@ def _add_speedups(record: dict, plain: dict | None) -> None:
 
     a, b = decode_tps(record), decode_tps(plain)
     record["speedup_decode"] = a / b if a and b else None
+    if b and record.get("draft_ms_per_step") is not None:
+        # one plain decode step ~ one single-token target forward (plus generate's own per-token work)
+        record["target_forward_ms"] = 1000 / b
+        record["draft_vs_target_forward"] = record["draft_ms_per_step"] / record["target_forward_ms"]
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -370,6 +366,8 @@ def markdown_table(records: list[dict]) -> str:
         "verify s",
         "prefill s",
         "other s",
+        "draft ms / step",
+        "draft / target fwd",
         "status",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -393,6 +391,8 @@ def markdown_table(records: list[dict]) -> str:
             _fmt(r.get("verify_time_s")),
             _fmt(r.get("prefill_time_s")),
             _fmt(r.get("other_time_s")),
+            _fmt(r.get("draft_ms_per_step"), 1),
+            _fmt(r.get("draft_vs_target_forward")),
             status.replace("|", "/"),
         ]
         lines.append("| " + " | ".join(row) + " |")
@@ -447,112 +447,6 @@ def write_results(records: list[dict], output_dir: str | Path, meta: dict | None
     return paths
 
 
-# ---------------------------------------------------------------------------------------------- tuning
-
-
-@torch.no_grad()
-def measure_verify_cost(model, inputs: dict, sizes=TUNE_SIZES, repeats: int = 3) -> dict[int, float]:
-    """Seconds of one target forward of ``n`` new tokens on a prefilled KV cache, for each ``n`` in ``sizes``."""
-    out = model(**inputs, use_cache=True)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    prompt_len = inputs["input_ids"].shape[1]
-    device = inputs["input_ids"].device
-    vocab_high = min(1000, model.config.get_text_config().vocab_size)
-    costs = {}
-    for n in sizes:
-        ids = torch.randint(5, vocab_high, (1, n), device=device)
-        position_ids = torch.arange(prompt_len, prompt_len + n, device=device)[None]
-        attention_mask = torch.ones(1, prompt_len + n, dtype=torch.long, device=device)
-        times = []
-        for _ in range(repeats):
-            c = copy.deepcopy(cache)
-            t0 = time.perf_counter()
-            model(
-                input_ids=ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=c,
-                use_cache=True,
-            )
-            times.append(time.perf_counter() - t0)
-        costs[n] = sorted(times)[len(times) // 2]
-    return costs
-
-
-def _interp_cost(costs: dict[int, float], n: int) -> float:
-    xs = sorted(costs)
-    if n <= xs[0]:
-        return costs[xs[0]]
-    for a, b in zip(xs, xs[1:]):
-        if n <= b:
-            return costs[a] + (costs[b] - costs[a]) * (n - a) / (b - a)
-    a, b = xs[-2], xs[-1]
-    return costs[b] + (costs[b] - costs[a]) * (n - b) / (b - a)
-
-
-def tune_tree(model, draft, prompts: list[dict], max_new_tokens: int = 32, grid=TUNE_GRID, progress=True):
-    """Pick (tree_total_tokens, tree_depth, tree_top_k) maximising measured tokens/s.
-
-    estimated tokens/s = accepted length / (verify cost(total_tokens + 1) + draft time per step), with the accepted
-    length and draft time from a short run and the verify cost measured on a prefilled cache. Returns
-    ``(best, rows, costs)``; the caller stores ``best`` in the draft config.
-    """
-    costs = measure_verify_cost(model, prompts[0])
-    rows = []
-    with torch.inference_mode():
-        for total, depth, top_k in _progress(grid, "tune", progress):
-            settings = {"tree_total_tokens": total, "tree_depth": depth, "tree_top_k": top_k}
-            accepted, draft_s, wall, new = [], 0.0, 0.0, 0
-            for inputs in prompts:
-                t0 = time.perf_counter()
-                out = model.generate(
-                    **inputs,
-                    assistant_model=draft,
-                    decoding_mode="tree",
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    **settings,
-                )
-                wall += time.perf_counter() - t0
-                new += out.shape[1] - inputs["input_ids"].shape[1]
-                stats = draft.last_generation_stats
-                accepted += list(stats.accepted_lengths)
-                draft_s += stats.draft_time_s
-            steps = max(len(accepted), 1)
-            tau = sum(accepted) / steps
-            step_cost = _interp_cost(costs, total + 1) + draft_s / steps
-            rows.append(
-                {
-                    **settings,
-                    "accepted_length": tau,
-                    "verify_cost_s": _interp_cost(costs, total + 1),
-                    "draft_s_per_step": draft_s / steps,
-                    "estimated_tokens_per_second": tau / step_cost,
-                    "measured_tokens_per_second": new / wall if wall else 0.0,
-                }
-            )
-    # the measured rate includes everything a real call pays (Python, masks, cache compaction); the estimate
-    # (acceptance x verify cost) is printed beside it to show where the time goes
-    best = max(rows, key=lambda r: r["measured_tokens_per_second"])
-    return best, rows, costs
-
-
-def print_tune(best: dict, rows: list[dict], costs: dict[int, float]) -> None:
-    print("\ntarget verify cost on a prefilled cache:")
-    print("  " + "  ".join(f"{n:>3d} tok: {c * 1000:6.1f} ms" for n, c in costs.items()))
-    print(
-        f"\n{'total':>6s}{'depth':>6s}{'top_k':>6s}{'acc len':>9s}{'verify ms':>11s}{'draft ms':>10s}"
-        f"{'est tok/s':>11s}{'meas tok/s':>12s}"
-    )
-    for r in rows:
-        mark = "  <- best" if r is best else ""
-        print(
-            f"{r['tree_total_tokens']:>6d}{r['tree_depth']:>6d}{r['tree_top_k']:>6d}{r['accepted_length']:>9.2f}"
-            f"{r['verify_cost_s'] * 1000:>11.1f}{r['draft_s_per_step'] * 1000:>10.1f}"
-            f"{r['estimated_tokens_per_second']:>11.1f}{r['measured_tokens_per_second']:>12.1f}{mark}"
-        )
-
-
 # ---------------------------------------------------------------------------------------------- command
 
 
@@ -568,6 +462,7 @@ def run_bench_cli(args) -> int:
         widen_draft_for_timing,
         widen_for_timing,
     )
+    from .tuning import print_tune, tune_tree
 
     torch.manual_seed(args.seed)
     start = time.perf_counter()
@@ -634,11 +529,22 @@ def run_bench_cli(args) -> int:
     assistant = None
     if args.assistant is not None:
         assistant, _, _ = load_target(args.assistant, cache_dir=args.cache_dir, seed=args.seed)
-    elif toy_medium:
-        # the tiny toy target: an independent smaller model with the same tokenizer
-        assistant = train_target
+    elif args.target is None:
+        # an independently trained small toy VLM with the target's tokenizer (toy.load_toy_assistant)
+        from .toy import load_toy_assistant
+
+        assistant = load_toy_assistant(args.cache_dir, args.seed)
     only = args.methods.split(",") if args.methods else None
     methods = default_methods(drafts, assistant=assistant, only=only)
+    # sampled trees are a spine with siblings (tree.build_sampled_tree): their best budget differs from greedy's
+    sampling_tree = {
+        key: getattr(args, f"sampling_{key}")
+        for key in ("tree_total_tokens", "tree_depth", "tree_top_k")
+        if getattr(args, f"sampling_{key}", None) is not None
+    }
+    for method in methods:
+        if method.kind == "spec" and method.decoding_mode == "tree":
+            method.sampling_kwargs = dict(sampling_tree)
     temperatures = [float(t) for t in args.temperatures.split(",")]
     records = run_benchmark(
         vlm, prompts, methods, temperatures, args.max_new_tokens, warmup=args.warmup, seed=args.seed

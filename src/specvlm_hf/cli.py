@@ -222,6 +222,17 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="tree size for every draft (default: each draft's config).",
     )
+    for key, what in (
+        ("total-tokens", "size"),
+        ("depth", "spine length"),
+        ("top-k", "children per spine node"),
+    ):
+        bench.add_argument(
+            f"--sampling-tree-{key}",
+            type=int,
+            default=None,
+            help=f"sampled-tree {what} at temperature > 0 (default: the greedy tree's setting).",
+        )
     bench.set_defaults(func=_run_bench)
 
     # ------------------------------------------------------------------ push

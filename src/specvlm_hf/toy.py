@@ -34,6 +34,10 @@ function in a bigger network, so it gives realistic CPU forward costs with sensi
 * vision tower, tokenizer, processor and generation config are shared unchanged.
 
 Results agree with the tiny target up to float rounding (sums over padded zeros), so greedy outputs match.
+
+``load_toy_assistant()`` trains (once, cached) an independent "small" toy LLaVA (2 layers, hidden 64; other seeds
+for weights and data; the same tokenizer and processor): the small draft model for transformers' assisted
+generation in ``specvlm bench``.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ __all__ = [
     "toy_generate_inputs",
     "build_toy_processor",
     "widen_toy_target",
+    "load_toy_assistant",
     "toy_cache_dir",
 ]
 
@@ -89,6 +94,8 @@ CHAT_TEMPLATE = (
 )
 SIZES_CONFIG = {
     "tiny": {"hidden": 128, "intermediate": 352, "heads": 4, "layers": 3},
+    # the independent assistant for transformers' assisted generation (`load_toy_assistant`)
+    "small": {"hidden": 64, "intermediate": 176, "heads": 2, "layers": 2},
     "medium": {"hidden": 1024, "intermediate": 2816, "heads": 32, "layers": 12},
 }
 
@@ -374,8 +381,18 @@ def _train_language_model(
         p.requires_grad_(False)
 
 
-def train_toy_target(seed: int = 0, progress: bool = True, vision_steps: int = 250, lm_steps: int = 600):
-    """Build and train the tiny LLaVA target from scratch (no caching); returns ``(model, processor)``."""
+def train_toy_target(
+    seed: int = 0,
+    progress: bool = True,
+    vision_steps: int = 250,
+    lm_steps: int = 600,
+    size: str = "tiny",
+    processor=None,
+):
+    """Build and train a toy LLaVA from scratch (no caching); returns ``(model, processor)``.
+
+    size: "tiny" (the target) or "small" (the independent assistant); processor: reuse this processor (and so its
+    tokenizer) instead of building one from `seed`."""
     from transformers import LlavaForConditionalGeneration
 
     def log(msg: str) -> None:
@@ -384,8 +401,8 @@ def train_toy_target(seed: int = 0, progress: bool = True, vision_steps: int = 2
 
     torch.manual_seed(seed)
     start = time.perf_counter()
-    processor = build_toy_processor(seed)
-    model = LlavaForConditionalGeneration(_llava_config(processor.tokenizer, "tiny"))
+    processor = processor if processor is not None else build_toy_processor(seed)
+    model = LlavaForConditionalGeneration(_llava_config(processor.tokenizer, size))
     _set_generation_defaults(model, processor.tokenizer)
     # Matrices this small gain nothing from intra-op threads, and on a busy machine the threads' spin
     # waits cost several times the work (measured: 2 min of CPU with one thread, 10+ with two).
@@ -397,7 +414,7 @@ def train_toy_target(seed: int = 0, progress: bool = True, vision_steps: int = 2
         _train_language_model(model, processor, seed, lm_steps, n_images=1500, log=log)
     finally:
         torch.set_num_threads(threads)
-    log(f"tiny target trained in {time.perf_counter() - start:.1f}s")
+    log(f"{size} toy model trained in {time.perf_counter() - start:.1f}s")
     return model, processor
 
 
@@ -532,6 +549,31 @@ def widen_draft(tiny_draft, big_target):
 # ----------------------------------------------------------------------------------------------
 
 
+def load_toy_assistant(cache_dir: str | os.PathLike | None = None, seed: int = 0, progress: bool = True):
+    """An independent small draft for transformers' assisted generation with the toy target (cached).
+
+    A "small" toy LLaVA (2 layers, hidden 64) trained on its own -- another seed for its weights and its training
+    images -- with the toy target's tokenizer and processor, as a user would pair a small VLM of the same family.
+    (The tiny toy target itself is no independent draft for the medium one: that is its exact widening.)
+    """
+    from transformers import LlavaForConditionalGeneration
+
+    _, processor = load_toy_target("tiny", cache_dir=cache_dir, seed=seed, progress=progress)
+    path = toy_cache_dir(cache_dir) / f"toy-llava-small-assistant-v{TOY_VERSION}-seed{seed}"
+    if not (path / "config.json").exists():
+        model, _ = train_toy_target(seed=seed + 1000, progress=progress, size="small", processor=processor)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp"))
+        model.save_pretrained(tmp)
+        try:
+            tmp.rename(path)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    model = LlavaForConditionalGeneration.from_pretrained(path).eval()
+    model.requires_grad_(False)
+    return model
+
+
 def load_toy_target(
     size: str = "tiny",
     cache_dir: str | os.PathLike | None = None,
@@ -548,8 +590,8 @@ def load_toy_target(
 
     if arch != "llava":
         raise ValueError(f"arch={arch!r} is not available; the toy world has arch='llava'")
-    if size not in SIZES_CONFIG:
-        raise ValueError(f"size={size!r}; choose one of {sorted(SIZES_CONFIG)}")
+    if size not in ("tiny", "medium"):
+        raise ValueError(f"size={size!r}; choose 'tiny' or 'medium'")
     path = toy_cache_dir(cache_dir) / f"toy-llava-tiny-v{TOY_VERSION}-seed{seed}"
     if not (path / "config.json").exists():
         model, processor = train_toy_target(seed=seed, progress=progress)
