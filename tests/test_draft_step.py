@@ -54,3 +54,17 @@ def test_token_table_skipped_when_too_big(monkeypatch):
         got = decoding.draft_step(draft, ids, hidden, position_ids=positions, past_key_values=DynamicCache())
         torch.testing.assert_close(got, _plain_step(draft, ids, hidden, positions))
     assert getattr(draft, "_token_table_cache", None) is None
+
+
+def test_rope_table_built_in_inference_mode_does_not_break_training():
+    """Decoding runs under inference_mode; the RoPE table it builds must not leak into a later training step."""
+    draft = _draft()
+    h = draft.config.hidden_size
+    e, f = torch.randn(1, 5, h), torch.randn(1, 5, h)
+    with torch.inference_mode():
+        before = draft(inputs_embeds=e, hidden_states=f).last_hidden_state.clone()
+    draft.train()
+    out = draft(inputs_embeds=e, hidden_states=f).last_hidden_state
+    out.sum().backward()
+    assert draft.fc.weight.grad is not None
+    torch.testing.assert_close(out.detach(), before)
