@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 
+from .decoding import DecodingSettings
+
 METHOD_NAMES = (
     "plain",
     "assisted",
@@ -47,6 +49,9 @@ METHOD_NAMES = (
     "specvlm_chain",
     "specvlm_tree",
 )
+# (tree_total_tokens, tree_depth, tree_top_k) for the toy drafts on a CPU: greedy tree, sampled tree (a spine)
+TOY_CPU_TREE = (16, 6, 3)
+TOY_CPU_SAMPLED_TREE = (16, 16, 1)
 REQUIRED_KEYS = ("method", "temperature", "speedup", "mean_accepted_length", "tokens_per_second", "lossless")
 
 
@@ -208,37 +213,42 @@ def run_benchmark(
     seed: int = 0,
     progress: bool = True,
 ) -> list[dict]:
-    """Run every method on every prompt at every temperature; returns one record per (method, temperature)."""
+    """Run every method on every prompt at every temperature; returns one record per (method, temperature).
+
+    Methods are interleaved prompt by prompt (prompt 1 with every method, then prompt 2, ...), so a machine whose
+    speed drifts during the run (shared CPUs, thermal limits) slows every method alike and the ratios hold.
+    """
     records: list[dict] = []
     counter = _ForwardCounter(model)
     try:
         with torch.inference_mode():
-            # the target's prompt cost per prompt (for decode-only speed): plain generate of one token
-            for m in methods[:1]:
-                for _ in range(warmup):
-                    _generate(model, m, prompts[0], 2, 0.0)
-            prefill_s = []
-            for inputs in prompts:
-                t0 = time.perf_counter()
-                model.generate(**inputs, max_new_tokens=1, do_sample=False)
-                prefill_s.append(time.perf_counter() - t0)
             for temperature in temperatures:
-                reference: list[list[int]] | None = None
+                runs = [_MethodRun(method) for method in methods]
+                for run in runs:
+                    for _ in range(warmup):
+                        run.call(model, prompts[0], min(8, max_new_tokens), temperature, counter, warm=True)
+                prefill_s = 0.0
+                for i, inputs in enumerate(_progress(prompts, f"T={temperature:g}", progress)):
+                    # the target's prompt cost (for decode-only speed): plain generate of one token
+                    t0 = time.perf_counter()
+                    model.generate(**inputs, max_new_tokens=1, do_sample=False)
+                    prefill_s += time.perf_counter() - t0
+                    for run in runs:
+                        torch.manual_seed(seed + i)
+                        run.call(model, inputs, max_new_tokens, temperature, counter)
+                reference = runs[0].tokens if methods and methods[0].kind == "plain" else None
                 plain_record = None
-                for method in _progress(methods, f"T={temperature:g}", progress):
-                    record = _run_method(
-                        model, method, prompts, temperature, max_new_tokens, warmup, seed, counter, progress
-                    )
-                    record["prefill_estimate_s"] = sum(prefill_s)
-                    tokens = record.pop("_tokens", None)
-                    if method.kind == "plain":
-                        reference, plain_record = tokens, record
+                for run in runs:
+                    record = run.record(temperature, len(prompts), max_new_tokens)
+                    record["prefill_estimate_s"] = prefill_s
+                    if run.method.kind == "plain":
+                        plain_record = record
                         record["lossless"] = True
                     elif record["status"] == "ok":
                         if temperature > 0:
                             record["lossless"] = "distribution"
                         else:
-                            record["lossless"] = tokens == reference
+                            record["lossless"] = run.tokens == reference
                     records.append(record)
                     _add_speedups(record, plain_record)
     finally:
@@ -246,76 +256,102 @@ def run_benchmark(
     return records
 
 
-def _run_method(model, method, prompts, temperature, max_new_tokens, warmup, seed, counter, progress) -> dict:
-    record: dict[str, Any] = {
-        "method": method.name,
-        "temperature": float(temperature),
-        "status": "ok",
-        "note": method.note,
-        "prompts": len(prompts),
-        "max_new_tokens": max_new_tokens,
-    }
-    if method.draft is not None:
-        record["compressor_mode"] = method.draft.config.compressor_mode
-        record["decoding_mode"] = method.decoding_mode
-    if method.kind == "skip":
-        record.update(status="skipped", lossless=None, speedup=None, mean_accepted_length=None)
-        record["tokens_per_second"] = None
-        return record
-    try:
-        for _ in range(warmup):
-            _generate(model, method, prompts[0], min(8, max_new_tokens), temperature)
-        tokens: list[list[int]] = []
-        wall = new = forwards = 0.0
-        draft_s = verify_s = spec_prefill_s = 0.0
-        accepted: list[int] = []
-        have_verify = True
-        for i, inputs in enumerate(_progress(prompts, method.name, progress)):
-            torch.manual_seed(seed + i)
+class _MethodRun:
+    """One method's generations at one temperature, accumulated prompt by prompt."""
+
+    def __init__(self, method: Method):
+        self.method = method
+        self.tokens: list[list[int]] = []
+        self.wall = self.draft_s = self.verify_s = self.spec_prefill_s = 0.0
+        self.new = self.forwards = 0
+        self.accepted: list[int] = []
+        self.have_verify = True
+        self.error: str | None = None
+
+    def call(
+        self, model, inputs, max_new_tokens: int, temperature: float, counter, warm: bool = False
+    ) -> None:
+        if self.method.kind == "skip" or self.error is not None:
+            return
+        try:
             counter.count = 0
             t0 = time.perf_counter()
-            out = _generate(model, method, inputs, max_new_tokens, temperature)
-            wall += time.perf_counter() - t0
-            forwards += counter.count
-            generated = out[0, inputs["input_ids"].shape[1] :].tolist()
-            tokens.append(generated)
-            new += len(generated)
-            if method.kind == "spec":
-                stats = method.draft.last_generation_stats
-                accepted += list(stats.accepted_lengths)
-                draft_s += stats.draft_time_s
-                verify_s += stats.verify_time_s
-                spec_prefill_s += stats.prefill_time_s
-                have_verify = have_verify and stats.verify_time_s > 0
-    except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash of the benchmark
-        record.update(status="failed", error=f"{type(exc).__name__}: {exc}"[:500], lossless=None)
-        record.update(speedup=None, mean_accepted_length=None, tokens_per_second=None)
+            out = _generate(model, self.method, inputs, max_new_tokens, temperature)
+            wall = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash of the benchmark
+            self.error = f"{type(exc).__name__}: {exc}"[:500]
+            return
+        if warm:
+            return
+        self.wall += wall
+        self.forwards += counter.count
+        generated = out[0, inputs["input_ids"].shape[1] :].tolist()
+        self.tokens.append(generated)
+        self.new += len(generated)
+        if self.method.kind == "spec":
+            stats = self.method.draft.last_generation_stats
+            self.accepted += list(stats.accepted_lengths)
+            self.draft_s += stats.draft_time_s
+            self.verify_s += stats.verify_time_s
+            self.spec_prefill_s += stats.prefill_time_s
+            self.have_verify = self.have_verify and stats.verify_time_s > 0
+
+    def record(self, temperature: float, n_prompts: int, max_new_tokens: int) -> dict:
+        method = self.method
+        record: dict[str, Any] = {
+            "method": method.name,
+            "temperature": float(temperature),
+            "status": "ok",
+            "note": method.note,
+            "prompts": n_prompts,
+            "max_new_tokens": max_new_tokens,
+        }
+        if method.draft is not None:
+            record["compressor_mode"] = method.draft.config.compressor_mode
+            record["decoding_mode"] = method.decoding_mode
+            if method.decoding_mode == "tree":
+                overrides = method.sampling_kwargs if temperature > 0 else {}
+                settings = DecodingSettings.from_config(method.draft.config, **overrides)
+                record["tree"] = {
+                    "total_tokens": settings.tree_total_tokens,
+                    "depth": settings.tree_depth,
+                    "top_k": settings.tree_top_k,
+                    "shape": "sampled spine + siblings" if temperature > 0 else "greedy dynamic tree",
+                }
+        if method.kind == "skip":
+            record.update(status="skipped", lossless=None, speedup=None, mean_accepted_length=None)
+            record["tokens_per_second"] = None
+            return record
+        if self.error is not None:
+            record.update(status="failed", error=self.error, lossless=None)
+            record.update(speedup=None, mean_accepted_length=None, tokens_per_second=None)
+            return record
+        wall, new, forwards, accepted = self.wall, self.new, self.forwards, self.accepted
+        record.update(
+            new_tokens=int(new),
+            total_time_s=wall,
+            tokens_per_second=new / wall if wall else 0.0,
+            target_forwards=int(forwards),
+            target_forwards_per_token=forwards / new if new else None,
+        )
+        if method.kind == "spec" and accepted:
+            have_verify = self.have_verify
+            record["mean_accepted_length"] = sum(accepted) / len(accepted)
+            record["draft_time_s"] = self.draft_s
+            record["verify_steps"] = len(accepted)
+            record["draft_ms_per_step"] = 1000 * self.draft_s / len(accepted)
+            record["verify_ms_per_step"] = 1000 * self.verify_s / len(accepted) if have_verify else None
+            record["verify_time_s"] = self.verify_s if have_verify else None
+            record["prefill_time_s"] = self.spec_prefill_s if have_verify else None
+            accounted = self.draft_s + (self.verify_s + self.spec_prefill_s if have_verify else 0.0)
+            record["other_time_s"] = wall - accounted
+        else:
+            record["mean_accepted_length"] = new / forwards if forwards else None
+            if method.kind == "plain":
+                record["draft_time_s"] = 0.0
+        mal = record["mean_accepted_length"]
+        record["mean_accepted_length_no_bonus"] = mal - 1 if mal is not None else None
         return record
-    record.update(
-        new_tokens=int(new),
-        total_time_s=wall,
-        tokens_per_second=new / wall if wall else 0.0,
-        target_forwards=int(forwards),
-        target_forwards_per_token=forwards / new if new else None,
-        _tokens=tokens,
-    )
-    if method.kind == "spec" and accepted:
-        record["mean_accepted_length"] = sum(accepted) / len(accepted)
-        record["draft_time_s"] = draft_s
-        record["verify_steps"] = len(accepted)
-        record["draft_ms_per_step"] = 1000 * draft_s / len(accepted)
-        record["verify_ms_per_step"] = 1000 * verify_s / len(accepted) if have_verify else None
-        record["verify_time_s"] = verify_s if have_verify else None
-        record["prefill_time_s"] = spec_prefill_s if have_verify else None
-        accounted = draft_s + (verify_s + spec_prefill_s if have_verify else 0.0)
-        record["other_time_s"] = wall - accounted
-    else:
-        record["mean_accepted_length"] = new / forwards if forwards else None
-        if method.kind == "plain":
-            record["draft_time_s"] = 0.0
-    mal = record["mean_accepted_length"]
-    record["mean_accepted_length_no_bonus"] = mal - 1 if mal is not None else None
-    return record
 
 
 def _add_speedups(record: dict, plain: dict | None) -> None:
@@ -498,6 +534,19 @@ def run_bench_cli(args) -> int:
             drafts[mode or "eagle"] = draft
             draft_paths[mode or "eagle"] = path
 
+    if not args.draft and not args.tune:
+        # the toy drafts: the budget `--tune` stored in the EagleVLM draft's config, else a CPU-sized default
+        # (verifying many tokens is not free on a CPU); sampled trees do best as a deep spine of first draws
+        # (tree.build_sampled_tree)
+        keys = ("tree_total_tokens", "tree_depth", "tree_top_k")
+        tuned = tuple(getattr(drafts["eagle"].config, key) for key in keys) if "eagle" in drafts else None
+        untuned = tuple(getattr(type(drafts["eagle"].config)(), key) for key in keys) if tuned else None
+        greedy_tree = tuned if tuned is not None and tuned != untuned else TOY_CPU_TREE
+        for key, greedy, sampled in zip(keys, greedy_tree, TOY_CPU_SAMPLED_TREE):
+            if getattr(args, key, None) is None:
+                setattr(args, key, greedy)
+            if getattr(args, f"sampling_{key}", None) is None:
+                setattr(args, f"sampling_{key}", sampled)
     for draft in drafts.values():  # one tree budget for every draft when given on the command line
         for key in ("tree_total_tokens", "tree_depth", "tree_top_k"):
             if getattr(args, key, None) is not None:

@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure verify cost vs tree size, pick the tree budget with the best estimated tokens/s, save it in the draft config.",
     )
-    _add_train_budget_args(bench, 1200)
+    _add_train_budget_args(bench, 4000)
     _add_dtype_arg(bench)
     bench.add_argument(
         "--tree-top-k",
