@@ -25,18 +25,6 @@ VARIANTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def targets_cache():
-    cache: dict[str, torch.nn.Module] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = make_tiny_target(family)
-        return cache[family]
-
-    return get
-
-
 def eagle3_draft(target, seed: int = 0, **overrides) -> SpecVLMDraftModel:
     torch.manual_seed(seed)
     config = SpecVLMDraftConfig.from_target(target, draft_architecture="eagle3", **overrides)

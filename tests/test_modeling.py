@@ -20,19 +20,6 @@ VIDEO_FAMILIES_WITH_ID = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "llava_onevision
 TARGET_KEY_MARKERS = ("lm_head", "embed_tokens", "vision", "language_model")
 
 
-@pytest.fixture(scope="module")
-def targets_cache():
-    """One tiny target per family, built on first use and shared by the module's tests."""
-    cache: dict[str, torch.nn.Module] = {}
-
-    def get(family: str):
-        if family not in cache:
-            cache[family] = make_tiny_target(family)
-        return cache[family]
-
-    return get
-
-
 def _draft_forward_on_real_features(family, model, draft):
     inputs = make_inputs(family, model)
     config = draft.config
