@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import target_features
+from .modeling_specvlm import derived_from_weights
 
 
 @dataclass(frozen=True)
@@ -154,11 +155,9 @@ def _token_table(draft) -> torch.Tensor | None:
     if embed.shape[0] * h > TOKEN_TABLE_MAX_ELEMENTS or embed.shape[1] != h:
         return None
     w = draft.fc.weight
-    key = (embed.data_ptr(), embed._version, w.data_ptr(), w._version, w.dtype, w.device)
-    cached = getattr(draft, "_token_table_cache", None)
-    if cached is None or cached[0] != key:
+
+    def build():
         with torch.no_grad():
-            table = (embed.to(w.device, torch.float32) @ w[:, :h].float().t()).to(w.dtype)
-        cached = (key, table)
-        draft._token_table_cache = cached
-    return cached[1]
+            return (embed.to(w.device, torch.float32) @ w[:, :h].float().t()).to(w.dtype)
+
+    return derived_from_weights(draft, "_token_table_cache", [embed, w], build)

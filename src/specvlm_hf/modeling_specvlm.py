@@ -92,6 +92,18 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
+def derived_from_weights(owner, attr: str, weights, build):
+    """`build()`, cached on `owner.<attr>` until one of `weights` changes (storage, in-place update, dtype, device)
+    or inference mode is switched (inference-mode tensors cannot enter autograd)."""
+    key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
+    key += (torch.is_inference_mode_enabled(),)
+    cached = getattr(owner, attr, None)
+    if cached is None or cached[0] != key:
+        cached = (key, build())
+        setattr(owner, attr, cached)
+    return cached[1]
+
+
 def _stacked_linear(
     owner: nn.Module, linears: tuple[nn.Linear, ...]
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -99,18 +111,13 @@ def _stacked_linear(
 
     Used without autograd (decoding): one matmul instead of several over the same input costs a fraction of their
     per-call overhead on small row counts."""
-    key = tuple(
-        (lin.weight.data_ptr(), lin.weight._version, lin.weight.device, lin.weight.dtype) for lin in linears
-    )
-    key += (torch.is_inference_mode_enabled(),)
-    cached = getattr(owner, "_stacked", None)
-    if cached is None or cached[0] != key:
-        weight = torch.cat([lin.weight for lin in linears])
+
+    def build():
         biases = [lin.bias for lin in linears]
         bias = torch.cat(biases) if all(b is not None for b in biases) else None
-        cached = (key, weight, bias)
-        owner._stacked = cached
-    return cached[1], cached[2]
+        return torch.cat([lin.weight for lin in linears]), bias
+
+    return derived_from_weights(owner, "_stacked", [lin.weight for lin in linears], build)
 
 
 class SpecVLMAttention(nn.Module):
