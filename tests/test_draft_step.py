@@ -6,6 +6,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel, decoding
+from specvlm_hf.inference_linear import cached_derived
 from tiny_models import make_tiny_target
 
 
@@ -36,7 +37,7 @@ def test_token_table_matches_plain_fusion_and_follows_weight_updates():
     with torch.no_grad():
         expected = _plain_step(draft, ids, hidden, positions)
         got = decoding.draft_step(draft, ids, hidden, position_ids=positions, past_key_values=DynamicCache())
-        assert draft._token_table_cache is not None  # the table path really ran
+        assert cached_derived(draft, "token_table") is not None  # the table path really ran
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
         # the table is rebuilt when the fusion weights change (e.g. more training)
         draft.fc.weight.add_(0.05 * torch.randn_like(draft.fc.weight))
@@ -53,7 +54,7 @@ def test_token_table_skipped_when_too_big(monkeypatch):
     with torch.no_grad():
         got = decoding.draft_step(draft, ids, hidden, position_ids=positions, past_key_values=DynamicCache())
         torch.testing.assert_close(got, _plain_step(draft, ids, hidden, positions))
-    assert getattr(draft, "_token_table_cache", None) is None
+    assert cached_derived(draft, "token_table") is None
 
 
 def test_rope_table_built_in_inference_mode_does_not_break_training():

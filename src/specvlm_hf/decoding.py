@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import target_features
-from .modeling_specvlm import derived_from_weights
+from .inference_linear import derived_from_weights, linear
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,10 @@ def draft_step(draft, token_ids: torch.Tensor, hidden_states: torch.Tensor, **fo
     if table is not None and hidden_states.shape[-1] == draft.config.hidden_size:
         h = draft.config.hidden_size
         w_feature = draft.fc.weight[:, h:]  # (h, h): the feature half of fc
-        fused = table[token_ids] + torch.nn.functional.linear(hidden_states.to(w_feature.dtype), w_feature)
+        features = hidden_states.to(w_feature.dtype)
+        fused = table[token_ids] + linear(
+            draft.fc, "feature_half", features, w_feature, sources=[draft.fc.weight]
+        )
         if draft.fc.bias is not None:
             fused = fused + draft.fc.bias
         rows = draft.input_norm(fused)[None]
@@ -160,4 +163,4 @@ def _token_table(draft) -> torch.Tensor | None:
         with torch.no_grad():
             return (embed.to(w.device, torch.float32) @ w[:, :h].float().t()).to(w.dtype)
 
-    return derived_from_weights(draft, "_token_table_cache", [embed, w], build)
+    return derived_from_weights(draft, "token_table", [embed, w], build)

@@ -40,6 +40,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .configuration_specvlm import SpecVLMDraftConfig
+from .inference_linear import module_linear, stacked_linear
 
 
 class SpecVLMRMSNorm(nn.Module):
@@ -92,34 +93,6 @@ def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
     return x * cos[:, None] + _rotate_half(x) * sin[:, None]
 
 
-def derived_from_weights(owner, attr: str, weights, build):
-    """`build()`, cached on `owner.<attr>` until one of `weights` changes (storage, in-place update, dtype, device)
-    or inference mode is switched (inference-mode tensors cannot enter autograd)."""
-    key = tuple((w.data_ptr(), w._version, w.dtype, w.device) for w in weights)
-    key += (torch.is_inference_mode_enabled(),)
-    cached = getattr(owner, attr, None)
-    if cached is None or cached[0] != key:
-        cached = (key, build())
-        setattr(owner, attr, cached)
-    return cached[1]
-
-
-def _stacked_linear(
-    owner: nn.Module, linears: tuple[nn.Linear, ...]
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The weights (and biases) of `linears` stacked into one matrix, cached on `owner` while they are unchanged.
-
-    Used without autograd (decoding): one matmul instead of several over the same input costs a fraction of their
-    per-call overhead on small row counts."""
-
-    def build():
-        biases = [lin.bias for lin in linears]
-        bias = torch.cat(biases) if all(b is not None for b in biases) else None
-        return torch.cat([lin.weight for lin in linears]), bias
-
-    return derived_from_weights(owner, "_stacked", [lin.weight for lin in linears], build)
-
-
 class SpecVLMAttention(nn.Module):
     def __init__(self, config: SpecVLMDraftConfig, layer_idx: int, input_size: int | None = None):
         super().__init__()
@@ -146,7 +119,7 @@ class SpecVLMAttention(nn.Module):
         if torch.is_grad_enabled() or (self.q_proj.bias is None) != (self.k_proj.bias is None):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:  # decoding: one matmul for q, k and v
-            q, k, v = F.linear(x, *_stacked_linear(self, (self.q_proj, self.k_proj, self.v_proj))).split(
+            q, k, v = stacked_linear(self, (self.q_proj, self.k_proj, self.v_proj), x).split(
                 [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1
             )
         q = q.view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
@@ -171,7 +144,9 @@ class SpecVLMAttention(nn.Module):
             is_causal=is_causal,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
-        return self.o_proj(out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim))
+        return module_linear(
+            self.o_proj, out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim)
+        )
 
 
 class SpecVLMMLP(nn.Module):
@@ -185,8 +160,8 @@ class SpecVLMMLP(nn.Module):
         if torch.is_grad_enabled():
             return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
         # decoding: one matmul for gate and up
-        gate, up = F.linear(x, *_stacked_linear(self, (self.gate_proj, self.up_proj))).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        gate, up = stacked_linear(self, (self.gate_proj, self.up_proj), x).chunk(2, dim=-1)
+        return module_linear(self.down_proj, F.silu(gate) * up)
 
 
 class SpecVLMDecoderLayer(nn.Module):
@@ -434,7 +409,8 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
             return self.compute_logits(hidden), None
         if self.is_eagle3:
             hidden = self.norm(hidden)
-        return self.draft_lm_head(hidden.to(self.draft_lm_head.weight.dtype)), self.draft_vocab_ids
+        head = self.draft_lm_head
+        return module_linear(head, hidden.to(head.weight.dtype)), self.draft_vocab_ids
 
     def full_vocab_logits(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Scatter draft-vocabulary logits (..., Vd) into a (..., V) tensor that is -inf outside the draft vocab."""
@@ -495,14 +471,14 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
             dtype = self.norm.weight.dtype
             hidden_states = hidden_states.to(dtype)
             if self.fc is not None and hidden_states.shape[-1] != self.config.hidden_size:
-                hidden_states = self.fc(hidden_states)  # g_t = fc([f^1_t ; ... ; f^n_t])
+                hidden_states = module_linear(self.fc, hidden_states)  # g_t = fc([f^1_t ; ... ; f^n_t])
             return torch.cat([inputs_embeds.to(dtype), hidden_states], dim=-1)
         dtype = self.fc.weight.dtype
         hidden_states = hidden_states.to(dtype)
         if self.feature_proj is not None and hidden_states.shape[-1] != self.config.hidden_size:
-            hidden_states = self.feature_proj(hidden_states)
+            hidden_states = module_linear(self.feature_proj, hidden_states)
         x = torch.cat([inputs_embeds.to(dtype), hidden_states], dim=-1)
-        return self.input_norm(self.fc(x))
+        return self.input_norm(module_linear(self.fc, x))
 
     def forward(
         self,
