@@ -99,3 +99,32 @@ def test_tune_picks_a_grid_point(setup):
     assert set(costs) == set(tuning.TUNE_SIZES) and all(c > 0 for c in costs.values())
     assert len(rows) == 2 and best in rows
     assert (best["tree_total_tokens"], best["tree_depth"], best["tree_top_k"]) in grid
+
+
+class _FixedLogits:
+    """A stand-in target whose next-token logits are fixed (the greedy check only reads the last position)."""
+
+    def __init__(self, logits, dtype):
+        self.logits, self.dtype, self.calls = logits, dtype, []
+
+    def __call__(self, **inputs):
+        self.calls.append(inputs["input_ids"].tolist())
+        return type("Out", (), {"logits": self.logits.view(1, 1, -1)})()
+
+
+def test_greedy_check_tells_numerical_ties_from_real_differences():
+    import torch
+
+    inputs = {"input_ids": torch.tensor([[7, 8]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    logits = torch.tensor([0.0, 11.6875, 11.625, 3.0])  # tokens 1 and 2 one bfloat16 step apart
+    model = _FixedLogits(logits, torch.bfloat16)
+    assert bench.greedy_check(model, [inputs], [[3, 2, 2]], [[3, 2, 2]]) == {"lossless": True}
+    tie = bench.greedy_check(model, [inputs], [[3, 2, 2]], [[3, 1, 0]])
+    assert tie["lossless"] == "numerical-tie" and tie["lossless_ties"][0]["position"] == 1
+    assert model.calls[-1] == [[7, 8, 3]]  # recomputed over the prompt and plain's tokens before the divergence
+    # the same gap is not a tie in float32, and a far-off token is never one
+    assert bench.greedy_check(_FixedLogits(logits, torch.float32), [inputs], [[2]], [[1]])["lossless"] is False
+    assert bench.greedy_check(model, [inputs], [[1]], [[3]])["lossless"] is False
+    # stopping at another length is a difference, not a tie
+    assert bench.greedy_check(model, [inputs], [[1, 2]], [[1]])["lossless"] is False
+    assert "tie (1)" in bench.markdown_table([{"method": "x", "temperature": 0.0, "status": "ok", **tie}])

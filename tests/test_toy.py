@@ -174,3 +174,19 @@ def test_medium_target_preserves_tiny_greedy_output(toy_target):
         inputs = toy_generate_inputs(processor, toy_prompts(1, seed=4)[0])
         la, lb = tiny(**inputs).logits, medium(**inputs).logits
     assert torch.allclose(la, lb, atol=1e-4), (la - lb).abs().max()
+
+
+def test_stratified_prompts_follow_the_task_weights():
+    from specvlm_hf.toy_data import TASKS, task_counts
+
+    for n in (1, 4, 16, 50):
+        counts = task_counts(n)
+        assert sum(counts.values()) == n
+        total = sum(w for _, w in TASKS.values())
+        for name, (_, weight) in TASKS.items():
+            assert abs(counts[name] - n * weight / total) < 1, (n, name)
+    rows = toy_prompts(16, seed=0)
+    assert sorted(r["task"] for r in rows) == sorted(t for t, c in task_counts(16).items() for _ in range(c))
+    assert _texts(toy_prompts(16, seed=0)) == _texts(rows)  # deterministic
+    assert _texts(toy_prompts(16, seed=1)) != _texts(rows)
+    assert len(toy_prompts(16, seed=0, stratified=False)) == 16

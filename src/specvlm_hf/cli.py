@@ -196,6 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--dataset", default=None, help="prompt rows (Hub id, local folder or .json/.jsonl file)."
     )
+    bench.add_argument(
+        "--prompt-mix",
+        choices=("stratified", "random"),
+        default="stratified",
+        help="toy prompts: tasks in exact proportion to the toy world's task weights (default), or independent "
+        "random draws (a small draw can be far from the weights).",
+    )
     bench.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method.")
     bench.add_argument(
         "--tune",

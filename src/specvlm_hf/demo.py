@@ -78,13 +78,22 @@ def row_question(row: dict) -> str:
     return ""
 
 
-def load_rows(dataset: str | None, n: int, seed: int = 0, split: str = "train", eval_rows: bool = False):
-    """Vision-chat rows: the toy dataset, or a Hub dataset / local folder / .json(l) file."""
+def load_rows(
+    dataset: str | None,
+    n: int,
+    seed: int = 0,
+    split: str = "train",
+    eval_rows: bool = False,
+    stratified: bool = True,
+):
+    """Vision-chat rows: the toy dataset, or a Hub dataset / local folder / .json(l) file.
+
+    stratified: toy evaluation rows follow the task weights exactly (`toy.toy_prompts`)."""
     if dataset is None:
         if eval_rows:
             from .toy import toy_prompts
 
-            return toy_prompts(n, seed)
+            return toy_prompts(n, seed, stratified=stratified)
         from .toy import make_toy_dataset
 
         return make_toy_dataset(n, seed)
@@ -277,6 +286,7 @@ class Comparison:
     identical: bool
     mean_accepted_length: float
     target_forwards: int
+    tie: dict | None = None  # where a differing output started at a numerical tie (`bench.first_divergence`)
 
 
 def compare_one(vlm, draft, processor, inputs: dict, max_new_tokens: int, **spec_kwargs) -> Comparison:
@@ -291,6 +301,13 @@ def compare_one(vlm, draft, processor, inputs: dict, max_new_tokens: int, **spec
         t2 = time.perf_counter()
     plain_new, spec_new = plain[0, prompt_len:], spec[0, prompt_len:]
     stats = draft.last_generation_stats
+    tie = None
+    if plain_new.tolist() != spec_new.tolist():
+        from .bench import first_divergence
+
+        with torch.inference_mode():
+            info = first_divergence(vlm, inputs, plain_new.tolist(), spec_new.tolist())
+        tie = info if info["tie"] else None
     tokenizer = getattr(processor, "tokenizer", processor)
     return Comparison(
         question="",
@@ -303,6 +320,7 @@ def compare_one(vlm, draft, processor, inputs: dict, max_new_tokens: int, **spec
         identical=plain_new.tolist() == spec_new.tolist(),
         mean_accepted_length=stats.mean_accepted_length if stats is not None else float("nan"),
         target_forwards=stats.target_forwards if stats is not None else 0,
+        tie=tie,
     )
 
 
@@ -319,9 +337,28 @@ def print_comparison(i: int, n: int, c: Comparison, width: int = 100) -> None:
     print(f"  specvlm | {c.spec_tokens:3d} tok {spec_tps:7.1f} tok/s | {_short(c.spec_text, width - 30)}")
     speedup = c.plain_time_s / c.spec_time_s if c.spec_time_s else 0.0
     print(
-        f"  identical: {'yes' if c.identical else 'NO'} | mean accepted length {c.mean_accepted_length:.2f} "
+        f"  identical: {_identical(c)} | mean accepted length {c.mean_accepted_length:.2f} "
         f"| target forwards {c.target_forwards} | speedup {speedup:.2f}x"
     )
+    if c.tie is not None:
+        t = c.tie
+        print(
+            f"  (from new token {t['position']} on: plain took {t['plain_token']}, speculative {t['got_token']}; "
+            f"the target scores them {t['plain_logit']:.4f} / {t['got_logit']:.4f}, within rounding "
+            f"({t['tolerance']:.3f}) of each other: a numerical tie, which low-precision forwards over 1 and several "
+            "tokens break differently)"
+        )
+
+
+def _identical(c: Comparison) -> str:
+    if c.identical:
+        return "yes"
+    return "no: numerical tie" if c.tie is not None else "NO"
+
+
+def demo_ok(results: list[Comparison]) -> bool:
+    """Every output identical to plain's, or differing only from a numerical tie on."""
+    return all(c.identical or c.tie is not None for c in results)
 
 
 def print_summary(results: list[Comparison]) -> None:
@@ -340,9 +377,10 @@ def print_summary(results: list[Comparison]) -> None:
         f"{spec_tokens / max(spec_time, 1e-9):>26.1f}"
     )
     print(f"{'mean accepted length':22s}{'1.00':>18s}{sum(accepted) / max(len(accepted), 1):>26.2f}")
-    print(
-        f"identical outputs: {'yes' if all_identical else 'NO'} ({sum(c.identical for c in results)}/{len(results)})"
-    )
+    ties = sum(c.tie is not None for c in results)
+    verdict = "yes" if all_identical else ("yes up to numerical ties" if demo_ok(results) else "NO")
+    note = f", {ties} from a numerical tie on" if ties else ""
+    print(f"identical outputs: {verdict} ({sum(c.identical for c in results)}/{len(results)}{note})")
     print(f"speedup: {plain_time / max(spec_time, 1e-9):.2f}x (end to end, greedy, batch 1)")
     print("=" * 72)
 
@@ -421,7 +459,7 @@ def run_demo(args) -> int:
         print_comparison(i, len(rows), c)
     print_summary(results)
     print(f"total demo time: {time.perf_counter() - start:.1f} s")
-    if not all(c.identical for c in results):
+    if not demo_ok(results):
         print("ERROR: speculative decoding changed the greedy output.", file=sys.stderr)
         return 1
     return 0

@@ -60,6 +60,7 @@ from .toy_data import (
     IMAGE_SIZE,
     SHAPES,
     SIZES,
+    make_stratified_rows,
     make_toy_dataset,
     make_toy_rows,
     random_scene,
@@ -191,8 +192,14 @@ def toy_generate_inputs(processor, row: dict) -> dict:
     )
 
 
-def toy_prompts(n: int, seed: int = 0) -> list[dict]:
-    """``n`` evaluation rows (own stream, disjoint from training); the assistant turn is the reference."""
+def toy_prompts(n: int, seed: int = 0, stratified: bool = True) -> list[dict]:
+    """``n`` evaluation rows (own streams, disjoint from training); the assistant turn is the reference.
+
+    stratified: the tasks follow the toy world's task weights exactly (`toy_data.make_stratified_rows`), so a
+    small benchmark has the world's mix of long descriptions and short answers; False: ``n`` independent draws.
+    """
+    if stratified:
+        return make_stratified_rows(n, seed)
     return make_toy_rows(n, seed, split="eval")
 
 

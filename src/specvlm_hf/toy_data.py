@@ -384,6 +384,31 @@ def make_toy_rows(n: int, seed: int = 0, questions_per_image: int = 1, split: st
     return rows
 
 
+def task_counts(n: int) -> dict[str, int]:
+    """How many of ``n`` rows each task gets in proportion to its weight (largest remainder; sums to ``n``)."""
+    total = sum(weight for _, weight in TASKS.values())
+    exact = {name: n * weight / total for name, (_, weight) in TASKS.items()}
+    counts = {name: int(value) for name, value in exact.items()}
+    by_remainder = sorted(TASKS, key=lambda name: (counts[name] - exact[name], list(TASKS).index(name)))
+    for name in by_remainder[: n - sum(counts.values())]:
+        counts[name] += 1
+    return counts
+
+
+def make_stratified_rows(n: int, seed: int = 0, split: str = "eval") -> list[dict]:
+    """``n`` rows whose tasks follow the task weights exactly (`task_counts`), in a seeded random order, one image
+    each. An evaluation set drawn this way has the toy world's task mix at any size; a small random draw does not
+    (16 draws from seed 0 hold 2 descriptions where the weights say 4.8)."""
+    rng = random.Random(f"specvlm-toy-stratified-{split}-{seed}")
+    tasks = [name for name, count in task_counts(n).items() for _ in range(count)]
+    rng.shuffle(tasks)
+    rows = []
+    for task in tasks:
+        scene = random_scene(rng)
+        rows.append(make_row(scene, render_scene(scene), rng, task=task))
+    return rows
+
+
 def make_toy_dataset(n: int, seed: int = 0, split: str = "train"):
     """A ``datasets.Dataset`` of ``n`` vision-chat rows (columns ``images``, ``messages``, ``task``)."""
     import datasets
