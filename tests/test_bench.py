@@ -121,9 +121,13 @@ def test_greedy_check_tells_numerical_ties_from_real_differences():
     assert bench.greedy_check(model, [inputs], [[3, 2, 2]], [[3, 2, 2]]) == {"lossless": True}
     tie = bench.greedy_check(model, [inputs], [[3, 2, 2]], [[3, 1, 0]])
     assert tie["lossless"] == "numerical-tie" and tie["lossless_ties"][0]["position"] == 1
-    assert model.calls[-1] == [[7, 8, 3]]  # recomputed over the prompt and plain's tokens before the divergence
+    assert model.calls[-1] == [
+        [7, 8, 3]
+    ]  # recomputed over the prompt and plain's tokens before the divergence
     # the same gap is not a tie in float32, and a far-off token is never one
-    assert bench.greedy_check(_FixedLogits(logits, torch.float32), [inputs], [[2]], [[1]])["lossless"] is False
+    assert (
+        bench.greedy_check(_FixedLogits(logits, torch.float32), [inputs], [[2]], [[1]])["lossless"] is False
+    )
     assert bench.greedy_check(model, [inputs], [[1]], [[3]])["lossless"] is False
     # stopping at another length is a difference, not a tie
     assert bench.greedy_check(model, [inputs], [[1, 2]], [[1]])["lossless"] is False

@@ -341,3 +341,41 @@ def test_peft_wrapped_target():
         stats = draft.last_generation_stats
         assert stats is not None and stats.decoding_mode == mode  # routed through SpecVLM decoding
         assert stats.new_tokens == 10
+
+
+def test_draft_layer_matches_a_llama_layer_in_training_and_decoding_paths():
+    """Our decoder layer is a Llama layer: same weights, same outputs as transformers' LlamaDecoderLayer, both on
+    the autograd path (separate q/k/v) and the decoding path (stacked q/k/v, packed linears, joint RoPE)."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    from specvlm_hf import SpecVLMDraftConfig
+    from specvlm_hf.modeling_specvlm import SpecVLMDecoderLayer, SpecVLMRotaryEmbedding
+
+    cfg = LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        rms_norm_eps=1e-6, rope_theta=10000.0, attn_implementation="eager",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    ref = LlamaDecoderLayer(cfg, layer_idx=0).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0.0, 0.2)
+    draft_cfg = SpecVLMDraftConfig(
+        hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        rms_norm_eps=1e-6, rope_theta=10000.0, vocab_size=32,
+    )  # fmt: skip
+    ours = SpecVLMDecoderLayer(draft_cfg, layer_idx=0)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(1, 7, 64)
+    pos = torch.arange(3, 10)[None]
+    causal = torch.full((7, 7), float("-inf")).triu(1)[None, None]
+    ref_pos = LlamaRotaryEmbedding(cfg)(x, pos)
+    expect = ref(x, attention_mask=causal, position_embeddings=ref_pos, position_ids=pos)
+    expect = expect[0] if isinstance(expect, tuple) else expect
+    cos, sin = SpecVLMRotaryEmbedding(16, 10000.0)(pos, x.dtype)
+    got_train = ours(x, cos, sin, causal, None)  # autograd on: the training path
+    with torch.no_grad():
+        got_decode = ours(x, cos, sin, causal, None)
+    torch.testing.assert_close(got_train, expect, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(got_decode, expect, rtol=1e-4, atol=1e-4)

@@ -21,7 +21,8 @@ Definitions (per method and temperature, summed over prompts):
   ``draft.last_generation_stats``; other methods: new tokens / target forwards); ``..._no_bonus`` = that - 1;
 * ``draft_ms_per_step`` / ``verify_ms_per_step`` (SpecVLM methods): draft time (tree or chain drafting plus
   feeding the accepted tokens back) and verify time (the target forward plus cache compaction) per verify step;
-  ``draft_vs_target_forward`` = draft time per step / plain's decode time per token (one single-token forward);
+  the draft's pass over the prompt is ``draft_prefill_time_s``, counted in ``prefill_time_s`` (target and draft
+  over the prompt) and not per step; ``draft_vs_target_forward`` = draft time per step / plain's decode time per token (one single-token forward);
 * ``lossless``: greedy: ``True`` when token-identical to plain for every prompt; ``"numerical-tie"`` when every
   difference starts at a numerical tie (`first_divergence`: at the first differing position the target itself,
   recomputed over the plain prefix in one forward, scores both tokens within rounding of its top logit -- in
@@ -309,7 +310,7 @@ class _MethodRun:
     def __init__(self, method: Method):
         self.method = method
         self.tokens: list[list[int]] = []
-        self.wall = self.draft_s = self.verify_s = self.spec_prefill_s = 0.0
+        self.wall = self.draft_s = self.verify_s = self.spec_prefill_s = self.draft_prefill_s = 0.0
         self.new = self.forwards = 0
         self.accepted: list[int] = []
         self.have_verify = True
@@ -341,6 +342,7 @@ class _MethodRun:
             self.draft_s += stats.draft_time_s
             self.verify_s += stats.verify_time_s
             self.spec_prefill_s += stats.prefill_time_s
+            self.draft_prefill_s += stats.draft_prefill_time_s
             self.have_verify = self.have_verify and stats.verify_time_s > 0
 
     def record(self, temperature: float, n_prompts: int, max_new_tokens: int) -> dict:
@@ -389,8 +391,14 @@ class _MethodRun:
             record["draft_ms_per_step"] = 1000 * self.draft_s / len(accepted)
             record["verify_ms_per_step"] = 1000 * self.verify_s / len(accepted) if have_verify else None
             record["verify_time_s"] = self.verify_s if have_verify else None
-            record["prefill_time_s"] = self.spec_prefill_s if have_verify else None
-            accounted = self.draft_s + (self.verify_s + self.spec_prefill_s if have_verify else 0.0)
+            record["draft_prefill_time_s"] = self.draft_prefill_s
+            # prefill = the target's and the draft's forwards over the prompt (chain mode: target part not separable)
+            record["prefill_time_s"] = self.spec_prefill_s + self.draft_prefill_s if have_verify else None
+            accounted = (
+                self.draft_s
+                + self.draft_prefill_s
+                + (self.verify_s + self.spec_prefill_s if have_verify else 0)
+            )
             record["other_time_s"] = wall - accounted
         else:
             record["mean_accepted_length"] = new / forwards if forwards else None

@@ -90,6 +90,9 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             )
             self.row_position = self.prompt_len
             stats.new_tokens = 1
+            t1 = time.perf_counter()
+            stats.draft_prefill_time_s += t1 - t0
+            t0 = t1
         else:
             # the target verified n_last_matches candidates and added one token: consume them with true features
             stats.accepted_lengths.append(n_last_matches + 1)

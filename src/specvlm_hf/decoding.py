@@ -43,9 +43,12 @@ class GenerationStats:
     accepted_lengths: list[int] = field(
         default_factory=list
     )  # tokens emitted per verify forward (bonus included)
-    draft_time_s: float = 0.0
+    draft_time_s: float = 0.0  # drafting and feeding accepted tokens back, per step (not the prompt)
     verify_time_s: float = 0.0
-    prefill_time_s: float = 0.0
+    prefill_time_s: float = (
+        0.0  # the target's forward over the prompt (tree mode; chain mode: inside generate)
+    )
+    draft_prefill_time_s: float = 0.0  # the draft over the prompt's features (with visual compression)
     total_time_s: float = 0.0
     visual_tokens: int = 0  # visual tokens in the prompt
     draft_visual_tokens: int = 0  # visual tokens the draft kept after compression

@@ -105,6 +105,7 @@ def _use_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return (
         not torch.is_grad_enabled()
         and x.device.type == "cpu"
+        and weight.device.type == "cpu"
         and x.dtype == weight.dtype
         and (bias is None or bias.dtype == weight.dtype)
         and _packing_works(weight.dtype)
@@ -121,18 +122,32 @@ def linear(owner: nn.Module, name: str, x: torch.Tensor, weight: torch.Tensor, b
     return _packed_linear(x, packed, bias)
 
 
+def _plain_linear(module) -> bool:
+    """An `nn.Linear` whose call is its own forward: no hooks, no patched forward (accelerate), no wrapper (peft)."""
+    return (
+        type(module) is nn.Linear
+        and not module._forward_hooks
+        and not module._forward_pre_hooks
+        and "forward" not in module.__dict__
+    )
+
+
 def module_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """`module(x)` for an `nn.Linear`, through `linear` (its packed copy is cached on the module itself).
 
     Wrapped or hooked modules (peft adapters, forward hooks) and autograd runs call `module(x)` itself."""
-    if (
-        torch.is_grad_enabled()
-        or type(module) is not nn.Linear
-        or module._forward_hooks
-        or module._forward_pre_hooks
-    ):
+    if torch.is_grad_enabled() or not _plain_linear(module):
         return module(x)
     return linear(module, "packed", x, module.weight, module.bias)
+
+
+def shared_linear(owner: nn.Module, name: str, module: nn.Module, x: torch.Tensor, max_elements: int):
+    """`module(x)` for a module `owner` borrows (the target's `lm_head`): a packed copy, cached on `owner`, only
+    when the weight has at most `max_elements` entries (a copy of a large vocabulary's head costs real memory;
+    a draft for one uses a reduced draft vocabulary, whose own head is packed)."""
+    if torch.is_grad_enabled() or not _plain_linear(module) or module.weight.numel() > max_elements:
+        return module(x)
+    return linear(owner, name, x, module.weight, module.bias)
 
 
 def stacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...], x: torch.Tensor) -> torch.Tensor:

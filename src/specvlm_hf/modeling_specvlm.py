@@ -40,7 +40,10 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .configuration_specvlm import SpecVLMDraftConfig
-from .inference_linear import module_linear, stacked_linear
+from .inference_linear import module_linear, shared_linear, stacked_linear
+
+# the target's lm_head gets a packed copy for decoding when it has at most this many entries (32M: 64 MB in bf16)
+SHARED_PACK_MAX_ELEMENTS = 1 << 25
 
 
 class SpecVLMRMSNorm(nn.Module):
@@ -51,7 +54,8 @@ class SpecVLMRMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # weight * x / sqrt(mean(x^2) + eps), accumulated in float32 (one fused kernel)
-        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
+        weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.rms_norm(x, self.weight.shape, weight, self.eps)
 
 
 class SpecVLMRotaryEmbedding(nn.Module):
@@ -64,10 +68,13 @@ class SpecVLMRotaryEmbedding(nn.Module):
         return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # position_ids: (B, T) -> cos, sin: (B, T, head_dim), read from a table of every position so far (decoding
-        # calls this once per draft step; the table costs one lookup instead of five elementwise kernels)
+        """position_ids (B, T) -> (cos, signed sin), each (B, 1, T, head_dim), for `_apply_rope`.
+
+        Read from a table of every position so far (decoding calls this once per draft step; a lookup instead of
+        five elementwise kernels). The sin table carries rotate-half's sign: [-sin ; sin] over the two halves.
+        """
         cos, sin = self._table(int(position_ids.max()) + 1 if position_ids.numel() else 1, dtype)
-        return cos[position_ids], sin[position_ids]
+        return cos[position_ids][:, None], sin[position_ids][:, None]
 
     def _table(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         cached = getattr(self, "_cos_sin", None)
@@ -77,20 +84,18 @@ class SpecVLMRotaryEmbedding(nn.Module):
         if cached is None or cached[0] < length or cached[1] != key:
             size = max(length, 2 * cached[0] if cached is not None else 512)
             freqs = torch.arange(size, device=device, dtype=torch.float32)[:, None] * self.inv_freq
-            emb = torch.cat([freqs, freqs], dim=-1)  # (size, head_dim)
-            cached = (size, key, emb.cos().to(dtype), emb.sin().to(dtype))
+            cos = torch.cat([freqs, freqs], dim=-1).cos()  # (size, head_dim)
+            signed_sin = torch.cat([-freqs.sin(), freqs.sin()], dim=-1)
+            cached = (size, key, cos.to(dtype), signed_sin.to(dtype))
             self._cos_sin = cached
         return cached[2], cached[3]
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def _apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """RoPE: x * cos + rotate_half(x) * sin, with rotate_half(x) * sin = [x2 ; x1] * [-sin ; sin] (the sign lives
+    in the table). x: (B, heads, T, d); cos, signed_sin: (B, 1, T, d) from `SpecVLMRotaryEmbedding`."""
     half = x.shape[-1] // 2
-    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    # x: (B, heads, T, d); cos/sin: (B, T, d)
-    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+    return x * cos + torch.cat([x[..., half:], x[..., :half]], dim=-1) * signed_sin
 
 
 class SpecVLMAttention(nn.Module):
@@ -116,16 +121,18 @@ class SpecVLMAttention(nn.Module):
         past_key_values: Cache | None,
     ) -> torch.Tensor:
         bsz, q_len, _ = x.shape
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
         if torch.is_grad_enabled() or (self.q_proj.bias is None) != (self.k_proj.bias is None):
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        else:  # decoding: one matmul for q, k and v
-            q, k, v = stacked_linear(self, (self.q_proj, self.k_proj, self.v_proj), x).split(
-                [self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features], dim=-1
-            )
-        q = q.view(bsz, q_len, self.num_heads, self.head_dim).transpose(1, 2)
-        k = k.view(bsz, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(bsz, q_len, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+            q = self.q_proj(x).view(bsz, q_len, heads, d).transpose(1, 2)
+            k = self.k_proj(x).view(bsz, q_len, kv_heads, d).transpose(1, 2)
+            v = self.v_proj(x).view(bsz, q_len, kv_heads, d).transpose(1, 2)
+            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
+        else:  # decoding: one matmul for q, k and v, and RoPE on q and k together (fewer small kernels)
+            qkv = stacked_linear(self, (self.q_proj, self.k_proj, self.v_proj), x)
+            qk = qkv[..., : (heads + kv_heads) * d].view(bsz, q_len, heads + kv_heads, d).transpose(1, 2)
+            qk = _apply_rope(qk, cos, sin)
+            q, k = qk[:, :heads], qk[:, heads:]
+            v = qkv[..., (heads + kv_heads) * d :].view(bsz, q_len, kv_heads, d).transpose(1, 2)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         # attention_mask: (B, 1, q_len, kv_len) additive float mask, or None for plain causal attention
@@ -395,7 +402,10 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
             lm_head = self._bound_parts()[2]
             if self.is_eagle3:
                 hidden = self.norm(hidden.to(self.norm.weight.device)).to(lm_head.weight.device)
-            return lm_head(hidden.to(lm_head.weight.dtype))
+            # a small head is packed like the draft's own linears (`inference_linear`); a large one is used as is
+            return shared_linear(
+                self, "lm_head", lm_head, hidden.to(lm_head.weight.dtype), SHARED_PACK_MAX_ELEMENTS
+            )
         logits, ids = self.draft_logits(hidden)
         return self.full_vocab_logits(logits, ids)
 

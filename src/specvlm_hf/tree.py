@@ -456,7 +456,7 @@ def tree_decoding(
     spans = targets.visual_spans(targets.unwrap_target(model), prompt_ids, layout)
     draft_cache = DynamicCache()
     if not finished:
-        with Timer(stats, "draft_time_s"):
+        with Timer(stats, "draft_prefill_time_s"):
             root_t = torch.tensor([root], device=input_ids.device)
             root_hidden = draft_prefill(
                 draft, prompt_ids, prompt_embeds, prompt_feats, root_t[None], spans, draft_cache, stats
