@@ -76,7 +76,6 @@ def build_tree(
         row_tokens = vocab_ids[row_tokens]  # draft column -> target token id
     cand_tokens, cand_scores = [row_tokens], [row_scores]
     cand_parents = [torch.full((k,), -1, dtype=torch.long, device=device)]
-    cand_depths = [torch.ones(k, dtype=torch.long, device=device)]
     row_cand = torch.arange(k, device=device)  # candidate id of each row at the current level
     parent_hidden = root_hidden[0, -1].expand(k, -1)  # (k, h)
     n_rows_max = k * max(depth - 1, 0)
@@ -85,12 +84,15 @@ def build_tree(
     mask = torch.zeros(n_rows_max, prefix_len + n_rows_max, dtype=draft.dtype, device=device)
     mask[:, prefix_len:] = torch.finfo(draft.dtype).min
     row_anc = torch.zeros(n_rows_max, n_rows_max, dtype=torch.bool, device=device)  # among tree rows
-    row_anc[:k, :k] = torch.eye(k, dtype=torch.bool, device=device)
+    eye = torch.eye(k, dtype=torch.bool, device=device)
+    row_anc[:k, :k] = eye
+    # positions of every level's rows, one row of the table per level
+    level_positions = torch.arange(row_position, row_position + depth, device=device)[:, None].expand(-1, k)
     n_cands = k
     for level in range(1, depth):
         lo, hi = (level - 1) * k, level * k  # this level's rows
         mask[lo:hi, prefix_len : prefix_len + hi].masked_fill_(row_anc[lo:hi, :hi], 0.0)
-        positions = torch.full((1, k), row_position + level - 1, dtype=torch.long, device=device)
+        positions = level_positions[level - 1 : level]
         hidden = draft_step(
             draft,
             row_tokens,
@@ -106,8 +108,7 @@ def build_tree(
         child_scores = (row_scores[:, None] + child_lp).flatten()  # cumulative log-prob of each child
         cand_tokens.append(child_tok.flatten())
         cand_scores.append(child_scores)
-        cand_parents.append(row_cand[:, None].expand(k, k).flatten())
-        cand_depths.append(torch.full((k * k,), level + 1, dtype=torch.long, device=device))
+        cand_parents.append(row_cand.repeat_interleave(k))
         if level == depth - 1:
             break
         best = child_scores.topk(k).indices  # the k best children become the next level's rows
@@ -117,13 +118,15 @@ def build_tree(
         parent_hidden = hidden[parent_row]
         # ancestry of a new row: its parent row's ancestry (rows of earlier levels) plus itself
         row_anc[hi : hi + k, :hi] = row_anc[lo + parent_row, :hi]
-        row_anc[hi : hi + k, hi : hi + k] = torch.eye(k, dtype=torch.bool, device=device)
+        row_anc[hi : hi + k, hi : hi + k] = eye
         n_cands += k * k
 
     tokens = torch.cat(cand_tokens)
     scores = torch.cat(cand_scores)
     parents = torch.cat(cand_parents)
-    depths = torch.cat(cand_depths)
+    # level 1 holds k candidates, every later level k * k
+    sizes = torch.tensor([k] + [k * k] * (len(cand_tokens) - 1), device=device)
+    depths = torch.arange(1, len(cand_tokens) + 1, device=device).repeat_interleave(sizes)
     return _select_tree(root_token, tokens, scores, parents, depths, _best_candidates(scores, depths, total))
 
 
@@ -234,9 +237,12 @@ def _select_tree(root_token, tokens, scores, parents, depths, keep: torch.Tensor
     """Lay the kept candidates (`keep`, bool over candidates; closed under ancestry here) out as the tree."""
     device = tokens.device
     n_cand = tokens.shape[0]
-    for _ in range(int(depths.max())):  # close under ancestry (only matters for exact ties)
-        p = parents[keep]
-        keep[p[p >= 0]] = True
+    has_parent = parents >= 0
+    parent_c = parents.clamp(min=0)
+    orphans = keep & has_parent & ~keep[parent_c]
+    while bool(orphans.any()):  # close under ancestry (only exact score ties leave a kept node's parent out)
+        keep[parents[orphans]] = True
+        orphans = keep & has_parent & ~keep[parent_c]
     kept = keep.nonzero().squeeze(1)  # ascending candidate ids: parents before children
     tree_index = torch.full((n_cand,), -1, dtype=torch.long, device=device)
     tree_index[kept] = torch.arange(1, kept.numel() + 1, device=device)
@@ -249,11 +255,13 @@ def _select_tree(root_token, tokens, scores, parents, depths, keep: torch.Tensor
     node_depths = torch.cat([torch.zeros(1, dtype=torch.long, device=device), depths[kept]])
     ancestors = torch.eye(n, dtype=torch.bool, device=device)
     rows = torch.arange(n, device=device)
-    cur = parent_of.clone()
+    # walk every node up to the root at once; a walk that reached the root stays there (the root is everyone's
+    # ancestor, so marking it again is harmless)
+    up = parent_of.clamp(min=0)
+    cur = up
     for _ in range(int(node_depths.max())):
-        has = cur >= 0
-        ancestors[rows[has], cur[has]] = True
-        cur = torch.where(has, parent_of[cur.clamp(min=0)], cur)
+        ancestors[rows, cur] = True
+        cur = up[cur]
     tree_tokens = torch.cat([root_token.view(1), tokens[kept]])
     return DraftTree(tree_tokens, parent_of.tolist(), node_depths, ancestors)
 

@@ -1,0 +1,48 @@
+"""Laying kept draft candidates out as a tree (`tree._select_tree`): order, parents, depths, ancestor mask."""
+
+from __future__ import annotations
+
+import torch
+
+from specvlm_hf.tree import _best_candidates, _select_tree
+
+# candidates: 0,1 at depth 1 (root's children); 2,3 children of 0; 4 child of 1; 5 child of 2; 6 child of 5
+PARENTS = torch.tensor([-1, -1, 0, 0, 1, 2, 5])
+DEPTHS = torch.tensor([1, 1, 2, 2, 2, 3, 4])
+TOKENS = torch.tensor([10, 11, 12, 13, 14, 15, 16])
+
+
+def _brute_ancestors(parent_of: list[int]) -> torch.Tensor:
+    n = len(parent_of)
+    anc = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        j = i
+        while j >= 0:
+            anc[i, j] = True
+            j = parent_of[j]
+    return anc
+
+
+def test_tree_layout_parents_depths_and_ancestors():
+    keep = torch.tensor([True, True, True, False, True, True, True])
+    tree = _select_tree(torch.tensor(9), TOKENS, torch.zeros(7), PARENTS, DEPTHS, keep)
+    assert tree.tokens.tolist() == [9, 10, 11, 12, 14, 15, 16]
+    assert tree.parents == [-1, 0, 0, 1, 2, 3, 5]
+    assert tree.depths.tolist() == [0, 1, 1, 2, 2, 3, 4]
+    assert torch.equal(tree.ancestors, _brute_ancestors(tree.parents))
+
+
+def test_kept_nodes_bring_their_ancestors():
+    # only the deepest candidate kept (as exact score ties can leave it): its whole ancestry joins the tree
+    keep = torch.zeros(7, dtype=torch.bool)
+    keep[6] = True
+    tree = _select_tree(torch.tensor(9), TOKENS, torch.zeros(7), PARENTS, DEPTHS, keep)
+    assert tree.tokens.tolist() == [9, 10, 12, 15, 16]
+    assert tree.parents == [-1, 0, 1, 2, 3]
+    assert torch.equal(tree.ancestors, _brute_ancestors(tree.parents))
+
+
+def test_best_candidates_rank_parents_before_children():
+    scores = torch.tensor([-0.1, -2.0, -0.1, -0.5, -2.5, -0.1, -0.1])  # log-probs of 1.0 below candidate 0
+    keep = _best_candidates(scores, DEPTHS, 3)
+    assert keep.tolist() == [True, False, True, False, False, True, False]
