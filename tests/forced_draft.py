@@ -9,7 +9,6 @@ mass on the reference token there: row t (position t) pairs f_t with x_{t+1} and
 from __future__ import annotations
 
 import torch
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
 
@@ -21,13 +20,13 @@ class ForcedDraft(SpecVLMDraftModel):
         self.wrong = set(wrong_positions)
         return self
 
-    def forward(self, *args, position_ids=None, past_key_values=None, **kwargs):
+    def decode_rows(self, fused, position_ids=None, attention_mask=None, past_key_values=None):
+        # every draft forward of the decoding loops (prefill, tree levels, chain steps) comes through here
         if position_ids is None:
             raise AssertionError("decoding must always pass explicit draft positions")
-        out = super().forward(*args, position_ids=position_ids, past_key_values=past_key_values, **kwargs)
-        hidden = out.last_hidden_state.clone()
+        hidden = super().decode_rows(fused, position_ids, attention_mask, past_key_values).clone()
         hidden[..., 0] = position_ids.to(hidden.dtype)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=past_key_values)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         vocab = self.config.vocab_size

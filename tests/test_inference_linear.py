@@ -92,3 +92,18 @@ def test_disabled_by_environment(monkeypatch):
     with torch.no_grad():
         module_linear(lin, torch.randn(2, 16))
     assert cached_derived(lin, "packed") is None
+
+
+def test_stacked_linear_calls_wrapped_members():
+    class Scaled(
+        nn.Linear
+    ):  # stands in for an adapter-wrapped projection (a different class, its own forward)
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    owner = nn.Module()
+    torch.manual_seed(0)
+    linears = (Scaled(8, 4), nn.Linear(8, 4))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(stacked_linear(owner, linears, x), torch.cat([m(x) for m in linears], -1))

@@ -145,11 +145,9 @@ def draft_step(draft, token_ids: torch.Tensor, hidden_states: torch.Tensor, **fo
         )
         if draft.fc.bias is not None:
             fused = fused + draft.fc.bias
-        rows = draft.input_norm(fused)[None]
-        return draft(fused_inputs=rows, **forward_kwargs).last_hidden_state[0]
-    return draft(
-        inputs_embeds=draft.embed_tokens(token_ids)[None], hidden_states=hidden_states[None], **forward_kwargs
-    ).last_hidden_state[0]
+        return draft.decode_rows(draft.input_norm(fused)[None], **forward_kwargs)[0]
+    rows = draft.fuse(draft.embed_tokens(token_ids)[None], hidden_states[None])
+    return draft.decode_rows(rows, **forward_kwargs)[0]
 
 
 def _token_table(draft) -> torch.Tensor | None:

@@ -153,6 +153,8 @@ def shared_linear(owner: nn.Module, name: str, module: nn.Module, x: torch.Tenso
 def stacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...], x: torch.Tensor) -> torch.Tensor:
     """`torch.cat([lin(x) for lin in linears], -1)` as ONE matmul (packed on CPU), for use without autograd: on small
     row counts one product costs a fraction of several. The stacked weight is cached on `owner`."""
+    if not all(_plain_linear(lin) for lin in linears):  # adapters or hooks: their own calls, never bypassed
+        return torch.cat([lin(x) for lin in linears], dim=-1)
     weights = [lin.weight for lin in linears]
     biases = [lin.bias for lin in linears]
 

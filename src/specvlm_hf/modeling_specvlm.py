@@ -511,17 +511,29 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
         after the final norm), or the pre-norm state EAGLE-3 feeds back ("eagle3"; `compute_logits` norms it).
         """
         x = fused_inputs if fused_inputs is not None else self.fuse(inputs_embeds, hidden_states)
+        out = self.decode_rows(x, position_ids, attention_mask, past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=out, past_key_values=past_key_values)
+
+    def decode_rows(
+        self,
+        fused: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+    ) -> torch.Tensor:
+        """The decoder on fused input rows (B, T, fused_size) -> `last_hidden_state` (B, T, h): `forward` without
+        the fusion and the output wrapper (the decoding loops call it once per draft step)."""
+        x = fused
         bsz, q_len, _ = x.shape
         if position_ids is None:
             start = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(start, start + q_len, device=x.device)[None].expand(bsz, -1)
         cos, sin = self.rotary_emb(position_ids, x.dtype)
-        if attention_mask is not None:
+        if attention_mask is not None and attention_mask.dtype != x.dtype:
             attention_mask = attention_mask.to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, attention_mask, past_key_values)
-        out = x if self.is_eagle3 else self.norm(x)
-        return BaseModelOutputWithPast(last_hidden_state=out, past_key_values=past_key_values)
+        return x if self.is_eagle3 else self.norm(x)
 
     # ---------------------------------------------------------- prompt context
     def prepare_context(
