@@ -132,3 +132,13 @@ def test_greedy_check_tells_numerical_ties_from_real_differences():
     # stopping at another length is a difference, not a tie
     assert bench.greedy_check(model, [inputs], [[1, 2]], [[1]])["lossless"] is False
     assert "tie (1)" in bench.markdown_table([{"method": "x", "temperature": 0.0, "status": "ok", **tie}])
+
+
+def test_tune_breaks_ties_towards_the_cheaper_step():
+    def row(tps, verify, draft):
+        return {"measured_tokens_per_second": tps, "verify_cost_s": verify, "draft_s_per_step": draft}
+
+    deep, lean, slow = row(100.0, 0.035, 0.011), row(99.0, 0.035, 0.008), row(90.0, 0.020, 0.004)
+    assert tuning.pick_budget([deep, lean, slow]) is lean  # 1% apart: tied, the cheaper step wins
+    assert tuning.pick_budget([deep, lean, slow], tie=0.0) is deep
+    assert tuning.pick_budget([deep, slow]) is deep  # 10% apart: the faster one, however costly

@@ -55,7 +55,7 @@ METHOD_NAMES = (
     "specvlm_tree",
 )
 # (tree_total_tokens, tree_depth, tree_top_k) for the toy drafts on a CPU: greedy tree, sampled tree (a spine)
-TOY_CPU_TREE = (16, 6, 3)
+TOY_CPU_TREE = (12, 6, 2)
 TOY_CPU_SAMPLED_TREE = (16, 16, 1)
 REQUIRED_KEYS = ("method", "temperature", "speedup", "mean_accepted_length", "tokens_per_second", "lossless")
 
