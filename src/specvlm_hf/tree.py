@@ -126,7 +126,9 @@ def build_tree(
     parents = torch.cat(cand_parents)
     # level 1 holds k candidates, every later level k * k
     sizes = torch.tensor([k] + [k * k] * (len(cand_tokens) - 1), device=device)
-    depths = torch.arange(1, len(cand_tokens) + 1, device=device).repeat_interleave(sizes)
+    depths = torch.arange(1, len(cand_tokens) + 1, device=device).repeat_interleave(
+        sizes, output_size=len(tokens)
+    )
     return _select_tree(root_token, tokens, scores, parents, depths, _best_candidates(scores, depths, total))
 
 
