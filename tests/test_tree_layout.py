@@ -46,3 +46,36 @@ def test_best_candidates_rank_parents_before_children():
     scores = torch.tensor([-0.1, -2.0, -0.1, -0.5, -2.5, -0.1, -0.1])  # log-probs of 1.0 below candidate 0
     keep = _best_candidates(scores, DEPTHS, 3)
     assert keep.tolist() == [True, False, True, False, False, True, False]
+
+
+def test_trees_built_by_a_real_draft_have_consistent_ancestry():
+    from transformers.cache_utils import DynamicCache
+
+    from specvlm_hf.demo import new_draft
+    from specvlm_hf.tree import build_sampled_tree, build_tree
+    from tiny_models import make_tiny_target
+
+    target = make_tiny_target("llava")
+    draft = new_draft(target).eval()
+    h = draft.config.hidden_size
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for budget in ((10, 4, 3), (16, 16, 3)):
+            settings = draft.decoding_settings(
+                tree_total_tokens=budget[0], tree_depth=budget[1], tree_top_k=budget[2]
+            )
+            for build in (build_tree, build_sampled_tree):
+                cache = DynamicCache()
+                draft(
+                    inputs_embeds=torch.randn(1, 5, h),
+                    hidden_states=torch.randn(1, 5, h),
+                    past_key_values=cache,
+                )
+                extra = (1.0,) if build is build_sampled_tree else ()
+                tree = build(draft, cache, torch.randn(1, 1, h), torch.tensor([3]), 5, settings, *extra)
+                assert tree.tokens.shape[0] == len(tree.parents) <= budget[0] + 1
+                assert torch.equal(tree.ancestors, _brute_ancestors(tree.parents))
+                depth = [0]
+                for p in tree.parents[1:]:
+                    depth.append(depth[p] + 1)
+                assert tree.depths.tolist() == depth

@@ -201,11 +201,14 @@ def build_sampled_tree(
         logits = draft.draft_logits(hidden)[0]
         node = first
     n = len(parents)
-    ancestors = torch.zeros(n, n, dtype=torch.bool, device=device)
+    # the ancestry is known on the host (parents is a list): one scatter instead of two kernels per node
+    lines: list[list[int]] = []
     for i, parent in enumerate(parents):
-        if parent >= 0:
-            ancestors[i] = ancestors[parent]
-        ancestors[i, i] = True
+        lines.append((lines[parent] if parent >= 0 else []) + [i])
+    rows = [i for i, line in enumerate(lines) for _ in line]
+    cols = [j for line in lines for j in line]
+    ancestors = torch.zeros(n, n, dtype=torch.bool, device=device)
+    ancestors[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = True
     return DraftTree(
         torch.cat(tokens),
         parents,
