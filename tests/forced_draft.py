@@ -20,11 +20,17 @@ class ForcedDraft(SpecVLMDraftModel):
         self.wrong = set(wrong_positions)
         return self
 
-    def decode_rows(self, fused, position_ids=None, attention_mask=None, past_key_values=None):
+    def decode_rows(
+        self, fused, position_ids=None, attention_mask=None, past_key_values=None, max_position=None
+    ):
         # every draft forward of the decoding loops (prefill, tree levels, chain steps) comes through here
         if position_ids is None:
             raise AssertionError("decoding must always pass explicit draft positions")
-        hidden = super().decode_rows(fused, position_ids, attention_mask, past_key_values).clone()
+        if max_position is not None and max_position != int(position_ids.max()):
+            raise AssertionError(f"max_position {max_position} but positions reach {int(position_ids.max())}")
+        hidden = (
+            super().decode_rows(fused, position_ids, attention_mask, past_key_values, max_position).clone()
+        )
         hidden[..., 0] = position_ids.to(hidden.dtype)
         return hidden
 

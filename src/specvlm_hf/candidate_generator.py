@@ -102,7 +102,12 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             new_tokens = input_ids[:, -m:]
             positions = torch.arange(self.row_position, self.row_position + m, device=input_ids.device)[None]
             hidden = draft_step(
-                draft, new_tokens[0], feats[0, :m], position_ids=positions, past_key_values=self.cache
+                draft,
+                new_tokens[0],
+                feats[0, :m],
+                position_ids=positions,
+                max_position=self.row_position + m - 1,
+                past_key_values=self.cache,
             )[None, -1:]
             self.row_position += m
         self.context_len = self.cache.get_seq_length()
@@ -129,6 +134,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
                 token[0],
                 hidden[0],
                 position_ids=torch.tensor([[position]], device=seq.device),
+                max_position=position,
                 past_key_values=self.cache,
             )[None]
             position += 1

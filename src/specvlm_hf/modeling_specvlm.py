@@ -67,13 +67,19 @@ class SpecVLMRotaryEmbedding(nn.Module):
     def compute_inv_freq(self) -> torch.Tensor:
         return 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, position_ids: torch.Tensor, dtype: torch.dtype, max_position: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """position_ids (B, T) -> (cos, signed sin), each (B, 1, T, head_dim), for `_apply_rope`.
 
         Read from a table of every position so far (decoding calls this once per draft step; a lookup instead of
         five elementwise kernels). The sin table carries rotate-half's sign: [-sin ; sin] over the two halves.
+        max_position: the largest position in `position_ids` when the caller knows it (the decoding loops do):
+        saves reading it back from the device, a host sync per draft forward on a GPU.
         """
-        cos, sin = self._table(int(position_ids.max()) + 1 if position_ids.numel() else 1, dtype)
+        if max_position is None:
+            max_position = int(position_ids.max()) if position_ids.numel() else 0
+        cos, sin = self._table(max_position + 1, dtype)
         return cos[position_ids][:, None], sin[position_ids][:, None]
 
     def _table(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -520,15 +526,17 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
         position_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
+        max_position: int | None = None,
     ) -> torch.Tensor:
         """The decoder on fused input rows (B, T, fused_size) -> `last_hidden_state` (B, T, h): `forward` without
-        the fusion and the output wrapper (the decoding loops call it once per draft step)."""
+        the fusion and the output wrapper (the decoding loops call it once per draft step; they pass the largest
+        position as `max_position`, see `SpecVLMRotaryEmbedding.forward`)."""
         x = fused
         bsz, q_len, _ = x.shape
         if position_ids is None:
             start = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(start, start + q_len, device=x.device)[None].expand(bsz, -1)
-        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        cos, sin = self.rotary_emb(position_ids, x.dtype, max_position)
         if attention_mask is not None and attention_mask.dtype != x.dtype:
             attention_mask = attention_mask.to(x.dtype)
         for layer in self.layers:

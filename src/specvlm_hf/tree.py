@@ -98,6 +98,7 @@ def build_tree(
             row_tokens,
             parent_hidden,
             position_ids=positions,
+            max_position=row_position + level - 1,
             attention_mask=mask[None, None, lo:hi, : prefix_len + hi],
             past_key_values=draft_cache,
         )  # (k, h)
@@ -196,6 +197,7 @@ def build_sampled_tree(
             tokens[-1][:1],  # the first drawn child continues the spine
             hidden,
             position_ids=torch.full((1, 1), row_position + level - 1, dtype=torch.long, device=device),
+            max_position=row_position + level - 1,
             past_key_values=draft_cache,  # one row: it sees the prefix and the spine above it (causal)
         )  # (1, h)
         logits = draft.draft_logits(hidden)[0]
@@ -528,7 +530,12 @@ def tree_decoding(
             m = len(emitted)
             positions = torch.arange(row_position, row_position + m, device=input_ids.device)[None]
             root_hidden = draft_step(
-                draft, next_tokens, feats, position_ids=positions, past_key_values=draft_cache
+                draft,
+                next_tokens,
+                feats,
+                position_ids=positions,
+                max_position=row_position + m - 1,
+                past_key_values=draft_cache,
             )[None, -1:]
             row_position += m
             root_t = next_tokens[-1:]
