@@ -106,3 +106,12 @@ def test_draw_without_replacement_is_a_uniform_sample_order():
     expected = q[:, None] * q[None, :] / (1 - q[:, None])
     expected.fill_diagonal_(0.0)
     assert 0.5 * (pairs / n - expected).abs().sum() < 0.02
+
+
+def test_draws_never_return_zero_probability_columns():
+    logp = torch.log_softmax(torch.tensor([0.0, float("-inf"), 1.0, float("-inf"), -1.0]), dim=-1)
+    torch.manual_seed(0)
+    for _ in range(200):
+        many = draw_without_replacement(logp, 4).tolist()
+        assert sorted(many) == [0, 2, 4]  # only the three columns with q > 0, each once
+        assert draw_without_replacement(logp, 1).tolist()[0] in (0, 2, 4)

@@ -136,8 +136,12 @@ def build_tree(
 def draw_without_replacement(logp: torch.Tensor, n: int) -> torch.Tensor:
     """n columns drawn without replacement from q = exp(logp) (Vd,), in draw order (Gumbel-top-k: the n largest
     of log q + G with G = -log(E), E ~ Exp(1)). Columns with q = 0 are never drawn, so fewer may come back."""
-    keys, columns = (logp - torch.empty_like(logp).exponential_().log()).topk(n)
-    return columns[torch.isfinite(keys)]
+    # E > 0 keeps every Gumbel key finite (E == 0 would make an infinite key), so a key is -inf exactly where q = 0
+    noise = torch.empty_like(logp).exponential_().clamp_(min=torch.finfo(logp.dtype).tiny)
+    keys, columns = (logp - noise.log()).topk(n)
+    if n == 1:  # the largest key of a distribution is finite: nothing to filter, no host sync (a spine level)
+        return columns
+    return columns[keys > float("-inf")]
 
 
 def sibling_counts(spine: int, extra: int, max_per_level: int) -> list[int]:
