@@ -7,8 +7,9 @@ blocked layout (float32: 1.5-5 ms against 0.3-0.4 ms), with identical results. `
 no autograd graph is recorded and the input is a CPU tensor of the weight's dtype; the packed copy is cached on
 the owning module and rebuilt when the weight changes. Training (autograd on) always uses `F.linear`.
 
-Only the draft's own weights go through here: the target model is never changed, and the weights it shares with
-the draft (`embed`, `lm_head`) are not copied. Set ``SPECVLM_HF_PACKED_LINEAR=0`` to turn the packed path off.
+The draft's own weights go through here, and the target's `lm_head` when it is small (`shared_linear`; the copy
+is the draft's, the target model is never changed). The packed copies live beside the parameters, which stay for
+training and saving. Set ``SPECVLM_HF_PACKED_LINEAR=0`` to turn the packed path off.
 """
 
 from __future__ import annotations
