@@ -22,7 +22,8 @@ Definitions (per method and temperature, summed over prompts):
 * ``draft_ms_per_step`` / ``verify_ms_per_step`` (SpecVLM methods): draft time (tree or chain drafting plus
   feeding the accepted tokens back) and verify time (the target forward plus cache compaction) per verify step;
   the draft's pass over the prompt is ``draft_prefill_time_s``, counted in ``prefill_time_s`` (target and draft
-  over the prompt) and not per step; ``draft_vs_target_forward`` = draft time per step / plain's decode time per token (one single-token forward);
+  over the prompt) and not per step; ``draft_vs_target_forward`` = draft time per step / plain's decode time per
+  token (one single-token forward);
 * ``lossless``: greedy: ``True`` when token-identical to plain for every prompt; ``"numerical-tie"`` when every
   difference starts at a numerical tie (`first_divergence`: at the first differing position the target itself,
   recomputed over the plain prefix in one forward, scores both tokens within rounding of its top logit -- in
@@ -242,7 +243,6 @@ def run_benchmark(
                         torch.manual_seed(seed + i)
                         run.call(model, inputs, max_new_tokens, temperature, counter)
                 reference = runs[0].tokens if methods and methods[0].kind == "plain" else None
-                plain_prompts = prompts
                 plain_record = None
                 for run in runs:
                     record = run.record(temperature, len(prompts), max_new_tokens)
@@ -254,7 +254,7 @@ def run_benchmark(
                         if temperature > 0:
                             record["lossless"] = "distribution"
                         else:
-                            record.update(greedy_check(model, plain_prompts, reference, run.tokens))
+                            record.update(greedy_check(model, prompts, reference, run.tokens))
                     records.append(record)
                     _add_speedups(record, plain_record)
     finally:
@@ -288,6 +288,15 @@ def first_divergence(model, inputs: dict, reference: list[int], got: list[int]) 
     info.update(plain_logit=plain_logit, got_logit=got_logit, top_logit=top, tolerance=tol)
     info["tie"] = top - plain_logit <= tol and top - got_logit <= tol
     return info
+
+
+def describe_divergence(info: dict) -> str:
+    """One line for a `first_divergence` result that reached two tokens."""
+    return (
+        f"new token {info['position']}: plain {info['plain_token']} ({info['plain_logit']:.4f}) vs "
+        f"{info['got_token']} ({info['got_logit']:.4f}), top {info['top_logit']:.4f}, "
+        f"tolerance {info['tolerance']:.4f}"
+    )
 
 
 def greedy_check(model, prompts: list[dict], reference: list[list[int]], tokens: list[list[int]]) -> dict:
@@ -495,11 +504,7 @@ def markdown_table(records: list[dict]) -> str:
             "forward, scores both tokens within rounding of its top logit:"
         )
         for r, t in ties:
-            lines.append(
-                f"- {r['method']}, prompt {t['prompt']}, new token {t['position']}: plain {t['plain_token']} "
-                f"({t['plain_logit']:.4f}) vs {t['got_token']} ({t['got_logit']:.4f}), top {t['top_logit']:.4f}, "
-                f"tolerance {t['tolerance']:.4f}"
-            )
+            lines.append(f"- {r['method']}, prompt {t['prompt']}, {describe_divergence(t)}")
     return "\n".join(lines) + "\n"
 
 

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import target_features
-from .inference_linear import derived_from_weights, linear
+from .inference_linear import TARGET_COPY_MAX_ELEMENTS, derived_from_weights, linear
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,8 @@ class GenerationStats:
     )  # tokens emitted per verify forward (bonus included)
     draft_time_s: float = 0.0  # drafting and feeding accepted tokens back, per step (not the prompt)
     verify_time_s: float = 0.0
-    prefill_time_s: float = (
-        0.0  # the target's forward over the prompt (tree mode; chain mode: inside generate)
-    )
+    # the target's forward over the prompt (tree mode; chain mode: inside generate, not measured apart)
+    prefill_time_s: float = 0.0
     draft_prefill_time_s: float = 0.0  # the draft over the prompt's features (with visual compression)
     total_time_s: float = 0.0
     visual_tokens: int = 0  # visual tokens in the prompt
@@ -123,8 +122,9 @@ def draft_prefill(
     return out.last_hidden_state[:, -1:]
 
 
-# a (V, h) table of W_e @ embed(v) is kept for vocabularies up to this many entries (32M: 64 MB in bf16)
-TOKEN_TABLE_MAX_ELEMENTS = 1 << 25
+# a (V, h) table of W_e @ embed(v) is kept for vocabularies up to this size (the bound on copies of target-sized
+# tensors, `inference_linear.TARGET_COPY_MAX_ELEMENTS`)
+TOKEN_TABLE_MAX_ELEMENTS = TARGET_COPY_MAX_ELEMENTS
 
 
 def draft_step(draft, token_ids: torch.Tensor, hidden_states: torch.Tensor, **forward_kwargs) -> torch.Tensor:

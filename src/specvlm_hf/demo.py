@@ -300,13 +300,14 @@ def compare_one(vlm, draft, processor, inputs: dict, max_new_tokens: int, **spec
         spec = vlm.generate(**inputs, **common, assistant_model=draft, **spec_kwargs)
         t2 = time.perf_counter()
     plain_new, spec_new = plain[0, prompt_len:], spec[0, prompt_len:]
+    plain_ids, spec_ids = plain_new.tolist(), spec_new.tolist()
     stats = draft.last_generation_stats
     tie = None
-    if plain_new.tolist() != spec_new.tolist():
+    if plain_ids != spec_ids:
         from .bench import first_divergence
 
         with torch.inference_mode():
-            info = first_divergence(vlm, inputs, plain_new.tolist(), spec_new.tolist())
+            info = first_divergence(vlm, inputs, plain_ids, spec_ids)
         tie = info if info["tie"] else None
     tokenizer = getattr(processor, "tokenizer", processor)
     return Comparison(
@@ -317,7 +318,7 @@ def compare_one(vlm, draft, processor, inputs: dict, max_new_tokens: int, **spec
         spec_tokens=int(spec_new.numel()),
         plain_time_s=t1 - t0,
         spec_time_s=t2 - t1,
-        identical=plain_new.tolist() == spec_new.tolist(),
+        identical=plain_ids == spec_ids,
         mean_accepted_length=stats.mean_accepted_length if stats is not None else float("nan"),
         target_forwards=stats.target_forwards if stats is not None else 0,
         tie=tie,
@@ -341,12 +342,11 @@ def print_comparison(i: int, n: int, c: Comparison, width: int = 100) -> None:
         f"| target forwards {c.target_forwards} | speedup {speedup:.2f}x"
     )
     if c.tie is not None:
-        t = c.tie
+        from .bench import describe_divergence
+
         print(
-            f"  (from new token {t['position']} on: plain took {t['plain_token']}, speculative {t['got_token']}; "
-            f"the target scores them {t['plain_logit']:.4f} / {t['got_logit']:.4f}, within rounding "
-            f"({t['tolerance']:.3f}) of each other: a numerical tie, which low-precision forwards over 1 and several "
-            "tokens break differently)"
+            f"  (a numerical tie, which low-precision forwards over 1 and several tokens break differently: "
+            f"{describe_divergence(c.tie)})"
         )
 
 

@@ -23,6 +23,10 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
+# the draft keeps derived copies of tensors it shares with the target (the target lm_head's packed copy, the
+# decoding token table) only up to this many entries (32M: 64 MB in bf16)
+TARGET_COPY_MAX_ELEMENTS = 1 << 25
+
 # dtype -> whether the packed path works here (checked once against F.linear on first use)
 _PACKED_OK: dict[torch.dtype, bool] = {}
 

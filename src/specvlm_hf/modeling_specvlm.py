@@ -40,10 +40,7 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .configuration_specvlm import SpecVLMDraftConfig
-from .inference_linear import module_linear, shared_linear, stacked_linear
-
-# the target's lm_head gets a packed copy for decoding when it has at most this many entries (32M: 64 MB in bf16)
-SHARED_PACK_MAX_ELEMENTS = 1 << 25
+from .inference_linear import TARGET_COPY_MAX_ELEMENTS, module_linear, shared_linear, stacked_linear
 
 
 class SpecVLMRMSNorm(nn.Module):
@@ -410,7 +407,7 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
                 hidden = self.norm(hidden.to(self.norm.weight.device)).to(lm_head.weight.device)
             # a small head is packed like the draft's own linears (`inference_linear`); a large one is used as is
             return shared_linear(
-                self, "lm_head", lm_head, hidden.to(lm_head.weight.dtype), SHARED_PACK_MAX_ELEMENTS
+                self, "lm_head", lm_head, hidden.to(lm_head.weight.dtype), TARGET_COPY_MAX_ELEMENTS
             )
         logits, ids = self.draft_logits(hidden)
         return self.full_vocab_logits(logits, ids)

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .bench import _progress
+from .bench import Method, _ForwardCounter, _MethodRun, _progress
 
 TUNE_SIZES = (1, 8, 16, 32, 60)
 TUNE_TIE = 0.02  # relative tokens/s gap under which two budgets count as equally fast
@@ -87,31 +87,33 @@ def tune_tree(model, draft, prompts: list[dict], max_new_tokens: int = 32, grid=
     ``(best, rows, costs)``; the caller stores ``best`` in the draft config.
     """
     costs = measure_verify_cost(model, prompts[0])
-    runs = [{"accepted": [], "draft_s": 0.0, "wall": 0.0, "new": 0} for _ in grid]
-    with torch.inference_mode():
-        # every budget on a prompt before the next prompt: the machine's speed drifts, and drift then hits all alike
-        for inputs in _progress(prompts, "tune", progress):
-            for (total, depth, top_k), run in zip(grid, runs):
-                t0 = time.perf_counter()
-                out = model.generate(
-                    **inputs,
-                    assistant_model=draft,
-                    decoding_mode="tree",
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    tree_total_tokens=total,
-                    tree_depth=depth,
-                    tree_top_k=top_k,
-                )
-                run["wall"] += time.perf_counter() - t0
-                run["new"] += out.shape[1] - inputs["input_ids"].shape[1]
-                stats = draft.last_generation_stats
-                run["accepted"] += list(stats.accepted_lengths)
-                run["draft_s"] += stats.draft_time_s
+    runs = [
+        _MethodRun(
+            Method(
+                f"tree {total}/{depth}/{top_k}",
+                "spec",
+                draft=draft,
+                decoding_mode="tree",
+                gen_kwargs={"tree_total_tokens": total, "tree_depth": depth, "tree_top_k": top_k},
+            )
+        )
+        for total, depth, top_k in grid
+    ]
+    counter = _ForwardCounter(model)
+    try:
+        with torch.inference_mode():
+            # every budget on a prompt before the next prompt (as the bench does): drift then hits all alike
+            for inputs in _progress(prompts, "tune", progress):
+                for run in runs:
+                    run.call(model, inputs, max_new_tokens, 0.0, counter)
+                    if run.error is not None:
+                        raise RuntimeError(f"--tune: {run.method.name} failed: {run.error}")
+    finally:
+        counter.remove()
     rows = []
     for (total, depth, top_k), run in zip(grid, runs):
-        steps = max(len(run["accepted"]), 1)
-        tau = sum(run["accepted"]) / steps
+        steps = max(len(run.accepted), 1)
+        tau = sum(run.accepted) / steps
         verify_s = _interp_cost(costs, total + 1)
         rows.append(
             {
@@ -120,9 +122,9 @@ def tune_tree(model, draft, prompts: list[dict], max_new_tokens: int = 32, grid=
                 "tree_top_k": top_k,
                 "accepted_length": tau,
                 "verify_cost_s": verify_s,
-                "draft_s_per_step": run["draft_s"] / steps,
-                "estimated_tokens_per_second": tau / (verify_s + run["draft_s"] / steps),
-                "measured_tokens_per_second": run["new"] / run["wall"] if run["wall"] else 0.0,
+                "draft_s_per_step": run.draft_s / steps,
+                "estimated_tokens_per_second": tau / (verify_s + run.draft_s / steps),
+                "measured_tokens_per_second": run.new / run.wall if run.wall else 0.0,
             }
         )
     # the measured rate includes everything a real call pays (Python, masks, cache compaction); the estimate
