@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from . import target_features, targets
-from .decoding import GenerationStats, draft_prefill, draft_step
+from .decoding import GenerationStats, draft_logits, draft_prefill, draft_step
 
 
 class SpecVLMChainCandidateGenerator(CandidateGenerator):
@@ -153,7 +153,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         exactly q = softmax(returned logits); with a reduced draft vocabulary q is 0 outside it (-inf logits).
         """
         draft = self.draft
-        logits, ids = draft.draft_logits(hidden)  # (1, Vd), ids (Vd,) or None (full vocabulary)
+        logits, ids = draft_logits(draft, hidden)  # (1, Vd), ids (Vd,) or None (full vocabulary)
         logits = logits.float()
         if ids is not None and len(self.logits_processor) == 0:
             # q restricted to the draft vocabulary: softmax over Vd columns equals softmax of the scattered logits

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import target_features
+from .decode_plan import active_plan
 from .inference_linear import TARGET_COPY_MAX_ELEMENTS, derived_from_weights, linear
 
 
@@ -135,6 +136,9 @@ def draft_step(draft, token_ids: torch.Tensor, hidden_states: torch.Tensor, **fo
     `W_e embed(x) + W_f f`; while decoding, the first term is read from a per-vocabulary table (computed once
     per set of weights) instead of multiplying every row by W_e, which halves the fusion layer's cost.
     """
+    plan = active_plan(draft)
+    if plan is not None:  # inside generate: the same forward with its weights resolved once (decode_plan.py)
+        return plan.step(token_ids, hidden_states, **forward_kwargs)
     table = _token_table(draft)
     if table is not None and hidden_states.shape[-1] == draft.config.hidden_size:
         h = draft.config.hidden_size
@@ -148,6 +152,12 @@ def draft_step(draft, token_ids: torch.Tensor, hidden_states: torch.Tensor, **fo
         return draft.decode_rows(draft.input_norm(fused)[None], **forward_kwargs)[0]
     rows = draft.fuse(draft.embed_tokens(token_ids)[None], hidden_states[None])
     return draft.decode_rows(rows, **forward_kwargs)[0]
+
+
+def draft_logits(draft, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`draft.draft_logits(hidden)`, through the active `DecodePlan` inside generate."""
+    plan = active_plan(draft)
+    return plan.draft_logits(hidden) if plan is not None else draft.draft_logits(hidden)
 
 
 def _token_table(draft) -> torch.Tensor | None:

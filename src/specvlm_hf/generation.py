@@ -29,6 +29,7 @@ from transformers.generation.stopping_criteria import (
     StopStringCriteria,
 )
 
+from .decode_plan import planned_decoding
 from .decoding import DecodingSettings
 
 # The private pieces relied on, checked once at install time so a transformers upgrade fails loudly and early.
@@ -135,7 +136,8 @@ def _generate_with_draft(target, draft, args, kwargs):
     was_training = draft.training
     draft.eval()  # inference behaviour (e.g. the compressor gate's argmax), whatever mode training left it in
     try:
-        return type(target).generate(target, *args, custom_generate=decoding, **kwargs)
+        with planned_decoding(draft):  # the draft's decoding forward with its weights resolved once
+            return type(target).generate(target, *args, custom_generate=decoding, **kwargs)
     finally:
         draft.train(was_training)
 

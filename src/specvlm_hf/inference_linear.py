@@ -106,14 +106,20 @@ def _bf16_native() -> bool:
         return False
 
 
+def _packable(weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    return (
+        weight.device.type == "cpu"
+        and (bias is None or bias.dtype == weight.dtype)
+        and _packing_works(weight.dtype)
+    )
+
+
 def _use_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     return (
         not torch.is_grad_enabled()
         and x.device.type == "cpu"
-        and weight.device.type == "cpu"
         and x.dtype == weight.dtype
-        and (bias is None or bias.dtype == weight.dtype)
-        and _packing_works(weight.dtype)
+        and _packable(weight, bias)
     )
 
 
@@ -160,6 +166,35 @@ def stacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...], x: torch.Te
     row counts one product costs a fraction of several. The stacked weight is cached on `owner`."""
     if not all(_plain_linear(lin) for lin in linears):  # adapters or hooks: their own calls, never bypassed
         return torch.cat([lin(x) for lin in linears], dim=-1)
+    weights, biases, build = _stacking(linears)
+    if _use_packed(x, weights[0], biases[0]):
+        packed, bias = derived_from_weights(owner, "stacked_packed", weights, lambda: _pack_pair(build()))
+        return _packed_linear(x, packed, bias)
+    return F.linear(x, *derived_from_weights(owner, "stacked", weights, build))
+
+
+def bound_linear(owner: nn.Module, name: str, weight: torch.Tensor, bias=None, sources=None):
+    """`x -> F.linear(x, weight, bias)` for inputs of `weight`'s dtype and device, run without autograd, with the
+    choice `linear` makes per call (a packed copy on CPU) made once, now: for a caller that runs the same product
+    many times and has checked that the weights stay put meanwhile (`decode_plan`). Same cache names as `linear`."""
+    if _packable(weight, bias):
+        packed = derived_from_weights(owner, name, sources or [weight], lambda: _pack(weight))
+        return lambda x: _packed_linear(x, packed, bias)
+    return lambda x: F.linear(x, weight, bias)
+
+
+def bound_stacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...]):
+    """`stacked_linear(owner, linears, .)` bound once like `bound_linear` (for plain linears of one dtype)."""
+    weights, biases, build = _stacking(linears)
+    if _packable(weights[0], biases[0]):
+        packed, bias = derived_from_weights(owner, "stacked_packed", weights, lambda: _pack_pair(build()))
+        return lambda x: _packed_linear(x, packed, bias)
+    weight, bias = derived_from_weights(owner, "stacked", weights, build)
+    return lambda x: F.linear(x, weight, bias)
+
+
+def _stacking(linears):
+    """The weights and biases of `linears`, and a function stacking them into one (weight, bias)."""
     weights = [lin.weight for lin in linears]
     biases = [lin.bias for lin in linears]
 
@@ -167,10 +202,7 @@ def stacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...], x: torch.Te
         bias = torch.cat(biases) if all(b is not None for b in biases) else None
         return torch.cat(weights), bias
 
-    if _use_packed(x, weights[0], biases[0]):
-        packed, bias = derived_from_weights(owner, "stacked_packed", weights, lambda: _pack_pair(build()))
-        return _packed_linear(x, packed, bias)
-    return F.linear(x, *derived_from_weights(owner, "stacked", weights, build))
+    return weights, biases, build
 
 
 def _pack_pair(weight_bias):

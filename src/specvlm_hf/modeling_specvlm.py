@@ -132,31 +132,40 @@ class SpecVLMAttention(nn.Module):
             q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
         else:  # decoding: one matmul for q, k and v, and RoPE on q and k together (fewer small kernels)
             qkv = stacked_linear(self, (self.q_proj, self.k_proj, self.v_proj), x)
-            qk = qkv[..., : (heads + kv_heads) * d].view(bsz, q_len, heads + kv_heads, d).transpose(1, 2)
-            qk = _apply_rope(qk, cos, sin)
-            q, k = qk[:, :heads], qk[:, heads:]
-            v = qkv[..., (heads + kv_heads) * d :].view(bsz, q_len, kv_heads, d).transpose(1, 2)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)
-        # attention_mask: (B, 1, q_len, kv_len) additive float mask, or None for plain causal attention
-        if attention_mask is None:
-            is_causal = q_len > 1
-            if is_causal and k.shape[2] != q_len:
-                attention_mask = causal_mask(q_len, k.shape[2], dtype=q.dtype, device=q.device)
-                is_causal = False
-        else:
+            q, k, v = split_qkv_rope(qkv, cos, sin, heads, kv_heads, d)
+        out = attend(q, k, v, attention_mask, past_key_values, self.layer_idx)
+        return module_linear(self.o_proj, out)
+
+
+def split_qkv_rope(qkv: torch.Tensor, cos, sin, heads: int, kv_heads: int, head_dim: int):
+    """Stacked projections (B, T, (heads + 2 kv_heads) * d) -> q (B, heads, T, d), k and v (B, kv_heads, T, d), with
+    RoPE applied to q and k in one pass."""
+    bsz, q_len, _ = qkv.shape
+    d = head_dim
+    qk = qkv[..., : (heads + kv_heads) * d].view(bsz, q_len, heads + kv_heads, d).transpose(1, 2)
+    qk = _apply_rope(qk, cos, sin)
+    v = qkv[..., (heads + kv_heads) * d :].view(bsz, q_len, kv_heads, d).transpose(1, 2)
+    return qk[:, :heads], qk[:, heads:], v
+
+
+def attend(q, k, v, attention_mask: torch.Tensor | None, past_key_values: Cache | None, layer_idx: int):
+    """Scaled dot-product attention of q (B, heads, T, d) over the cache plus k, v (B, kv_heads, T, d), which are
+    appended to `past_key_values` (layer `layer_idx`). attention_mask: (B, 1, T, kv_len) additive float mask, or
+    None for plain causal attention. Returns (B, T, heads * d), ready for `o_proj`."""
+    bsz, heads, q_len, d = q.shape
+    if past_key_values is not None:
+        k, v = past_key_values.update(k, v, layer_idx)
+    if attention_mask is None:
+        is_causal = q_len > 1
+        if is_causal and k.shape[2] != q_len:
+            attention_mask = causal_mask(q_len, k.shape[2], dtype=q.dtype, device=q.device)
             is_causal = False
-        out = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=attention_mask,
-            is_causal=is_causal,
-            enable_gqa=self.num_kv_heads != self.num_heads,
-        )
-        return module_linear(
-            self.o_proj, out.transpose(1, 2).reshape(bsz, q_len, self.num_heads * self.head_dim)
-        )
+    else:
+        is_causal = False
+    out = F.scaled_dot_product_attention(
+        q, k, v, attn_mask=attention_mask, is_causal=is_causal, enable_gqa=k.shape[1] != heads
+    )
+    return out.transpose(1, 2).reshape(bsz, q_len, heads * d)
 
 
 class SpecVLMMLP(nn.Module):

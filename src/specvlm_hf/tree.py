@@ -34,7 +34,15 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from . import target_features, targets
-from .decoding import DecodingSettings, GenerationStats, Timer, draft_prefill, draft_step, target_prefill
+from .decoding import (
+    DecodingSettings,
+    GenerationStats,
+    Timer,
+    draft_logits,
+    draft_prefill,
+    draft_step,
+    target_prefill,
+)
 from .modeling_specvlm import SpecVLMDraftModel, additive_mask
 
 
@@ -68,7 +76,7 @@ def build_tree(
     device = root_hidden.device
     prefix_len = draft_cache.get_seq_length()
     # draft distribution over its own vocabulary (Vd columns; ids maps a column to its target token, None = same)
-    logits, vocab_ids = draft.draft_logits(root_hidden[0, -1])
+    logits, vocab_ids = draft_logits(draft, root_hidden[0, -1])
     logp = _draft_logp(logits, None)  # (Vd,)
     k = min(k, logp.shape[-1])
     row_scores, row_tokens = logp.topk(k)  # level-1 candidates, (k,), most likely first
@@ -102,7 +110,7 @@ def build_tree(
             attention_mask=mask[None, None, lo:hi, : prefix_len + hi],
             past_key_values=draft_cache,
         )  # (k, h)
-        logp = _draft_logp(draft.draft_logits(hidden)[0], None)  # (k, Vd)
+        logp = _draft_logp(draft_logits(draft, hidden)[0], None)  # (k, Vd)
         child_lp, child_tok = logp.topk(k, dim=-1)  # (k, k)
         if vocab_ids is not None:
             child_tok = vocab_ids[child_tok]  # tokens outside the draft vocabulary never enter the tree
@@ -179,7 +187,7 @@ def build_sampled_tree(
     device = root_hidden.device
     spine = min(settings.tree_depth, settings.tree_total_tokens)
     siblings = sibling_counts(spine, settings.tree_total_tokens - spine, settings.tree_top_k - 1)
-    logits, vocab_ids = draft.draft_logits(root_hidden[0, -1])
+    logits, vocab_ids = draft_logits(draft, root_hidden[0, -1])
     hidden = root_hidden[0, -1:]  # (1, h)
     tokens, parents, depths, child_q = [root_token.view(1)], [-1], [0], {}
     node = 0  # tree index of the current spine node
@@ -204,7 +212,7 @@ def build_sampled_tree(
             max_position=row_position + level - 1,
             past_key_values=draft_cache,  # one row: it sees the prefix and the spine above it (causal)
         )  # (1, h)
-        logits = draft.draft_logits(hidden)[0]
+        logits = draft_logits(draft, hidden)[0]
         node = first
     n = len(parents)
     # the ancestry is known on the host (parents is a list): one scatter instead of two kernels per node

@@ -1,0 +1,196 @@
+"""The draft's decoding forward with its weights resolved once per `generate` call.
+
+A greedy tree level or a chain step is one draft forward over 1-20 rows. On a CPU its kernels take ~0.5 ms, and
+walking the modules around them (module calls, attribute lookups, a weight check per linear) took another
+~0.25 ms. While `generate` runs the weights cannot change, so `DecodePlan` resolves once every tensor the decoding
+forward reads (the stacked and prepacked weights of `inference_linear`, the norm weights, the token table of
+`decoding.draft_step`) and runs the same operations as the modules, in the same order, as straight-line code:
+its outputs equal the module path's exactly (`tests/test_decode_plan.py`).
+
+It covers "eagle" drafts built from this package's own modules. Anything else runs through the modules, which
+never bypass a hook or an adapter: EAGLE-3 drafts, modules with hooks or patched forwards (peft, accelerate), a
+subclass that overrides the draft's forward or its logits, mixed dtypes, autograd.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .inference_linear import (
+    TARGET_COPY_MAX_ELEMENTS,
+    _plain_linear,
+    bound_linear,
+    bound_stacked_linear,
+)
+from .modeling_specvlm import (
+    SpecVLMAttention,
+    SpecVLMDecoderLayer,
+    SpecVLMDraftModel,
+    SpecVLMMLP,
+    SpecVLMRMSNorm,
+    SpecVLMRotaryEmbedding,
+    attend,
+    split_qkv_rope,
+)
+
+# draft methods the plan stands in for; a subclass overriding any of them decodes through its own methods
+_PLANNED_METHODS = ("fuse", "decode_rows", "compute_logits", "draft_logits", "embed_tokens")
+_PLAIN_TYPES = (SpecVLMDecoderLayer, SpecVLMAttention, SpecVLMMLP, SpecVLMRMSNorm, SpecVLMRotaryEmbedding)
+
+
+class _LayerPlan:
+    __slots__ = ("norm1", "qkv", "o", "norm2", "gate_up", "down", "shape", "inter", "index")
+
+    def __init__(self, layer: SpecVLMDecoderLayer, dtype: torch.dtype):
+        attn, mlp = layer.self_attn, layer.mlp
+        self.norm1 = _norm(layer.input_layernorm, dtype)
+        self.qkv = bound_stacked_linear(attn, (attn.q_proj, attn.k_proj, attn.v_proj))
+        self.o = bound_linear(attn.o_proj, "packed", attn.o_proj.weight, attn.o_proj.bias)
+        self.norm2 = _norm(layer.post_attention_layernorm, dtype)
+        self.gate_up = bound_stacked_linear(mlp, (mlp.gate_proj, mlp.up_proj))
+        self.down = bound_linear(mlp.down_proj, "packed", mlp.down_proj.weight, mlp.down_proj.bias)
+        self.shape = (attn.num_heads, attn.num_kv_heads, attn.head_dim)
+        self.inter = mlp.gate_proj.out_features
+        self.index = attn.layer_idx
+
+
+class DecodePlan:
+    """`draft_step` and `draft_logits` for one draft whose weights stay as they are while the plan is used."""
+
+    def __init__(self, draft: SpecVLMDraftModel):
+        from .decoding import _token_table
+
+        h = draft.config.hidden_size
+        dtype = draft.fc.weight.dtype
+        self.hidden_size, self.dtype = h, dtype
+        self.rotary = draft.rotary_emb.forward
+        _, embed, lm_head = draft._bound_parts()
+        self.embed = embed
+        self.feature_proj = None
+        if draft.feature_proj is not None:
+            self.feature_proj = bound_linear(draft.feature_proj, "packed", draft.feature_proj.weight)
+        self.fc = bound_linear(draft.fc, "packed", draft.fc.weight, draft.fc.bias)
+        self.input_norm = _norm(draft.input_norm, dtype)
+        # the fusion split as `W_e embed(x) + W_f f`, the first term read from a per-vocabulary table
+        self.token_table = _token_table(draft)
+        self.fc_feature = bound_linear(
+            draft.fc, "feature_half", draft.fc.weight[:, h:], sources=[draft.fc.weight]
+        )
+        self.fc_bias = draft.fc.bias
+        self.layers = [_LayerPlan(layer, dtype) for layer in draft.layers]
+        self.norm = _norm(draft.norm, dtype)
+        if draft.draft_lm_head is not None:
+            head = draft.draft_lm_head
+            self.head = bound_linear(head, "packed", head.weight, head.bias)
+            self.head_dtype, self.vocab_ids = head.weight.dtype, draft.draft_vocab_ids
+        else:  # the target's lm_head: packed (a copy the draft owns) when plain and small, else called as it is
+            plain = _plain_linear(lm_head) and lm_head.weight.numel() <= TARGET_COPY_MAX_ELEMENTS
+            self.head = bound_linear(draft, "lm_head", lm_head.weight, lm_head.bias) if plain else lm_head
+            self.head_dtype, self.vocab_ids = lm_head.weight.dtype, None
+
+    @classmethod
+    def build(cls, draft) -> DecodePlan | None:
+        """The plan for `draft`, or None where the module path must run (module docstring)."""
+        if not _plannable(draft):
+            return None
+        return cls(draft)
+
+    def step(
+        self,
+        token_ids: torch.Tensor,
+        hidden_states: torch.Tensor,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        max_position: int | None = None,
+    ) -> torch.Tensor:
+        """`decoding.draft_step`: token_ids (T,), hidden_states (T, n*h or h) -> last_hidden_state (T, h)."""
+        h = self.hidden_size
+        features = hidden_states.to(self.dtype)
+        if self.token_table is not None and features.shape[-1] == h:
+            fused = self.token_table[token_ids] + self.fc_feature(features)
+            if self.fc_bias is not None:
+                fused = fused + self.fc_bias
+        else:
+            if self.feature_proj is not None and features.shape[-1] != h:
+                features = self.feature_proj(features)
+            fused = self.fc(torch.cat([self.embed(token_ids).to(self.dtype), features], dim=-1))
+        x = self.input_norm(fused)[None]
+        return self.decode_rows(x, position_ids, attention_mask, past_key_values, max_position)[0]
+
+    def decode_rows(self, x, position_ids, attention_mask, past_key_values, max_position):
+        """`SpecVLMDraftModel.decode_rows` on fused rows x (B, T, h) -> (B, T, h)."""
+        bsz, q_len, _ = x.shape
+        if position_ids is None:
+            start = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(start, start + q_len, device=x.device)[None].expand(bsz, -1)
+        cos, sin = self.rotary(position_ids, x.dtype, max_position)
+        if attention_mask is not None and attention_mask.dtype != x.dtype:
+            attention_mask = attention_mask.to(x.dtype)
+        for layer in self.layers:
+            q, k, v = split_qkv_rope(layer.qkv(layer.norm1(x)), cos, sin, *layer.shape)
+            x = x + layer.o(attend(q, k, v, attention_mask, past_key_values, layer.index))
+            gate_up = layer.gate_up(layer.norm2(x))
+            x = x + layer.down(F.silu(gate_up[..., : layer.inter]) * gate_up[..., layer.inter :])
+        return self.norm(x)
+
+    def draft_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`SpecVLMDraftModel.draft_logits`: (logits (..., Vd), target id of each column or None)."""
+        return self.head(hidden.to(self.head_dtype)), self.vocab_ids
+
+
+def _norm(module: SpecVLMRMSNorm, dtype: torch.dtype):
+    """`module(x)` for inputs of `dtype` (`SpecVLMRMSNorm.forward` with its weight cast once)."""
+    weight, shape, eps = module.weight.to(dtype), module.weight.shape, module.eps
+    return lambda x: F.rms_norm(x, shape, weight, eps)
+
+
+def _plannable(draft) -> bool:
+    if not isinstance(draft, SpecVLMDraftModel) or draft.is_eagle3 or draft.training or draft._bound is None:
+        return False
+    if any(getattr(type(draft), name) is not getattr(SpecVLMDraftModel, name) for name in _PLANNED_METHODS):
+        return False
+    if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    compressor = {id(m) for m in draft.compressor.modules()} if draft.compressor is not None else set()
+    for module in draft.modules():
+        if (
+            module is draft or id(module) in compressor
+        ):  # the compressor runs only in the prefill, as a module
+            continue
+        if isinstance(module, nn.Linear):
+            if not _plain_linear(module):
+                return False
+        elif isinstance(module, nn.ModuleList):
+            continue
+        elif type(module) not in _PLAIN_TYPES or module._forward_hooks or module._forward_pre_hooks:
+            return False
+        elif "forward" in module.__dict__:
+            return False
+    if draft._forward_hooks or draft._forward_pre_hooks:
+        return False
+    dtypes = {p.dtype for name, p in draft.named_parameters() if not name.startswith("compressor.")}
+    return len(dtypes) == 1
+
+
+def active_plan(draft) -> DecodePlan | None:
+    """The plan `planned_decoding` set on `draft`, if any (never while autograd records: the plan is inference-only)."""
+    plan = draft.__dict__.get("_specvlm_active_plan")
+    return None if plan is None or torch.is_grad_enabled() else plan
+
+
+@contextmanager
+def planned_decoding(draft):
+    """Within this block `decoding.draft_step` / `decoding.draft_logits` on `draft` run through its `DecodePlan`
+    (when one applies). The decoding loops wrap a whole `generate` call; nothing may change the draft meanwhile."""
+    previous = draft.__dict__.get("_specvlm_active_plan")
+    with torch.no_grad():
+        draft.__dict__["_specvlm_active_plan"] = DecodePlan.build(draft)
+    try:
+        yield
+    finally:
+        draft.__dict__["_specvlm_active_plan"] = previous

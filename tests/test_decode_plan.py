@@ -1,0 +1,125 @@
+"""`DecodePlan`: the draft's decoding forward with weights resolved once equals the module path exactly, runs
+inside generate, and steps aside wherever the modules must run (hooks, adapters, EAGLE-3, overrides)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers.cache_utils import DynamicCache
+
+from forced_draft import make_forced_draft
+from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel, decoding
+from specvlm_hf.decode_plan import DecodePlan, active_plan, planned_decoding
+from tiny_models import make_inputs, make_tiny_target
+
+
+@pytest.fixture(scope="module")
+def target():
+    return make_tiny_target("llava")
+
+
+def _draft(target, dtype=torch.float32, **overrides):
+    torch.manual_seed(0)
+    config = SpecVLMDraftConfig.from_target(target, **overrides)
+    draft = SpecVLMDraftModel(config).bind(target).eval()
+    with torch.no_grad():
+        for p in draft.parameters():  # random, not the near-identity init: every weight matters
+            p.add_(0.05 * torch.randn_like(p))
+    return draft.to(dtype)
+
+
+def _steps(draft, feature_width: int, dtype):
+    """Outputs of a prefix step, a masked tree-like step and the logits, all on one cache."""
+    torch.manual_seed(1)
+    cache = DynamicCache()
+    ids = torch.tensor([3, 17, 5, 3, 9])
+    feats = torch.randn(5, feature_width).to(dtype)
+    first = decoding.draft_step(draft, ids, feats, position_ids=torch.arange(5)[None], past_key_values=cache)
+    mask = torch.zeros(1, 1, 2, 7, dtype=dtype)
+    mask[..., 5] = torch.finfo(dtype).min  # row 1 does not see row 0
+    second = decoding.draft_step(
+        draft,
+        torch.tensor([4, 8]),
+        first[-2:],
+        position_ids=torch.full((1, 2), 5),
+        max_position=5,
+        attention_mask=mask,
+        past_key_values=cache,
+    )
+    logits, ids_map = decoding.draft_logits(draft, second)
+    return first, second, logits, ids_map
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "overrides",
+    [{}, {"target_layers": [0, 1]}, {"draft_vocab_size": 16}, {"num_hidden_layers": 2, "attention_bias": True}],
+    ids=["one-layer", "fused-layers", "draft-vocab", "two-layers-bias"],
+)
+def test_plan_equals_module_path_exactly(target, dtype, overrides):
+    draft = _draft(target, dtype, **overrides)
+    width = draft.config.num_fused_layers * draft.config.hidden_size
+    with torch.no_grad():
+        expected = _steps(draft, width, dtype)
+        with planned_decoding(draft):
+            assert active_plan(draft) is not None
+            got = _steps(draft, width, dtype)
+        assert active_plan(draft) is None  # the block restores the module path
+    for g, e in zip(got[:3], expected[:3]):
+        assert torch.equal(g, e)
+    assert (got[3] is None) == (expected[3] is None)
+
+
+def test_generate_runs_the_plan_and_stays_lossless(target, monkeypatch):
+    draft = _draft(target)
+    calls = {"step": 0, "logits": 0}
+    step, logits = DecodePlan.step, DecodePlan.draft_logits
+
+    def counted_step(self, *args, **kwargs):
+        calls["step"] += 1
+        return step(self, *args, **kwargs)
+
+    def counted_logits(self, *args, **kwargs):
+        calls["logits"] += 1
+        return logits(self, *args, **kwargs)
+
+    monkeypatch.setattr(DecodePlan, "step", counted_step)
+    monkeypatch.setattr(DecodePlan, "draft_logits", counted_logits)
+    inputs = make_inputs("llava", target, seed=2)
+    reference = target.generate(**inputs, max_new_tokens=12, do_sample=False)
+    for mode in ("tree", "chain"):
+        calls.update(step=0, logits=0)
+        out = target.generate(
+            **inputs, max_new_tokens=12, do_sample=False, assistant_model=draft, decoding_mode=mode
+        )
+        assert torch.equal(out, reference), mode
+        assert calls["step"] > 0 and calls["logits"] > 0, mode
+    assert active_plan(draft) is None
+
+
+def test_no_plan_where_the_modules_must_run(target):
+    with torch.no_grad():
+        hooked = _draft(target)
+        hooked.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: o)
+        assert DecodePlan.build(hooked) is None
+        patched = _draft(target)
+        patched.layers[0].mlp.forward = lambda x: x
+        assert DecodePlan.build(patched) is None
+        eagle3 = _draft(target, draft_architecture="eagle3")
+        assert DecodePlan.build(eagle3) is None
+        training = _draft(target).train()
+        assert DecodePlan.build(training) is None
+        unbound = SpecVLMDraftModel(SpecVLMDraftConfig.from_target(target)).eval()
+        assert DecodePlan.build(unbound) is None
+        # a subclass overriding the draft's forward or logits decodes through its own methods
+        forced = make_forced_draft(target, torch.arange(40), set())
+        assert DecodePlan.build(forced) is None
+        assert DecodePlan.build(_draft(target)) is not None
+
+
+def test_plan_never_bypasses_a_peft_adapter(target):
+    peft = pytest.importorskip("peft")
+    draft = _draft(target)
+    adapted = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"]), draft)
+    with torch.no_grad():
+        assert DecodePlan.build(adapted) is None
