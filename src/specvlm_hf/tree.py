@@ -79,66 +79,67 @@ def build_tree(
     logits, vocab_ids = draft_logits(draft, root_hidden[0, -1])
     logp = _draft_logp(logits, None)  # (Vd,)
     k = min(k, logp.shape[-1])
-    row_scores, row_tokens = logp.topk(k)  # level-1 candidates, (k,), most likely first
-    if vocab_ids is not None:
-        row_tokens = vocab_ids[row_tokens]  # draft column -> target token id
-    cand_tokens, cand_scores = [row_tokens], [row_scores]
-    cand_parents = [torch.full((k,), -1, dtype=torch.long, device=device)]
+    row_scores, row_cols = logp.topk(k)  # level-1 candidates, (k,), most likely first
+    cand_cols, cand_scores, row_cands = [row_cols], [row_scores], []
     row_cand = torch.arange(k, device=device)  # candidate id of each row at the current level
     parent_hidden = root_hidden[0, -1].expand(k, -1)  # (k, h)
-    n_rows_max = k * max(depth - 1, 0)
-    # additive attention mask of every tree row the draft may run: the prefix is visible, tree rows start masked
-    # and each level unmasks its rows' ancestry (itself and the rows it descends from)
-    mask = torch.zeros(n_rows_max, prefix_len + n_rows_max, dtype=draft.dtype, device=device)
-    mask[:, prefix_len:] = torch.finfo(draft.dtype).min
-    row_anc = torch.zeros(n_rows_max, n_rows_max, dtype=torch.bool, device=device)  # among tree rows
-    eye = torch.eye(k, dtype=torch.bool, device=device)
-    row_anc[:k, :k] = eye
-    # positions of every level's rows, one row of the table per level
+    n_rows = k * max(depth - 1, 0)
+    # additive attention mask of every tree row the draft may run: the prefix is visible, and among the tree rows
+    # each row sees itself from the start; a new level's rows copy their parents' view of the levels above
+    tree_part = torch.full((n_rows, n_rows), torch.finfo(draft.dtype).min, dtype=draft.dtype, device=device)
+    mask = torch.cat([tree_part.new_zeros(n_rows, prefix_len), tree_part.fill_diagonal_(0.0)], dim=1)
     level_positions = torch.arange(row_position, row_position + depth, device=device)[:, None].expand(-1, k)
     n_cands = k
     for level in range(1, depth):
         lo, hi = (level - 1) * k, level * k  # this level's rows
-        mask[lo:hi, prefix_len : prefix_len + hi].masked_fill_(row_anc[lo:hi, :hi], 0.0)
-        positions = level_positions[level - 1 : level]
         hidden = draft_step(
             draft,
-            row_tokens,
+            row_cols if vocab_ids is None else vocab_ids[row_cols],  # draft column -> target token id
             parent_hidden,
-            position_ids=positions,
+            position_ids=level_positions[level - 1 : level],
             max_position=row_position + level - 1,
             attention_mask=mask[None, None, lo:hi, : prefix_len + hi],
             past_key_values=draft_cache,
         )  # (k, h)
         logp = _draft_logp(draft_logits(draft, hidden)[0], None)  # (k, Vd)
-        child_lp, child_tok = logp.topk(k, dim=-1)  # (k, k)
-        if vocab_ids is not None:
-            child_tok = vocab_ids[child_tok]  # tokens outside the draft vocabulary never enter the tree
+        child_lp, child_cols = logp.topk(k, dim=-1)  # (k, k)
         child_scores = (row_scores[:, None] + child_lp).flatten()  # cumulative log-prob of each child
-        cand_tokens.append(child_tok.flatten())
+        child_cols = child_cols.flatten()
+        cand_cols.append(child_cols)
         cand_scores.append(child_scores)
-        cand_parents.append(row_cand.repeat_interleave(k))
+        row_cands.append(row_cand)  # the parents of this level's k children each
         if level == depth - 1:
             break
         best = child_scores.topk(k).indices  # the k best children become the next level's rows
         parent_row = best // k
-        row_tokens, row_scores = child_tok.flatten()[best], child_scores[best]
-        row_cand = n_cands + best
+        row_cols, row_scores = child_cols[best], child_scores[best]
+        row_cand = best + n_cands
         parent_hidden = hidden[parent_row]
-        # ancestry of a new row: its parent row's ancestry (rows of earlier levels) plus itself
-        row_anc[hi : hi + k, :hi] = row_anc[lo + parent_row, :hi]
-        row_anc[hi : hi + k, hi : hi + k] = eye
+        mask[hi : hi + k, prefix_len : prefix_len + hi] = mask[lo:hi, prefix_len : prefix_len + hi][
+            parent_row
+        ]
         n_cands += k * k
 
-    tokens = torch.cat(cand_tokens)
+    cols = torch.cat(cand_cols)
+    tokens = cols if vocab_ids is None else vocab_ids[cols]  # tokens outside the draft vocabulary never enter
     scores = torch.cat(cand_scores)
-    parents = torch.cat(cand_parents)
-    # level 1 holds k candidates, every later level k * k
-    sizes = torch.tensor([k] + [k * k] * (len(cand_tokens) - 1), device=device)
-    depths = torch.arange(1, len(cand_tokens) + 1, device=device).repeat_interleave(
-        sizes, output_size=len(tokens)
-    )
+    parents = torch.full((k,), -1, dtype=torch.long, device=device)  # level 1: the root's children
+    if row_cands:
+        parents = torch.cat([parents, torch.stack(row_cands)[:, :, None].expand(-1, -1, k).flatten()])
+    depths = _candidate_depths(k, len(cand_cols), device)
     return _select_tree(root_token, tokens, scores, parents, depths, _best_candidates(scores, depths, total))
+
+
+_DEPTHS: dict = {}
+
+
+def _candidate_depths(k: int, levels: int, device) -> torch.Tensor:
+    """Depth of every greedy-tree candidate: level 1 holds k candidates, every later level k * k (cached)."""
+    key = (k, levels, device)
+    if key not in _DEPTHS:
+        sizes = torch.tensor([k] + [k * k] * (levels - 1))
+        _DEPTHS[key] = torch.arange(1, levels + 1).repeat_interleave(sizes).to(device)
+    return _DEPTHS[key]
 
 
 def draw_without_replacement(logp: torch.Tensor, n: int) -> torch.Tensor:
@@ -214,20 +215,11 @@ def build_sampled_tree(
         )  # (1, h)
         logits = draft_logits(draft, hidden)[0]
         node = first
-    n = len(parents)
-    # the ancestry is known on the host (parents is a list): one scatter instead of two kernels per node
-    lines: list[list[int]] = []
-    for i, parent in enumerate(parents):
-        lines.append((lines[parent] if parent >= 0 else []) + [i])
-    rows = [i for i, line in enumerate(lines) for _ in line]
-    cols = [j for line in lines for j in line]
-    ancestors = torch.zeros(n, n, dtype=torch.bool, device=device)
-    ancestors[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = True
     return DraftTree(
         torch.cat(tokens),
         parents,
         torch.tensor(depths, device=device),
-        ancestors,
+        _ancestor_mask(parents, device),  # the ancestry is known on the host: one scatter
         child_q=child_q,
         vocab_ids=vocab_ids,
     )
@@ -253,36 +245,38 @@ def _best_candidates(scores, depths, total: int) -> torch.Tensor:
 
 
 def _select_tree(root_token, tokens, scores, parents, depths, keep: torch.Tensor) -> DraftTree:
-    """Lay the kept candidates (`keep`, bool over candidates; closed under ancestry here) out as the tree."""
+    """Lay the kept candidates (`keep`, bool over candidates; closed under ancestry here) out as the tree.
+
+    A tree holds tens of nodes: its layout is worked out on the host from two short lists, in a handful of kernels
+    instead of one pass per depth."""
     device = tokens.device
-    n_cand = tokens.shape[0]
-    has_parent = parents >= 0
-    parent_c = parents.clamp(min=0)
-    orphans = keep & has_parent & ~keep[parent_c]
-    while bool(orphans.any()):  # close under ancestry (only exact score ties leave a kept node's parent out)
-        keep[parents[orphans]] = True
-        orphans = keep & has_parent & ~keep[parent_c]
-    kept = keep.nonzero().squeeze(1)  # ascending candidate ids: parents before children
-    tree_index = torch.full((n_cand,), -1, dtype=torch.long, device=device)
-    tree_index[kept] = torch.arange(1, kept.numel() + 1, device=device)
-    parent_cand = parents[kept]
-    node_parent = torch.where(
-        parent_cand >= 0, tree_index[parent_cand.clamp(min=0)], torch.zeros_like(parent_cand)
-    )
-    n = kept.numel() + 1
-    parent_of = torch.cat([torch.tensor([-1], device=device), node_parent])  # (n,)
-    node_depths = torch.cat([torch.zeros(1, dtype=torch.long, device=device), depths[kept]])
-    ancestors = torch.eye(n, dtype=torch.bool, device=device)
-    rows = torch.arange(n, device=device)
-    # walk every node up to the root at once; a walk that reached the root stays there (the root is everyone's
-    # ancestor, so marking it again is harmless)
-    up = parent_of.clamp(min=0)
-    cur = up
-    for _ in range(int(node_depths.max())):
-        ancestors[rows, cur] = True
-        cur = up[cur]
-    tree_tokens = torch.cat([root_token.view(1), tokens[kept]])
-    return DraftTree(tree_tokens, parent_of.tolist(), node_depths, ancestors)
+    parent_list = parents.tolist()
+    kept = set(keep.nonzero().flatten().tolist())
+    for c in list(kept):  # close under ancestry (only exact score ties leave a kept node's parent out)
+        p = parent_list[c]
+        while p >= 0 and p not in kept:
+            kept.add(p)
+            p = parent_list[p]
+    order = sorted(kept)  # ascending candidate ids: parents before children
+    index = {c: i + 1 for i, c in enumerate(order)}
+    parent_of = [-1] + [index[parent_list[c]] if parent_list[c] >= 0 else 0 for c in order]
+    kept_t = torch.tensor(order, dtype=torch.long, device=device)
+    node_depths = torch.cat([depths.new_zeros(1), depths[kept_t]])
+    tree_tokens = torch.cat([root_token.view(1), tokens[kept_t]])
+    return DraftTree(tree_tokens, parent_of, node_depths, _ancestor_mask(parent_of, device))
+
+
+def _ancestor_mask(parent_of: list[int], device) -> torch.Tensor:
+    """(n, n) bool, [i, j]: node j is i or an ancestor of i, from each node's parent (parents come first)."""
+    n = len(parent_of)
+    lines: list[list[int]] = []
+    for i, parent in enumerate(parent_of):
+        lines.append((lines[parent] if parent >= 0 else []) + [i])
+    rows = [i for i, line in enumerate(lines) for _ in line]
+    cols = [j for line in lines for j in line]
+    ancestors = torch.zeros(n, n, dtype=torch.bool, device=device)
+    ancestors[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = True
+    return ancestors
 
 
 def compact_cache(cache, n_tail: int, keep: torch.Tensor) -> None:
