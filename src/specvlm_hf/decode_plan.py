@@ -72,14 +72,16 @@ class DecodePlan:
         self.embed = embed
         self.feature_proj = None
         if draft.feature_proj is not None:
-            self.feature_proj = bound_linear(draft.feature_proj, "packed", draft.feature_proj.weight)
+            self.feature_proj = bound_linear(
+                draft.feature_proj, "packed", draft.feature_proj.weight, draft.feature_proj.bias
+            )
         self.fc = bound_linear(draft.fc, "packed", draft.fc.weight, draft.fc.bias)
         self.input_norm = _norm(draft.input_norm, dtype)
         # the fusion split as `W_e embed(x) + W_f f`, the first term read from a per-vocabulary table
         self.token_table = _token_table(draft)
-        self.fc_feature = bound_linear(
-            draft.fc, "feature_half", draft.fc.weight[:, h:], sources=[draft.fc.weight]
-        )
+        if self.token_table is not None:  # (only then is the feature half multiplied on its own)
+            w_feature = draft.fc.weight[:, h:]
+            self.fc_feature = bound_linear(draft.fc, "feature_half", w_feature, sources=[draft.fc.weight])
         self.fc_bias = draft.fc.bias
         self.layers = [_LayerPlan(layer, dtype) for layer in draft.layers]
         self.norm = _norm(draft.norm, dtype)
