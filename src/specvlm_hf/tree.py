@@ -227,10 +227,9 @@ def build_sampled_tree(
 
 def _draft_logp(logits: torch.Tensor, temperature: float | None) -> torch.Tensor:
     """log q over the draft vocabulary; the sampled tree draws from softmax(logits / temperature)."""
-    logits = logits.float()
     if temperature is not None and temperature != 1.0:
-        logits = logits / temperature
-    return torch.log_softmax(logits, dim=-1)
+        logits = logits.float() / temperature
+    return torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # computed in float32, one kernel
 
 
 def _best_candidates(scores, depths, total: int) -> torch.Tensor:
