@@ -1,5 +1,5 @@
 """`DecodePlan`: the draft's decoding forward with weights resolved once equals the module path exactly, runs
-inside generate, and steps aside wherever the modules must run (hooks, adapters, EAGLE-3, overrides)."""
+inside generate, and steps aside wherever the modules must run (hooks, adapters, overrides, training)."""
 
 from __future__ import annotations
 
@@ -53,8 +53,24 @@ def _steps(draft, feature_width: int, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(
     "overrides",
-    [{}, {"target_layers": [0, 1]}, {"draft_vocab_size": 16}, {"num_hidden_layers": 2, "attention_bias": True}],
-    ids=["one-layer", "fused-layers", "draft-vocab", "two-layers-bias"],
+    [
+        {},
+        {"target_layers": [0, 1]},
+        {"draft_vocab_size": 16},
+        {"num_hidden_layers": 2, "attention_bias": True},
+        {"draft_architecture": "eagle3"},
+        {"draft_architecture": "eagle3", "target_layers": [0, 1], "num_hidden_layers": 2},
+        {"draft_architecture": "eagle3", "draft_vocab_size": 16},
+    ],
+    ids=[
+        "one-layer",
+        "fused-layers",
+        "draft-vocab",
+        "two-layers-bias",
+        "eagle3",
+        "eagle3-fused-2",
+        "eagle3-vocab",
+    ],
 )
 def test_plan_equals_module_path_exactly(target, dtype, overrides):
     draft = _draft(target, dtype, **overrides)
@@ -70,8 +86,9 @@ def test_plan_equals_module_path_exactly(target, dtype, overrides):
     assert (got[3] is None) == (expected[3] is None)
 
 
-def test_generate_runs_the_plan_and_stays_lossless(target, monkeypatch):
-    draft = _draft(target)
+@pytest.mark.parametrize("architecture", ["eagle", "eagle3"])
+def test_generate_runs_the_plan_and_stays_lossless(target, monkeypatch, architecture):
+    draft = _draft(target, draft_architecture=architecture)
     calls = {"step": 0, "logits": 0}
     step, logits = DecodePlan.step, DecodePlan.draft_logits
 
@@ -105,8 +122,6 @@ def test_no_plan_where_the_modules_must_run(target):
         patched = _draft(target)
         patched.layers[0].mlp.forward = lambda x: x
         assert DecodePlan.build(patched) is None
-        eagle3 = _draft(target, draft_architecture="eagle3")
-        assert DecodePlan.build(eagle3) is None
         training = _draft(target).train()
         assert DecodePlan.build(training) is None
         unbound = SpecVLMDraftModel(SpecVLMDraftConfig.from_target(target)).eval()
@@ -120,6 +135,8 @@ def test_no_plan_where_the_modules_must_run(target):
 def test_plan_never_bypasses_a_peft_adapter(target):
     peft = pytest.importorskip("peft")
     draft = _draft(target)
-    adapted = peft.inject_adapter_in_model(peft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"]), draft)
+    adapted = peft.inject_adapter_in_model(
+        peft.LoraConfig(r=2, target_modules=["q_proj", "down_proj"]), draft
+    )
     with torch.no_grad():
         assert DecodePlan.build(adapted) is None

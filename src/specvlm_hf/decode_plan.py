@@ -7,9 +7,9 @@ forward reads (the stacked and prepacked weights of `inference_linear`, the norm
 `decoding.draft_step`) and runs the same operations as the modules, in the same order, as straight-line code:
 its outputs equal the module path's exactly (`tests/test_decode_plan.py`).
 
-It covers "eagle" drafts built from this package's own modules. Anything else runs through the modules, which
-never bypass a hook or an adapter: EAGLE-3 drafts, modules with hooks or patched forwards (peft, accelerate), a
-subclass that overrides the draft's forward or its logits, mixed dtypes, autograd.
+It covers drafts of both architectures ("eagle", "eagle3") built from this package's own modules. Anything else
+runs through the modules, which never bypass a hook or an adapter: modules with hooks or patched forwards (peft,
+accelerate), a subclass that overrides the draft's forward or its logits, mixed dtypes, autograd.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from .modeling_specvlm import (
     SpecVLMAttention,
     SpecVLMDecoderLayer,
     SpecVLMDraftModel,
+    SpecVLMEagle3FirstLayer,
     SpecVLMMLP,
     SpecVLMRMSNorm,
     SpecVLMRotaryEmbedding,
@@ -39,15 +40,26 @@ from .modeling_specvlm import (
 
 # draft methods the plan stands in for; a subclass overriding any of them decodes through its own methods
 _PLANNED_METHODS = ("fuse", "decode_rows", "compute_logits", "draft_logits", "embed_tokens")
-_PLAIN_TYPES = (SpecVLMDecoderLayer, SpecVLMAttention, SpecVLMMLP, SpecVLMRMSNorm, SpecVLMRotaryEmbedding)
+_PLAIN_TYPES = (
+    SpecVLMDecoderLayer,
+    SpecVLMEagle3FirstLayer,
+    SpecVLMAttention,
+    SpecVLMMLP,
+    SpecVLMRMSNorm,
+    SpecVLMRotaryEmbedding,
+)
 
 
 class _LayerPlan:
-    __slots__ = ("norm1", "qkv", "o", "norm2", "gate_up", "down", "shape", "inter", "index")
+    """One decoder layer (`SpecVLMDecoderLayer`, or EAGLE-3's first layer over `[embed ; g]` rows)."""
 
-    def __init__(self, layer: SpecVLMDecoderLayer, dtype: torch.dtype):
+    __slots__ = ("norm1", "hidden_norm", "qkv", "o", "norm2", "gate_up", "down", "shape", "inter", "index")
+
+    def __init__(self, layer: SpecVLMDecoderLayer | SpecVLMEagle3FirstLayer, dtype: torch.dtype):
         attn, mlp = layer.self_attn, layer.mlp
         self.norm1 = _norm(layer.input_layernorm, dtype)
+        eagle3 = isinstance(layer, SpecVLMEagle3FirstLayer)
+        self.hidden_norm = _norm(layer.hidden_norm, dtype) if eagle3 else None
         self.qkv = bound_stacked_linear(attn, (attn.q_proj, attn.k_proj, attn.v_proj))
         self.o = bound_linear(attn.o_proj, "packed", attn.o_proj.weight, attn.o_proj.bias)
         self.norm2 = _norm(layer.post_attention_layernorm, dtype)
@@ -57,6 +69,17 @@ class _LayerPlan:
         self.inter = mlp.gate_proj.out_features
         self.index = attn.layer_idx
 
+    def __call__(self, x, cos, sin, attention_mask, past_key_values):
+        if self.hidden_norm is None:
+            attn_in = self.norm1(x)
+        else:  # EAGLE-3: attention reads [input_layernorm(embed) ; hidden_norm(g)], the residual stream starts at g
+            embeds, x = x.chunk(2, dim=-1)
+            attn_in = torch.cat([self.norm1(embeds), self.hidden_norm(x)], dim=-1)
+        q, k, v = split_qkv_rope(self.qkv(attn_in), cos, sin, *self.shape)
+        x = x + self.o(attend(q, k, v, attention_mask, past_key_values, self.index))
+        gate_up = self.gate_up(self.norm2(x))
+        return x + self.down(F.silu(gate_up[..., : self.inter]) * gate_up[..., self.inter :])
+
 
 class DecodePlan:
     """`draft_step` and `draft_logits` for one draft whose weights stay as they are while the plan is used."""
@@ -65,25 +88,28 @@ class DecodePlan:
         from .decoding import _token_table
 
         h = draft.config.hidden_size
-        dtype = draft.fc.weight.dtype
+        self.eagle3 = draft.is_eagle3
+        dtype = draft.norm.weight.dtype  # (= fc's: one dtype, `_plannable`)
         self.hidden_size, self.dtype = h, dtype
         self.rotary = draft.rotary_emb.forward
         _, embed, lm_head = draft._bound_parts()
         self.embed = embed
-        self.feature_proj = None
-        if draft.feature_proj is not None:
-            self.feature_proj = bound_linear(
-                draft.feature_proj, "packed", draft.feature_proj.weight, draft.feature_proj.bias
-            )
-        self.fc = bound_linear(draft.fc, "packed", draft.fc.weight, draft.fc.bias)
-        self.input_norm = _norm(draft.input_norm, dtype)
-        # the fusion split as `W_e embed(x) + W_f f`, the first term read from a per-vocabulary table
-        self.token_table = _token_table(draft)
-        if self.token_table is not None:  # (only then is the feature half multiplied on its own)
-            w_feature = draft.fc.weight[:, h:]
-            self.fc_feature = bound_linear(draft.fc, "feature_half", w_feature, sources=[draft.fc.weight])
-        self.fc_bias = draft.fc.bias
+        # target features wider than h: "eagle" projects them with feature_proj, "eagle3" with fc (module docstring
+        # of modeling_specvlm); "eagle" then fuses [embed ; f] with fc and input_norm
+        widen = draft.fc if self.eagle3 else draft.feature_proj
+        self.feature_proj = None if widen is None else bound_linear(widen, "packed", widen.weight, widen.bias)
+        self.token_table = None
+        if not self.eagle3:
+            self.fc = bound_linear(draft.fc, "packed", draft.fc.weight, draft.fc.bias)
+            self.input_norm = _norm(draft.input_norm, dtype)
+            # the fusion split as `W_e embed(x) + W_f f`, the first term read from a per-vocabulary table
+            self.token_table = _token_table(draft)
+            if self.token_table is not None:  # (only then is the feature half multiplied on its own)
+                w_feature = draft.fc.weight[:, h:]
+                self.fc_feature = bound_linear(draft.fc, "feature_half", w_feature, sources=[draft.fc.weight])
+            self.fc_bias = draft.fc.bias
         self.layers = [_LayerPlan(layer, dtype) for layer in draft.layers]
+        # "eagle" outputs are normed; "eagle3" outputs are pre-norm and the head norms them
         self.norm = _norm(draft.norm, dtype)
         if draft.draft_lm_head is not None:
             head = draft.draft_lm_head
@@ -120,12 +146,14 @@ class DecodePlan:
         else:
             if self.feature_proj is not None and features.shape[-1] != h:
                 features = self.feature_proj(features)
-            fused = self.fc(torch.cat([self.embed(token_ids).to(self.dtype), features], dim=-1))
-        x = self.input_norm(fused)[None]
-        return self.decode_rows(x, position_ids, attention_mask, past_key_values, max_position)[0]
+            fused = torch.cat([self.embed(token_ids).to(self.dtype), features], dim=-1)
+            if not self.eagle3:
+                fused = self.fc(fused)
+        x = fused if self.eagle3 else self.input_norm(fused)
+        return self.decode_rows(x[None], position_ids, attention_mask, past_key_values, max_position)[0]
 
     def decode_rows(self, x, position_ids, attention_mask, past_key_values, max_position):
-        """`SpecVLMDraftModel.decode_rows` on fused rows x (B, T, h) -> (B, T, h)."""
+        """`SpecVLMDraftModel.decode_rows` on fused rows x (B, T, fused_size) -> (B, T, h)."""
         bsz, q_len, _ = x.shape
         if position_ids is None:
             start = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -134,14 +162,13 @@ class DecodePlan:
         if attention_mask is not None and attention_mask.dtype != x.dtype:
             attention_mask = attention_mask.to(x.dtype)
         for layer in self.layers:
-            q, k, v = split_qkv_rope(layer.qkv(layer.norm1(x)), cos, sin, *layer.shape)
-            x = x + layer.o(attend(q, k, v, attention_mask, past_key_values, layer.index))
-            gate_up = layer.gate_up(layer.norm2(x))
-            x = x + layer.down(F.silu(gate_up[..., : layer.inter]) * gate_up[..., layer.inter :])
-        return self.norm(x)
+            x = layer(x, cos, sin, attention_mask, past_key_values)
+        return x if self.eagle3 else self.norm(x)
 
     def draft_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`SpecVLMDraftModel.draft_logits`: (logits (..., Vd), target id of each column or None)."""
+        if self.eagle3:
+            hidden = self.norm(hidden)
         return self.head(hidden.to(self.head_dtype)), self.vocab_ids
 
 
@@ -152,7 +179,7 @@ def _norm(module: SpecVLMRMSNorm, dtype: torch.dtype):
 
 
 def _plannable(draft) -> bool:
-    if not isinstance(draft, SpecVLMDraftModel) or draft.is_eagle3 or draft.training or draft._bound is None:
+    if not isinstance(draft, SpecVLMDraftModel) or draft.training or draft._bound is None:
         return False
     if any(getattr(type(draft), name) is not getattr(SpecVLMDraftModel, name) for name in _PLANNED_METHODS):
         return False
