@@ -35,6 +35,8 @@ from .modeling_specvlm import (
     SpecVLMRMSNorm,
     SpecVLMRotaryEmbedding,
     attend,
+    few_rows_on_cpu,
+    few_rows_rms_norm,
     split_qkv_rope,
 )
 
@@ -173,9 +175,16 @@ class DecodePlan:
 
 
 def _norm(module: SpecVLMRMSNorm, dtype: torch.dtype):
-    """`module(x)` for inputs of `dtype` (`SpecVLMRMSNorm.forward` with its weight cast once)."""
+    """`module(x)` for inputs of `dtype` (`SpecVLMRMSNorm.forward` with its weights cast once)."""
     weight, shape, eps = module.weight.to(dtype), module.weight.shape, module.eps
-    return lambda x: F.rms_norm(x, shape, weight, eps)
+    doubled = torch.cat([weight, weight])
+
+    def norm(x):
+        if few_rows_on_cpu(x):
+            return few_rows_rms_norm(x, doubled, eps)
+        return F.rms_norm(x, shape, weight, eps)
+
+    return norm
 
 
 def _plannable(draft) -> bool:

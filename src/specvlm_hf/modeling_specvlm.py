@@ -40,7 +40,13 @@ from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .configuration_specvlm import SpecVLMDraftConfig
-from .inference_linear import TARGET_COPY_MAX_ELEMENTS, module_linear, shared_linear, stacked_linear
+from .inference_linear import (
+    TARGET_COPY_MAX_ELEMENTS,
+    derived_from_weights,
+    module_linear,
+    shared_linear,
+    stacked_linear,
+)
 
 
 class SpecVLMRMSNorm(nn.Module):
@@ -50,9 +56,32 @@ class SpecVLMRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # weight * x / sqrt(mean(x^2) + eps), accumulated in float32 (one fused kernel)
+        # weight * x / sqrt(mean(x^2) + eps), accumulated in float32
+        if few_rows_on_cpu(x):
+            doubled = derived_from_weights(
+                self, "doubled", [self.weight], lambda: torch.cat([self.weight] * 2)
+            )
+            return few_rows_rms_norm(x, doubled.to(x.dtype), self.eps)
         weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return F.rms_norm(x, self.weight.shape, weight, self.eps)
+
+
+# decoding runs RMSNorm on a few rows at a time; on a CPU `F.rms_norm` is ~8 small kernels there, and layer_norm over
+# [x ; -x] (mean exactly 0, variance mean(x^2): the same normalisation) one fused kernel, 1.5-2x faster up to about
+# this many rows (measured here: 2 rows 22 -> 14 us, 60 rows equal, 300 rows slower)
+FEW_ROWS = 32
+
+
+def few_rows_on_cpu(x: torch.Tensor) -> bool:
+    """Whether `few_rows_rms_norm` is the faster RMSNorm for x: a CPU tensor of at most FEW_ROWS rows, no autograd."""
+    return x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() <= FEW_ROWS * x.shape[-1]
+
+
+def few_rows_rms_norm(x: torch.Tensor, doubled_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of x (..., h) with weight w as layer_norm over [x ; -x] with weight [w ; w], first half kept.
+    Agrees with `F.rms_norm` to rounding (float32: ~2e-7 relative; bfloat16: an occasional 1-ulp flip)."""
+    h = x.shape[-1]
+    return F.layer_norm(torch.cat([x, -x], dim=-1), (2 * h,), doubled_weight, None, eps)[..., :h]
 
 
 class SpecVLMRotaryEmbedding(nn.Module):

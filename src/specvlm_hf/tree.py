@@ -86,7 +86,8 @@ def build_tree(
     n_rows = k * max(depth - 1, 0)
     # additive attention mask of every tree row the draft may run: the prefix is visible, and among the tree rows
     # each row sees itself from the start; a new level's rows copy their parents' view of the levels above
-    tree_part = torch.full((n_rows, n_rows), torch.finfo(draft.dtype).min, dtype=draft.dtype, device=device)
+    dtype = root_hidden.dtype  # the draft's
+    tree_part = torch.full((n_rows, n_rows), torch.finfo(dtype).min, dtype=dtype, device=device)
     mask = torch.cat([tree_part.new_zeros(n_rows, prefix_len), tree_part.fill_diagonal_(0.0)], dim=1)
     level_positions = torch.arange(row_position, row_position + depth, device=device)[:, None].expand(-1, k)
     n_cands = k
