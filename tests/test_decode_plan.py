@@ -140,3 +140,22 @@ def test_plan_never_bypasses_a_peft_adapter(target):
     )
     with torch.no_grad():
         assert DecodePlan.build(adapted) is None
+
+
+def test_an_active_plan_is_private_to_its_thread_and_block(target):
+    import threading
+
+    draft = _draft(target)
+    seen = {}
+    with torch.no_grad(), planned_decoding(draft):
+        outer = active_plan(draft)
+        worker = threading.Thread(target=lambda: seen.update(other_thread=active_plan(draft)))
+        worker.start()
+        worker.join()
+        with planned_decoding(draft):  # nested: its own plan, the outer one back after
+            assert active_plan(draft) is not outer
+        assert active_plan(draft) is outer is not None
+        with torch.enable_grad():
+            assert active_plan(draft) is None  # inference-only
+    assert seen == {"other_thread": None}
+    assert active_plan(draft) is None

@@ -15,6 +15,7 @@ accelerate), a subclass that overrides the draft's forward or its logits, mixed 
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -215,9 +216,15 @@ def _plannable(draft) -> bool:
     return len(dtypes) == 1
 
 
+# draft id -> its active plan, per thread and per asyncio task (generate calls in parallel each see their own)
+# (a new dict for every change, never mutated)
+_ACTIVE: ContextVar[dict[int, DecodePlan | None] | None] = ContextVar("specvlm_active_plans", default=None)
+
+
 def active_plan(draft) -> DecodePlan | None:
-    """The plan `planned_decoding` set on `draft`, if any (never while autograd records: the plan is inference-only)."""
-    plan = draft.__dict__.get("_specvlm_active_plan")
+    """The plan `planned_decoding` set for `draft` here, if any (never while autograd records: it is inference-only)."""
+    plans = _ACTIVE.get()
+    plan = plans.get(id(draft)) if plans else None
     return None if plan is None or torch.is_grad_enabled() else plan
 
 
@@ -225,10 +232,10 @@ def active_plan(draft) -> DecodePlan | None:
 def planned_decoding(draft):
     """Within this block `decoding.draft_step` / `decoding.draft_logits` on `draft` run through its `DecodePlan`
     (when one applies). The decoding loops wrap a whole `generate` call; nothing may change the draft meanwhile."""
-    previous = draft.__dict__.get("_specvlm_active_plan")
     with torch.no_grad():
-        draft.__dict__["_specvlm_active_plan"] = DecodePlan.build(draft)
+        plan = DecodePlan.build(draft)
+    token = _ACTIVE.set({**(_ACTIVE.get() or {}), id(draft): plan})
     try:
         yield
     finally:
-        draft.__dict__["_specvlm_active_plan"] = previous
+        _ACTIVE.reset(token)
