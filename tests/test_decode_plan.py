@@ -10,6 +10,7 @@ from transformers.cache_utils import DynamicCache
 from forced_draft import make_forced_draft
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel, decoding
 from specvlm_hf.decode_plan import DecodePlan, active_plan, planned_decoding
+from specvlm_hf.modeling_specvlm import SpecVLMMLP, SpecVLMRMSNorm
 from tiny_models import make_inputs, make_tiny_target
 
 
@@ -58,6 +59,7 @@ def _steps(draft, feature_width: int, dtype):
         {"target_layers": [0, 1]},
         {"draft_vocab_size": 16},
         {"num_hidden_layers": 2, "attention_bias": True},
+        {"attention_bias": True, "num_key_value_heads": 1},
         {"draft_architecture": "eagle3"},
         {"draft_architecture": "eagle3", "target_layers": [0, 1], "num_hidden_layers": 2},
         {"draft_architecture": "eagle3", "draft_vocab_size": 16},
@@ -67,6 +69,7 @@ def _steps(draft, feature_width: int, dtype):
         "fused-layers",
         "draft-vocab",
         "two-layers-bias",
+        "gqa-bias",
         "eagle3",
         "eagle3-fused-2",
         "eagle3-vocab",
@@ -114,7 +117,40 @@ def test_generate_runs_the_plan_and_stays_lossless(target, monkeypatch, architec
     assert active_plan(draft) is None
 
 
-def test_no_plan_where_the_modules_must_run(target):
+def test_plan_and_modules_agree_when_only_some_projections_have_a_bias(target):
+    draft = _draft(target, attention_bias=True)
+    draft.layers[0].self_attn.q_proj.bias = None
+    width = draft.config.hidden_size
+    with torch.no_grad():
+        expected = _steps(draft, width, torch.float32)
+        with planned_decoding(draft):
+            got = _steps(draft, width, torch.float32)
+    for g, e in zip(got[:3], expected[:3]):
+        assert torch.equal(g, e)
+    # and the decoding path (stacked q/k/v) computes what the training path (three projections) does
+    ids, feats = torch.tensor([3, 17, 5]), torch.randn(3, width)
+    with torch.no_grad():
+        decoded = decoding.draft_step(draft, ids, feats, position_ids=torch.arange(3)[None])
+    trained = draft(inputs_embeds=draft.embed_tokens(ids)[None], hidden_states=feats[None]).last_hidden_state[
+        0
+    ]
+    torch.testing.assert_close(decoded, trained.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_generate_under_autocast_runs_the_modules(target):
+    draft = _draft(target)
+    inputs = make_inputs("llava", target, seed=2)
+    target.generate(**inputs, max_new_tokens=3, do_sample=False, assistant_model=draft)  # packing checked
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert DecodePlan.build(draft) is None
+        for mode in ("tree", "chain"):
+            target.generate(
+                **inputs, max_new_tokens=6, do_sample=False, assistant_model=draft, decoding_mode=mode
+            )
+            assert draft.last_generation_stats.new_tokens == 6
+
+
+def test_no_plan_where_the_modules_must_run(target, monkeypatch):
     with torch.no_grad():
         hooked = _draft(target)
         hooked.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, o: o)
@@ -129,7 +165,19 @@ def test_no_plan_where_the_modules_must_run(target):
         # a subclass overriding the draft's forward or logits decodes through its own methods
         forced = make_forced_draft(target, torch.arange(40), set())
         assert DecodePlan.build(forced) is None
-        assert DecodePlan.build(_draft(target)) is not None
+        # methods replaced on the instance, or forwards patched on the class
+        for name in ("decode_rows", "draft_logits"):
+            replaced = _draft(target)
+            setattr(replaced, name, getattr(replaced, name))
+            assert DecodePlan.build(replaced) is None, name
+        plain = _draft(target)
+        assert DecodePlan.build(plain) is not None
+        for cls in (SpecVLMMLP, SpecVLMRMSNorm):
+            with monkeypatch.context() as patch:
+                original = cls.forward
+                patch.setattr(cls, "forward", lambda self, *args, _f=original: _f(self, *args))
+                assert DecodePlan.build(plain) is None, cls.__name__
+        assert DecodePlan.build(plain) is not None
 
 
 def test_plan_never_bypasses_a_peft_adapter(target):

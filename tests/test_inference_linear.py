@@ -55,6 +55,37 @@ def test_stacked_linear_is_the_concatenation(dtype):
         torch.testing.assert_close(stacked_linear(owner, linears, x), expect, **tol)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_stacked_linear_with_some_biases_missing_follows_every_bias(dtype):
+    owner = nn.Module()
+    linears = (_lin(32, 16, False, dtype), _lin(32, 8, True, dtype), _lin(32, 8, True, dtype))
+    x = torch.randn(3, 32).to(dtype)
+    tol = dict(rtol=1e-2, atol=1e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            stacked_linear(owner, linears, x), torch.cat([lin(x) for lin in linears], dim=-1), **tol
+        )
+        linears[2].bias.add_(1.0)  # a bias alone changes: the stacked copy is rebuilt
+        torch.testing.assert_close(
+            stacked_linear(owner, linears, x), torch.cat([lin(x) for lin in linears], dim=-1), **tol
+        )
+
+
+def test_packed_path_steps_aside_under_autocast_and_for_patched_linear(monkeypatch):
+    lin = _lin(16, 8, True, torch.float32)
+    x = torch.randn(2, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (
+            module_linear(lin, x).dtype == lin(x).dtype == torch.bfloat16
+        )  # autocast's product, as the module
+    calls = []
+    original = nn.Linear.forward
+    monkeypatch.setattr(nn.Linear, "forward", lambda self, x: calls.append(1) or original(self, x))
+    with torch.no_grad():
+        module_linear(lin, x)
+    assert calls == [1]
+
+
 def test_autograd_runs_the_module_and_gradients_flow():
     lin = _lin(16, 8, True, torch.float32)
     x = torch.randn(4, 16, requires_grad=True)

@@ -41,16 +41,23 @@ from .modeling_specvlm import (
     split_qkv_rope,
 )
 
-# draft methods the plan stands in for; a subclass overriding any of them decodes through its own methods
-_PLANNED_METHODS = ("fuse", "decode_rows", "compute_logits", "draft_logits", "embed_tokens")
-_PLAIN_TYPES = (
-    SpecVLMDecoderLayer,
-    SpecVLMEagle3FirstLayer,
-    SpecVLMAttention,
-    SpecVLMMLP,
-    SpecVLMRMSNorm,
-    SpecVLMRotaryEmbedding,
-)
+# draft methods the plan stands in for, and the forwards of the modules it stands in for, as this package defines
+# them; a draft where any is overridden, patched or replaced decodes through its modules
+_PLANNED_METHODS = {
+    name: getattr(SpecVLMDraftModel, name)
+    for name in ("fuse", "decode_rows", "compute_logits", "draft_logits", "embed_tokens")
+}
+_PLAIN_FORWARDS = {
+    cls: cls.forward
+    for cls in (
+        SpecVLMDecoderLayer,
+        SpecVLMEagle3FirstLayer,
+        SpecVLMAttention,
+        SpecVLMMLP,
+        SpecVLMRMSNorm,
+        SpecVLMRotaryEmbedding,
+    )
+}
 
 
 class _LayerPlan:
@@ -118,10 +125,12 @@ class DecodePlan:
             head = draft.draft_lm_head
             self.head = bound_linear(head, "packed", head.weight, head.bias)
             self.head_dtype, self.vocab_ids = head.weight.dtype, draft.draft_vocab_ids
+            self.head_device = head.weight.device
         else:  # the target's lm_head: packed (a copy the draft owns) when plain and small, else called as it is
             plain = _plain_linear(lm_head) and lm_head.weight.numel() <= TARGET_COPY_MAX_ELEMENTS
             self.head = bound_linear(draft, "lm_head", lm_head.weight, lm_head.bias) if plain else lm_head
             self.head_dtype, self.vocab_ids = lm_head.weight.dtype, None
+            self.head_device = lm_head.weight.device
 
     @classmethod
     def build(cls, draft) -> DecodePlan | None:
@@ -172,7 +181,7 @@ class DecodePlan:
         """`SpecVLMDraftModel.draft_logits`: (logits (..., Vd), target id of each column or None)."""
         if self.eagle3:
             hidden = self.norm(hidden)
-        return self.head(hidden.to(self.head_dtype)), self.vocab_ids
+        return self.head(hidden.to(self.head_device, self.head_dtype)), self.vocab_ids
 
 
 def _norm(module: SpecVLMRMSNorm, dtype: torch.dtype):
@@ -191,9 +200,17 @@ def _norm(module: SpecVLMRMSNorm, dtype: torch.dtype):
 def _plannable(draft) -> bool:
     if not isinstance(draft, SpecVLMDraftModel) or draft.training or draft._bound is None:
         return False
-    if any(getattr(type(draft), name) is not getattr(SpecVLMDraftModel, name) for name in _PLANNED_METHODS):
+    device = draft.norm.weight.device.type
+    if torch.is_autocast_enabled(device):  # autocast re-types every product; the modules follow it per call
+        return False
+    # the draft's own methods: neither overridden (subclass, class patch) nor replaced on the instance
+    if any(getattr(type(draft), name) is not method for name, method in _PLANNED_METHODS.items()):
+        return False
+    if any(name in draft.__dict__ for name in _PLANNED_METHODS):
         return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    if draft._forward_hooks or draft._forward_pre_hooks:
         return False
     compressor = {id(m) for m in draft.compressor.modules()} if draft.compressor is not None else set()
     for module in draft.modules():
@@ -206,25 +223,27 @@ def _plannable(draft) -> bool:
                 return False
         elif isinstance(module, nn.ModuleList):
             continue
-        elif type(module) not in _PLAIN_TYPES or module._forward_hooks or module._forward_pre_hooks:
+        elif (
+            _PLAIN_FORWARDS.get(type(module)) is not type(module).forward  # not ours, or its forward patched
+            or module._forward_hooks
+            or module._forward_pre_hooks
+            or "forward" in module.__dict__
+        ):
             return False
-        elif "forward" in module.__dict__:
-            return False
-    if draft._forward_hooks or draft._forward_pre_hooks:
-        return False
     dtypes = {p.dtype for name, p in draft.named_parameters() if not name.startswith("compressor.")}
     return len(dtypes) == 1
 
 
-# draft id -> its active plan, per thread and per asyncio task (generate calls in parallel each see their own)
+# draft id -> (draft, its active plan), per thread and per asyncio task (generate calls in parallel each see their own)
 # (a new dict for every change, never mutated)
-_ACTIVE: ContextVar[dict[int, DecodePlan | None] | None] = ContextVar("specvlm_active_plans", default=None)
+_ACTIVE: ContextVar[dict[int, tuple] | None] = ContextVar("specvlm_active_plans", default=None)
 
 
 def active_plan(draft) -> DecodePlan | None:
     """The plan `planned_decoding` set for `draft` here, if any (never while autograd records: it is inference-only)."""
     plans = _ACTIVE.get()
-    plan = plans.get(id(draft)) if plans else None
+    entry = plans.get(id(draft)) if plans else None
+    plan = entry[1] if entry is not None and entry[0] is draft else None
     return None if plan is None or torch.is_grad_enabled() else plan
 
 
@@ -234,7 +253,7 @@ def planned_decoding(draft):
     (when one applies). The decoding loops wrap a whole `generate` call; nothing may change the draft meanwhile."""
     with torch.no_grad():
         plan = DecodePlan.build(draft)
-    token = _ACTIVE.set({**(_ACTIVE.get() or {}), id(draft): plan})
+    token = _ACTIVE.set({**(_ACTIVE.get() or {}), id(draft): (draft, plan)})
     try:
         yield
     finally:

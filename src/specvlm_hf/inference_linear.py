@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 # decoding token table) only up to this many entries (32M: 64 MB in bf16)
 TARGET_COPY_MAX_ELEMENTS = 1 << 25
 
+_LINEAR_FORWARD = nn.Linear.forward  # as torch defines it (a patched class forward is called, never bypassed)
+
 # dtype -> whether the packed path works here (checked once against F.linear on first use)
 _PACKED_OK: dict[torch.dtype, bool] = {}
 
@@ -82,8 +84,8 @@ def _packing_works(dtype: torch.dtype) -> bool:
             and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
             and (dtype == torch.float32 or (dtype == torch.bfloat16 and _bf16_native()))
         ):
-            try:
-                with torch.no_grad():
+            try:  # (outside autocast, which would re-type the reference product)
+                with torch.no_grad(), torch.autocast("cpu", enabled=False):
                     gen = torch.Generator().manual_seed(0)
                     x = torch.randn(3, 2, 64, generator=gen).to(dtype)
                     w = torch.randn(48, 64, generator=gen).to(dtype)
@@ -118,6 +120,9 @@ def _use_packed(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return (
         not torch.is_grad_enabled()
         and x.device.type == "cpu"
+        and not torch.is_autocast_enabled(
+            "cpu"
+        )  # autocast picks the product's dtype per call: F.linear follows it
         and x.dtype == weight.dtype
         and _packable(weight, bias)
     )
@@ -137,6 +142,7 @@ def _plain_linear(module) -> bool:
     """An `nn.Linear` whose call is its own forward: no hooks, no patched forward (accelerate), no wrapper (peft)."""
     return (
         type(module) is nn.Linear
+        and nn.Linear.forward is _LINEAR_FORWARD
         and not module._forward_hooks
         and not module._forward_pre_hooks
         and "forward" not in module.__dict__
@@ -166,11 +172,11 @@ def stacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...], x: torch.Te
     row counts one product costs a fraction of several. The stacked weight is cached on `owner`."""
     if not all(_plain_linear(lin) for lin in linears):  # adapters or hooks: their own calls, never bypassed
         return torch.cat([lin(x) for lin in linears], dim=-1)
-    weights, biases, build = _stacking(linears)
-    if _use_packed(x, weights[0], biases[0]):
-        packed, bias = derived_from_weights(owner, "stacked_packed", weights, lambda: _pack_pair(build()))
+    weights, sources, build = _stacking(linears)
+    if _use_packed(x, weights[0], None) and _same_dtype(sources):
+        packed, bias = derived_from_weights(owner, "stacked_packed", sources, lambda: _pack_pair(build()))
         return _packed_linear(x, packed, bias)
-    return F.linear(x, *derived_from_weights(owner, "stacked", weights, build))
+    return F.linear(x, *derived_from_weights(owner, "stacked", sources, build))
 
 
 def bound_linear(owner: nn.Module, name: str, weight: torch.Tensor, bias=None, sources=None):
@@ -185,24 +191,32 @@ def bound_linear(owner: nn.Module, name: str, weight: torch.Tensor, bias=None, s
 
 def bound_stacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...]):
     """`stacked_linear(owner, linears, .)` bound once like `bound_linear` (for plain linears of one dtype)."""
-    weights, biases, build = _stacking(linears)
-    if _packable(weights[0], biases[0]):
-        packed, bias = derived_from_weights(owner, "stacked_packed", weights, lambda: _pack_pair(build()))
+    weights, sources, build = _stacking(linears)
+    if _packable(weights[0], None) and _same_dtype(sources):
+        packed, bias = derived_from_weights(owner, "stacked_packed", sources, lambda: _pack_pair(build()))
         return lambda x: _packed_linear(x, packed, bias)
-    weight, bias = derived_from_weights(owner, "stacked", weights, build)
+    weight, bias = derived_from_weights(owner, "stacked", sources, build)
     return lambda x: F.linear(x, weight, bias)
 
 
 def _stacking(linears):
-    """The weights and biases of `linears`, and a function stacking them into one (weight, bias)."""
+    """The weights of `linears`, the tensors a stacked copy depends on (weights and biases), and a function stacking
+    them into one (weight, bias); a member without a bias gets zeros there when another has one."""
     weights = [lin.weight for lin in linears]
     biases = [lin.bias for lin in linears]
+    sources = weights + [b for b in biases if b is not None]
 
     def build():
-        bias = torch.cat(biases) if all(b is not None for b in biases) else None
-        return torch.cat(weights), bias
+        if all(b is None for b in biases):
+            return torch.cat(weights), None
+        parts = [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)]
+        return torch.cat(weights), torch.cat(parts).detach()
 
-    return weights, biases, build
+    return weights, sources, build
+
+
+def _same_dtype(tensors) -> bool:
+    return len({t.dtype for t in tensors}) == 1
 
 
 def _pack_pair(weight_bias):

@@ -154,7 +154,7 @@ class SpecVLMAttention(nn.Module):
     ) -> torch.Tensor:
         bsz, q_len, _ = x.shape
         heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
-        if torch.is_grad_enabled() or (self.q_proj.bias is None) != (self.k_proj.bias is None):
+        if torch.is_grad_enabled():
             q = self.q_proj(x).view(bsz, q_len, heads, d).transpose(1, 2)
             k = self.k_proj(x).view(bsz, q_len, kv_heads, d).transpose(1, 2)
             v = self.v_proj(x).view(bsz, q_len, kv_heads, d).transpose(1, 2)
