@@ -25,6 +25,7 @@ from .inference_linear import (
     TARGET_COPY_MAX_ELEMENTS,
     _plain_linear,
     bound_linear,
+    bound_shared_linear,
     bound_stacked_linear,
 )
 from .modeling_specvlm import (
@@ -38,6 +39,7 @@ from .modeling_specvlm import (
     attend,
     few_rows_on_cpu,
     few_rows_rms_norm,
+    run_decoder,
     split_qkv_rope,
 )
 
@@ -121,16 +123,16 @@ class DecodePlan:
         self.layers = [_LayerPlan(layer, dtype) for layer in draft.layers]
         # "eagle" outputs are normed; "eagle3" outputs are pre-norm and the head norms them
         self.norm = _norm(draft.norm, dtype)
-        if draft.draft_lm_head is not None:
-            head = draft.draft_lm_head
+        # the draft's own head over its reduced vocabulary, or the target's lm_head (packed, a copy the draft owns,
+        # when plain and small; else called as it is)
+        reduced = draft.draft_lm_head is not None
+        head = draft.draft_lm_head if reduced else lm_head
+        if reduced:
             self.head = bound_linear(head, "packed", head.weight, head.bias)
-            self.head_dtype, self.vocab_ids = head.weight.dtype, draft.draft_vocab_ids
-            self.head_device = head.weight.device
-        else:  # the target's lm_head: packed (a copy the draft owns) when plain and small, else called as it is
-            plain = _plain_linear(lm_head) and lm_head.weight.numel() <= TARGET_COPY_MAX_ELEMENTS
-            self.head = bound_linear(draft, "lm_head", lm_head.weight, lm_head.bias) if plain else lm_head
-            self.head_dtype, self.vocab_ids = lm_head.weight.dtype, None
-            self.head_device = lm_head.weight.device
+        else:
+            self.head = bound_shared_linear(draft, "lm_head", head, TARGET_COPY_MAX_ELEMENTS)
+        self.head_dtype, self.head_device = head.weight.dtype, head.weight.device
+        self.vocab_ids = draft.draft_vocab_ids if reduced else None
 
     @classmethod
     def build(cls, draft) -> DecodePlan | None:
@@ -166,16 +168,17 @@ class DecodePlan:
 
     def decode_rows(self, x, position_ids, attention_mask, past_key_values, max_position):
         """`SpecVLMDraftModel.decode_rows` on fused rows x (B, T, fused_size) -> (B, T, h)."""
-        bsz, q_len, _ = x.shape
-        if position_ids is None:
-            start = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = torch.arange(start, start + q_len, device=x.device)[None].expand(bsz, -1)
-        cos, sin = self.rotary(position_ids, x.dtype, max_position)
-        if attention_mask is not None and attention_mask.dtype != x.dtype:
-            attention_mask = attention_mask.to(x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attention_mask, past_key_values)
-        return x if self.eagle3 else self.norm(x)
+        final_norm = None if self.eagle3 else self.norm
+        return run_decoder(
+            self.layers,
+            self.rotary,
+            final_norm,
+            x,
+            position_ids,
+            attention_mask,
+            past_key_values,
+            max_position,
+        )
 
     def draft_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`SpecVLMDraftModel.draft_logits`: (logits (..., Vd), target id of each column or None)."""

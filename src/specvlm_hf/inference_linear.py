@@ -162,9 +162,14 @@ def shared_linear(owner: nn.Module, name: str, module: nn.Module, x: torch.Tenso
     """`module(x)` for a module `owner` borrows (the target's `lm_head`): a packed copy, cached on `owner`, only
     when the weight has at most `max_elements` entries (a copy of a large vocabulary's head costs real memory;
     a draft for one uses a reduced draft vocabulary, whose own head is packed)."""
-    if torch.is_grad_enabled() or not _plain_linear(module) or module.weight.numel() > max_elements:
+    if torch.is_grad_enabled() or not _copyable(module, max_elements):
         return module(x)
     return linear(owner, name, x, module.weight, module.bias)
+
+
+def _copyable(module: nn.Module, max_elements: int) -> bool:
+    """Whether `shared_linear` may run a borrowed module through a copy of its weight (plain and small enough)."""
+    return _plain_linear(module) and module.weight.numel() <= max_elements
 
 
 def stacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...], x: torch.Tensor) -> torch.Tensor:
@@ -187,6 +192,14 @@ def bound_linear(owner: nn.Module, name: str, weight: torch.Tensor, bias=None, s
         packed = derived_from_weights(owner, name, sources or [weight], lambda: _pack(weight))
         return lambda x: _packed_linear(x, packed, bias)
     return lambda x: F.linear(x, weight, bias)
+
+
+def bound_shared_linear(owner: nn.Module, name: str, module: nn.Module, max_elements: int):
+    """`shared_linear(owner, name, module, ., max_elements)` bound once like `bound_linear`: the module itself
+    where it must be called."""
+    if not _copyable(module, max_elements):
+        return module
+    return bound_linear(owner, name, module.weight, module.bias)
 
 
 def bound_stacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...]):

@@ -245,6 +245,21 @@ class SpecVLMEagle3FirstLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def run_decoder(layers, rotary, final_norm, x, position_ids, attention_mask, past_key_values, max_position):
+    """The decoder stack on fused rows x (B, T, fused_size) -> (B, T, h), for the modules and `DecodePlan` alike:
+    RoPE tables, the mask in x's dtype, each `layer(x, cos, sin, mask, cache)`, then `final_norm` (None: none)."""
+    bsz, q_len, _ = x.shape
+    if position_ids is None:
+        start = past_key_values.get_seq_length() if past_key_values is not None else 0
+        position_ids = torch.arange(start, start + q_len, device=x.device)[None].expand(bsz, -1)
+    cos, sin = rotary(position_ids, x.dtype, max_position)
+    if attention_mask is not None and attention_mask.dtype != x.dtype:
+        attention_mask = attention_mask.to(x.dtype)
+    for layer in layers:
+        x = layer(x, cos, sin, attention_mask, past_key_values)
+    return x if final_norm is None else final_norm(x)
+
+
 def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Boolean "may attend" mask -> additive float mask (0 where allowed, the dtype's minimum elsewhere)."""
     return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
@@ -566,17 +581,17 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
         """The decoder on fused input rows (B, T, fused_size) -> `last_hidden_state` (B, T, h): `forward` without
         the fusion and the output wrapper (the decoding loops call it once per draft step; they pass the largest
         position as `max_position`, see `SpecVLMRotaryEmbedding.forward`)."""
-        x = fused
-        bsz, q_len, _ = x.shape
-        if position_ids is None:
-            start = past_key_values.get_seq_length() if past_key_values is not None else 0
-            position_ids = torch.arange(start, start + q_len, device=x.device)[None].expand(bsz, -1)
-        cos, sin = self.rotary_emb(position_ids, x.dtype, max_position)
-        if attention_mask is not None and attention_mask.dtype != x.dtype:
-            attention_mask = attention_mask.to(x.dtype)
-        for layer in self.layers:
-            x = layer(x, cos, sin, attention_mask, past_key_values)
-        return x if self.is_eagle3 else self.norm(x)
+        final_norm = None if self.is_eagle3 else self.norm
+        return run_decoder(
+            self.layers,
+            self.rotary_emb,
+            final_norm,
+            fused,
+            position_ids,
+            attention_mask,
+            past_key_values,
+            max_position,
+        )
 
     # ---------------------------------------------------------- prompt context
     def prepare_context(
