@@ -10,10 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import TrainingArguments
 
-from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
-from specvlm_hf.collator import SpecVLMDataCollator
-from specvlm_hf.toy import load_toy_target, make_toy_dataset, toy_generate_inputs, toy_prompts
-from specvlm_hf.trainer import SpecVLMDistillationTrainer
+from specvlm_hf import SpecVLMDataCollator, SpecVLMDistillationTrainer, SpecVLMDraftConfig, SpecVLMDraftModel
+from specvlm_hf.toy.world import load_toy_target, make_toy_dataset, toy_generate_inputs, toy_prompts
 
 
 def main() -> None:

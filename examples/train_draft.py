@@ -15,10 +15,8 @@ import time
 import torch
 from transformers import TrainingArguments
 
-from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
-from specvlm_hf.collator import SpecVLMDataCollator
-from specvlm_hf.toy import load_toy_target, make_toy_dataset, toy_generate_inputs, toy_prompts
-from specvlm_hf.trainer import SpecVLMDistillationTrainer
+from specvlm_hf import SpecVLMDataCollator, SpecVLMDistillationTrainer, SpecVLMDraftConfig, SpecVLMDraftModel
+from specvlm_hf.toy.world import load_toy_target, make_toy_dataset, toy_generate_inputs, toy_prompts
 
 
 def parse_args() -> argparse.Namespace:

@@ -21,9 +21,8 @@ import transformers
 from transformers import TrainerCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
 
-from specvlm_hf import SpecVLMDistillationTrainer
-from specvlm_hf.collator import SpecVLMDataCollator
-from specvlm_hf.demo import TrainBudget, load_rows, load_target, new_draft, prompt_inputs
+from specvlm_hf import SpecVLMDataCollator, SpecVLMDistillationTrainer
+from specvlm_hf.toy.demo import TrainBudget, load_rows, load_target, new_draft, prompt_inputs
 
 TREE_SETTINGS = {
     "default": {},  # the config's tree: top_k 10, depth 7, total_tokens 60

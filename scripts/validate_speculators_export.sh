@@ -45,7 +45,7 @@ PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH} "$MAIN_PYTHON" - "$OUT" <<'PY'
 import sys
 import torch
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
-from specvlm_hf.export import export_draft
+from specvlm_hf import export_draft
 
 torch.manual_seed(0)
 config = SpecVLMDraftConfig(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
@@ -77,7 +77,7 @@ import torch
 from transformers import DynamicCache
 
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
-from specvlm_hf.export import export_draft
+from specvlm_hf import export_draft
 from tiny_models import TEXT_HIGH, TEXT_LOW, make_tiny_target
 
 out = sys.argv[1]

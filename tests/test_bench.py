@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from specvlm_hf import bench, tuning
-from specvlm_hf.demo import new_draft
+from specvlm_hf.toy import bench, methods, tuning
+from specvlm_hf.toy.demo import new_draft
 from tiny_models import make_inputs, make_tiny_target
 
 
@@ -63,11 +63,11 @@ def test_prompt_lookup_cuts_candidates_at_image_tokens(setup):
     """Prompt lookup copies n-grams from the prompt, which contains <image> placeholders: cut there."""
     vlm, _, prompts = setup
     inputs = prompts[0]
-    image_ids = bench._image_token_ids(vlm)
+    image_ids = methods._image_token_ids(vlm)
     assert image_ids and bool((inputs["input_ids"] == image_ids[0]).any())
     method = bench.Method("prompt_lookup", "prompt_lookup", gen_kwargs={"prompt_lookup_num_tokens": 10})
     plain = vlm.generate(**inputs, max_new_tokens=6, do_sample=False)
-    out = bench._generate(vlm, method, inputs, 6, 0.0)
+    out = methods._generate(vlm, method, inputs, 6, 0.0)
     assert out.tolist() == plain.tolist()
     assert "_get_candidate_generator" not in vlm.__dict__ or callable(vlm._get_candidate_generator)
 

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from forced_draft import expected_accepted_lengths, make_forced_draft
-from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel, targets
-from specvlm_hf.compression import split_trailing
+from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
+from specvlm_hf.draft.compression import split_trailing
+from specvlm_hf.targets import families as targets
 from tiny_models import IMAGE_ID, VIDEO_ID, make_inputs, make_tiny_target, make_video_inputs
 
 ALL_MODES = ["prune", "pool", "conv", "resampler", "text_only", "select", "weighted", "concat"]

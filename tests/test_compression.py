@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
-from specvlm_hf.compression import (
+from specvlm_hf.draft.compression import (
     ConvCompressor,
     build_compressor,
     conv_stride,
@@ -15,10 +15,10 @@ from specvlm_hf.compression import (
     span_layout,
     window_compress,
 )
-from specvlm_hf.modeling_specvlm import DraftContext
+from specvlm_hf.draft.modeling_specvlm import DraftContext
 
 try:
-    from specvlm_hf.targets import VisualSpan
+    from specvlm_hf.targets.families import VisualSpan
 except ImportError:  # targets.py not there yet: a compatible stand-in
 
     @dataclass
@@ -409,7 +409,7 @@ def test_prepare_context_end_to_end(mode, with_next):
 
 
 def test_position_rule_is_documented():
-    import specvlm_hf.compression as compression
+    import specvlm_hf.draft.compression as compression
 
     doc = " ".join(compression.__doc__.split())
     assert (

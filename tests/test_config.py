@@ -9,7 +9,7 @@ from transformers import AutoConfig, BertConfig, BertForMaskedLM, GPT2Config, GP
 
 import specvlm_hf  # noqa: F401  (registers "specvlm_draft" with AutoConfig / AutoModel)
 from specvlm_hf import SpecVLMDraftConfig
-from specvlm_hf.configuration_specvlm import (
+from specvlm_hf.draft.configuration_specvlm import (
     COMPRESSOR_MODES,
     COMPRESSOR_PRIMITIVES,
     DECODING_MODES,

@@ -1,5 +1,7 @@
-"""`DecodePlan`: the draft's decoding forward with weights resolved once equals the module path exactly, runs
-inside generate, and steps aside wherever the modules must run (hooks, adapters, overrides, training)."""
+"""`DecodePlan` (the CPU backend): the draft's decoding forward with weights resolved once equals the draft's own
+methods (the definition) to rounding, runs inside generate, and steps aside wherever the modules must run (hooks,
+adapters, overrides, training). The plan uses other kernels (prepacked and stacked products, RMSNorm as one
+layer_norm), so the two agree to rounding, not bit for bit."""
 
 from __future__ import annotations
 
@@ -8,9 +10,9 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from forced_draft import make_forced_draft
-from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel, decoding
-from specvlm_hf.decode_plan import DecodePlan, active_plan, planned_decoding
-from specvlm_hf.modeling_specvlm import SpecVLMMLP, SpecVLMRMSNorm
+from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel, backends
+from specvlm_hf.backends import DecodePlan, accelerated, active_plan
+from specvlm_hf.draft.modeling_specvlm import SpecVLMMLP, SpecVLMRMSNorm
 from tiny_models import make_inputs, make_tiny_target
 
 
@@ -29,16 +31,20 @@ def _draft(target, dtype=torch.float32, **overrides):
     return draft.to(dtype)
 
 
+def _tolerance(dtype):
+    return dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+
+
 def _steps(draft, feature_width: int, dtype):
     """Outputs of a prefix step, a masked tree-like step and the logits, all on one cache."""
     torch.manual_seed(1)
     cache = DynamicCache()
     ids = torch.tensor([3, 17, 5, 3, 9])
     feats = torch.randn(5, feature_width).to(dtype)
-    first = decoding.draft_step(draft, ids, feats, position_ids=torch.arange(5)[None], past_key_values=cache)
+    first = backends.draft_step(draft, ids, feats, position_ids=torch.arange(5)[None], past_key_values=cache)
     mask = torch.zeros(1, 1, 2, 7, dtype=dtype)
     mask[..., 5] = torch.finfo(dtype).min  # row 1 does not see row 0
-    second = decoding.draft_step(
+    second = backends.draft_step(
         draft,
         torch.tensor([4, 8]),
         first[-2:],
@@ -47,7 +53,7 @@ def _steps(draft, feature_width: int, dtype):
         attention_mask=mask,
         past_key_values=cache,
     )
-    logits, ids_map = decoding.draft_logits(draft, second)
+    logits, ids_map = backends.draft_logits(draft, second)
     return first, second, logits, ids_map
 
 
@@ -75,17 +81,17 @@ def _steps(draft, feature_width: int, dtype):
         "eagle3-vocab",
     ],
 )
-def test_plan_equals_module_path_exactly(target, dtype, overrides):
+def test_plan_equals_module_path(target, dtype, overrides):
     draft = _draft(target, dtype, **overrides)
     width = draft.config.num_fused_layers * draft.config.hidden_size
     with torch.no_grad():
         expected = _steps(draft, width, dtype)
-        with planned_decoding(draft):
+        with accelerated(draft):
             assert active_plan(draft) is not None
             got = _steps(draft, width, dtype)
         assert active_plan(draft) is None  # the block restores the module path
     for g, e in zip(got[:3], expected[:3]):
-        assert torch.equal(g, e)
+        torch.testing.assert_close(g, e, **_tolerance(dtype))
     assert (got[3] is None) == (expected[3] is None)
 
 
@@ -123,14 +129,14 @@ def test_plan_and_modules_agree_when_only_some_projections_have_a_bias(target):
     width = draft.config.hidden_size
     with torch.no_grad():
         expected = _steps(draft, width, torch.float32)
-        with planned_decoding(draft):
+        with accelerated(draft):
             got = _steps(draft, width, torch.float32)
     for g, e in zip(got[:3], expected[:3]):
-        assert torch.equal(g, e)
+        torch.testing.assert_close(g, e, **_tolerance(torch.float32))
     # and the decoding path (stacked q/k/v) computes what the training path (three projections) does
     ids, feats = torch.tensor([3, 17, 5]), torch.randn(3, width)
     with torch.no_grad():
-        decoded = decoding.draft_step(draft, ids, feats, position_ids=torch.arange(3)[None])
+        decoded = backends.draft_step(draft, ids, feats, position_ids=torch.arange(3)[None])
     trained = draft(inputs_embeds=draft.embed_tokens(ids)[None], hidden_states=feats[None]).last_hidden_state[
         0
     ]
@@ -195,12 +201,12 @@ def test_an_active_plan_is_private_to_its_thread_and_block(target):
 
     draft = _draft(target)
     seen = {}
-    with torch.no_grad(), planned_decoding(draft):
+    with torch.no_grad(), accelerated(draft):
         outer = active_plan(draft)
         worker = threading.Thread(target=lambda: seen.update(other_thread=active_plan(draft)))
         worker.start()
         worker.join()
-        with planned_decoding(draft):  # nested: its own plan, the outer one back after
+        with accelerated(draft):  # nested: its own plan, the outer one back after
             assert active_plan(draft) is not outer
         assert active_plan(draft) is outer is not None
         with torch.enable_grad():

@@ -12,9 +12,9 @@ from transformers import AutoModel
 import specvlm_hf  # noqa: F401  (registers the Auto classes)
 from forced_draft import ForcedDraft, expected_accepted_lengths
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
-from specvlm_hf.hub import save_for_hub
-from specvlm_hf.losses import draft_vocab_soft_cross_entropy, top1_agreement
-from specvlm_hf.trainer import SpecVLMDistillationTrainer, count_response_tokens, select_draft_vocab
+from specvlm_hf.sharing.hub import save_for_hub
+from specvlm_hf.training.losses import draft_vocab_soft_cross_entropy, top1_agreement
+from specvlm_hf.training.trainer import SpecVLMDistillationTrainer, count_response_tokens, select_draft_vocab
 from test_decoding_sampling import (  # noqa: F401  (fixtures)
     N_SAMPLES,
     _assert_same_law,
@@ -90,7 +90,7 @@ def test_reduced_vocab_greedy_equals_plain(family):
         assert torch.equal(out, reference), f"{family}/{mode}"
         assert draft.last_generation_stats.new_tokens == n
     # tree nodes only ever carry draft-vocabulary tokens
-    from specvlm_hf import tree as tree_module
+    from specvlm_hf.generation import tree_policy as tree_module
 
     seen = []
     original = tree_module._select_tree

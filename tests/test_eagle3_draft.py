@@ -11,8 +11,8 @@ from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 import specvlm_hf  # noqa: F401  (registers the Auto classes)
 from forced_draft import ForcedDraft, expected_accepted_lengths
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
-from specvlm_hf.target_features import capture_decoder_inputs, select_features
-from specvlm_hf.trainer import SpecVLMDistillationTrainer
+from specvlm_hf.targets.features import capture_decoder_inputs, select_features
+from specvlm_hf.training.trainer import SpecVLMDistillationTrainer
 from test_trainer import collate_tensors, family_rows, training_args
 from tiny_models import HIDDEN, make_inputs, make_tiny_target
 

@@ -15,7 +15,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
-from specvlm_hf.export import export_draft, speculators_weight_name
+from specvlm_hf.sharing.export import export_draft, speculators_weight_name
 from tiny_models import HIDDEN, VOCAB_SIZE, make_tiny_target
 
 DRAFT_VOCAB = 64

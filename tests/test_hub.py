@@ -17,8 +17,8 @@ from transformers import AutoModel
 
 import specvlm_hf
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
-from specvlm_hf.export import export_draft, speculators_weight_name
-from specvlm_hf.hub import (
+from specvlm_hf.sharing.export import export_draft, speculators_weight_name
+from specvlm_hf.sharing.hub import (
     normalize_metrics,
     push_draft_to_hub,
     save_for_hub,

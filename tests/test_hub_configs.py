@@ -10,7 +10,8 @@ import torch
 from transformers import AutoConfig
 
 import specvlm_hf
-from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel, targets
+from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
+from specvlm_hf.targets import families as targets
 
 HUB_CONFIGS = Path(__file__).resolve().parents[1] / "hub_configs"
 CONFIG_DIRS = sorted(p.parent for p in HUB_CONFIGS.glob("*/config.json"))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from specvlm_hf.losses import (
+from specvlm_hf.training.losses import (
     distillation_loss,
     expected_accepted_length,
     feature_smooth_l1,

@@ -12,7 +12,7 @@ from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
 import specvlm_hf  # noqa: F401  (registers "specvlm_draft" with AutoModel)
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
-from specvlm_hf.target_features import capture_decoder_inputs, select_features
+from specvlm_hf.targets.features import capture_decoder_inputs, select_features
 from tiny_models import FAMILIES, HIDDEN, IMAGE_ID, VIDEO_ID, VOCAB_SIZE, make_inputs, make_tiny_target
 
 TEXT_FAMILIES = {"llama", "qwen2"}
@@ -350,7 +350,7 @@ def test_draft_layer_matches_a_llama_layer_in_training_and_decoding_paths():
     from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
     from specvlm_hf import SpecVLMDraftConfig
-    from specvlm_hf.modeling_specvlm import SpecVLMDecoderLayer, SpecVLMRotaryEmbedding
+    from specvlm_hf.draft.modeling_specvlm import SpecVLMDecoderLayer, SpecVLMRotaryEmbedding
 
     cfg = LlamaConfig(
         hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, GPT2Config, GPT2LMHeadModel
 
-from specvlm_hf import targets
+from specvlm_hf.targets import families as targets
 from tiny_models import (
     BOS_ID,
     FAMILIES,

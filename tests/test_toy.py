@@ -5,7 +5,8 @@ import time
 import pytest
 import torch
 
-from specvlm_hf.toy import (
+from specvlm_hf.toy.data import make_toy_dataset, make_toy_rows
+from specvlm_hf.toy.world import (
     NUM_IMAGE_TOKENS,
     build_toy_processor,
     collate_toy_batch,
@@ -16,7 +17,6 @@ from specvlm_hf.toy import (
     toy_prompts,
     widen_toy_target,
 )
-from specvlm_hf.toy_data import make_toy_dataset, make_toy_rows
 
 
 @pytest.fixture(scope="session")
@@ -177,7 +177,7 @@ def test_medium_target_preserves_tiny_greedy_output(toy_target):
 
 
 def test_stratified_prompts_follow_the_task_weights():
-    from specvlm_hf.toy_data import TASKS, task_counts
+    from specvlm_hf.toy.data import TASKS, task_counts
 
     for n in (1, 4, 16, 50):
         counts = task_counts(n)

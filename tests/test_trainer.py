@@ -18,8 +18,8 @@ from transformers.utils import logging as hf_logging
 
 import specvlm_hf  # noqa: F401  (registers the Auto classes)
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
-from specvlm_hf.collator import SpecVLMDataCollator
-from specvlm_hf.trainer import SpecVLMDistillationTrainer
+from specvlm_hf.training.collator import SpecVLMDataCollator
+from specvlm_hf.training.trainer import SpecVLMDistillationTrainer
 from tiny_models import PAD_ID, make_inputs, make_tiny_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -334,7 +334,7 @@ def test_ddp_two_processes(tmp_path):
 # ------------------------------------------------------------------------------------------- collator
 @pytest.fixture(scope="module")
 def toy_processor():
-    from specvlm_hf.toy import build_toy_processor
+    from specvlm_hf.toy.world import build_toy_processor
 
     return build_toy_processor(seed=0)
 
@@ -387,7 +387,7 @@ def _text_row(question: str, answer: str) -> dict:
 
 
 def test_collator_response_mask(toy_processor):
-    from specvlm_hf.toy_data import make_toy_rows
+    from specvlm_hf.toy.data import make_toy_rows
 
     rows = make_toy_rows(2, seed=0) + [_text_row("Hello there", "A red circle.")]
     batch = SpecVLMDataCollator(toy_processor)(rows)
@@ -408,7 +408,7 @@ def test_collator_response_mask(toy_processor):
 
 
 def test_collator_multi_turn_and_truncation(toy_processor):
-    from specvlm_hf.toy_data import make_toy_rows
+    from specvlm_hf.toy.data import make_toy_rows
 
     row = make_toy_rows(1, seed=1)[0]
     row = {
@@ -431,7 +431,7 @@ def test_collator_multi_turn_and_truncation(toy_processor):
 
 
 def test_collator_regenerates_with_target(toy_processor, toy_vocab_llava):
-    from specvlm_hf.toy_data import make_toy_rows
+    from specvlm_hf.toy.data import make_toy_rows
 
     rows = make_toy_rows(2, seed=2)
     collator = SpecVLMDataCollator(toy_processor, regenerate_with_target=toy_vocab_llava, max_new_tokens=4)
@@ -455,7 +455,7 @@ def test_collator_regenerates_with_target(toy_processor, toy_vocab_llava):
 
 def test_trainer_on_vision_chat_rows(toy_processor, toy_vocab_llava, tmp_path):
     """The whole path: datasets.Dataset of vision-chat rows -> collator -> trainer (processing_class only)."""
-    from specvlm_hf.toy_data import make_toy_dataset
+    from specvlm_hf.toy.data import make_toy_dataset
 
     dataset = make_toy_dataset(4, seed=0)
     draft = make_draft(toy_vocab_llava)
@@ -473,8 +473,8 @@ def test_trainer_on_vision_chat_rows(toy_processor, toy_vocab_llava, tmp_path):
 
 def test_batch_visual_spans_splits_per_image_tensors():
     """Each row gets exactly its own images' `image_grid_thw` (Qwen2-VL), so every span keeps its layout."""
-    from specvlm_hf import targets
-    from specvlm_hf.trainer import batch_visual_spans
+    from specvlm_hf.targets import families as targets
+    from specvlm_hf.training.trainer import batch_visual_spans
 
     target = make_tiny_target("qwen2_vl", seed=0)
     rows = family_rows("qwen2_vl", target, n=3)

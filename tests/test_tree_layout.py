@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from specvlm_hf.tree import _best_candidates, _select_tree
+from specvlm_hf.generation.tree_policy import _best_candidates, _select_tree
 
 # candidates: 0,1 at depth 1 (root's children); 2,3 children of 0; 4 child of 1; 5 child of 2; 6 child of 5
 PARENTS = torch.tensor([-1, -1, 0, 0, 1, 2, 5])
@@ -51,8 +51,8 @@ def test_best_candidates_rank_parents_before_children():
 def test_trees_built_by_a_real_draft_have_consistent_ancestry():
     from transformers.cache_utils import DynamicCache
 
-    from specvlm_hf.demo import new_draft
-    from specvlm_hf.tree import build_sampled_tree, build_tree
+    from specvlm_hf.generation.tree_policy import build_sampled_tree, build_tree
+    from specvlm_hf.toy.demo import new_draft
     from tiny_models import make_tiny_target
 
     target = make_tiny_target("llava")

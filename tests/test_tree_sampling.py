@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessorList
 
-from specvlm_hf.tree import DraftTree, _Selector, accept_sampled, draw_without_replacement, sibling_counts
+from specvlm_hf.generation.tree import _Selector, accept_sampled
+from specvlm_hf.generation.tree_policy import DraftTree, draw_without_replacement, sibling_counts
 
 V = 5
 # target logits of the next token given the previous token (row = previous token; row V = the root's context)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel, target_features, targets
-from specvlm_hf.toy import widen_draft, widen_toy_target
+from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
+from specvlm_hf.targets import families as targets
+from specvlm_hf.targets import features as target_features
+from specvlm_hf.toy.world import widen_draft, widen_toy_target
 from tiny_models import make_inputs, make_tiny_target
 
 

@@ -11,19 +11,19 @@ import importlib
 from transformers import AutoConfig, AutoModel
 
 from ._version import __version__
-from .configuration_specvlm import SpecVLMDraftConfig
-from .modeling_specvlm import SpecVLMDraftModel
+from .draft.configuration_specvlm import SpecVLMDraftConfig
+from .draft.modeling_specvlm import SpecVLMDraftModel
 
 AutoConfig.register(SpecVLMDraftConfig.model_type, SpecVLMDraftConfig, exist_ok=True)
 AutoModel.register(SpecVLMDraftConfig, SpecVLMDraftModel, exist_ok=True)
 
 _LAZY = {
-    "SpecVLMDistillationTrainer": "trainer",
-    "SpecVLMDataCollator": "trainer",
-    "push_draft_to_hub": "hub",
-    "save_for_hub": "hub",
-    "export_draft": "export",
-    "GenerationStats": "decoding",
+    "SpecVLMDistillationTrainer": "training.trainer",
+    "SpecVLMDataCollator": "training.collator",
+    "push_draft_to_hub": "sharing.hub",
+    "save_for_hub": "sharing.hub",
+    "export_draft": "sharing.export",
+    "GenerationStats": "generation.settings",
 }
 
 

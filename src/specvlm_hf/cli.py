@@ -267,19 +267,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .toy.demo import run_demo
 
     return run_demo(args)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .demo import run_train
+    from .toy.demo import run_train
 
     return run_train(args)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from .bench import run_bench_cli
+    from .toy.bench import run_bench_cli
 
     return run_bench_cli(args)
 
@@ -287,7 +287,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 def _run_push(args: argparse.Namespace) -> int:
     import json
 
-    from .modeling_specvlm import SpecVLMDraftModel
+    from .draft.modeling_specvlm import SpecVLMDraftModel
 
     if args.repo_id is None and args.local_dir is None:
         print(
@@ -300,7 +300,7 @@ def _run_push(args: argparse.Namespace) -> int:
         with open(args.metrics, encoding="utf-8") as f:
             metrics = json.load(f)
     draft = SpecVLMDraftModel.from_pretrained(args.draft)
-    from . import hub
+    from .sharing import hub
 
     if args.local_dir is not None:
         folder = hub.save_for_hub(draft, args.local_dir, metrics, repo_id=args.repo_id)

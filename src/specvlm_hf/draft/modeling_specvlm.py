@@ -30,8 +30,6 @@ tells them apart, which is why a one-layer EAGLE-3 draft has no `fc`: it exports
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -39,14 +37,8 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from .compression import DraftContext, build_compressor
 from .configuration_specvlm import SpecVLMDraftConfig
-from .inference_linear import (
-    TARGET_COPY_MAX_ELEMENTS,
-    derived_from_weights,
-    module_linear,
-    shared_linear,
-    stacked_linear,
-)
 
 
 class SpecVLMRMSNorm(nn.Module):
@@ -56,32 +48,9 @@ class SpecVLMRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # weight * x / sqrt(mean(x^2) + eps), accumulated in float32
-        if few_rows_on_cpu(x):
-            doubled = derived_from_weights(
-                self, "doubled", [self.weight], lambda: torch.cat([self.weight] * 2)
-            )
-            return few_rows_rms_norm(x, doubled.to(x.dtype), self.eps)
+        # weight * x / sqrt(mean(x^2) + eps)
         weight = self.weight if self.weight.dtype == x.dtype else self.weight.to(x.dtype)
         return F.rms_norm(x, self.weight.shape, weight, self.eps)
-
-
-# decoding runs RMSNorm on a few rows at a time; on a CPU `F.rms_norm` is ~8 small kernels there, and layer_norm over
-# [x ; -x] (mean exactly 0, variance mean(x^2): the same normalisation) one fused kernel, 1.5-2x faster up to about
-# this many rows (measured here: 2 rows 22 -> 14 us, 60 rows equal, 300 rows slower)
-FEW_ROWS = 32
-
-
-def few_rows_on_cpu(x: torch.Tensor) -> bool:
-    """Whether `few_rows_rms_norm` is the faster RMSNorm for x: a CPU tensor of at most FEW_ROWS rows, no autograd."""
-    return x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() <= FEW_ROWS * x.shape[-1]
-
-
-def few_rows_rms_norm(x: torch.Tensor, doubled_weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of x (..., h) with weight w as layer_norm over [x ; -x] with weight [w ; w], first half kept.
-    Agrees with `F.rms_norm` to rounding (float32: ~2e-7 relative; bfloat16: an occasional 1-ulp flip)."""
-    h = x.shape[-1]
-    return F.layer_norm(torch.cat([x, -x], dim=-1), (2 * h,), doubled_weight, None, eps)[..., :h]
 
 
 class SpecVLMRotaryEmbedding(nn.Module):
@@ -96,7 +65,7 @@ class SpecVLMRotaryEmbedding(nn.Module):
     def forward(
         self, position_ids: torch.Tensor, dtype: torch.dtype, max_position: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """position_ids (B, T) -> (cos, signed sin), each (B, 1, T, head_dim), for `_apply_rope`.
+        """position_ids (B, T) -> (cos, signed sin), each (B, 1, T, head_dim), for `apply_rope`.
 
         Read from a table of every position so far (decoding calls this once per draft step; a lookup instead of
         five elementwise kernels). The sin table carries rotate-half's sign: [-sin ; sin] over the two halves.
@@ -123,7 +92,7 @@ class SpecVLMRotaryEmbedding(nn.Module):
         return cached[2], cached[3]
 
 
-def _apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """RoPE: x * cos + rotate_half(x) * sin, with rotate_half(x) * sin = [x2 ; x1] * [-sin ; sin] (the sign lives
     in the table). x: (B, heads, T, d); cos, signed_sin: (B, 1, T, d) from `SpecVLMRotaryEmbedding`."""
     half = x.shape[-1] // 2
@@ -154,27 +123,11 @@ class SpecVLMAttention(nn.Module):
     ) -> torch.Tensor:
         bsz, q_len, _ = x.shape
         heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
-        if torch.is_grad_enabled():
-            q = self.q_proj(x).view(bsz, q_len, heads, d).transpose(1, 2)
-            k = self.k_proj(x).view(bsz, q_len, kv_heads, d).transpose(1, 2)
-            v = self.v_proj(x).view(bsz, q_len, kv_heads, d).transpose(1, 2)
-            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        else:  # decoding: one matmul for q, k and v, and RoPE on q and k together (fewer small kernels)
-            qkv = stacked_linear(self, (self.q_proj, self.k_proj, self.v_proj), x)
-            q, k, v = split_qkv_rope(qkv, cos, sin, heads, kv_heads, d)
-        out = attend(q, k, v, attention_mask, past_key_values, self.layer_idx)
-        return module_linear(self.o_proj, out)
-
-
-def split_qkv_rope(qkv: torch.Tensor, cos, sin, heads: int, kv_heads: int, head_dim: int):
-    """Stacked projections (B, T, (heads + 2 kv_heads) * d) -> q (B, heads, T, d), k and v (B, kv_heads, T, d), with
-    RoPE applied to q and k in one pass."""
-    bsz, q_len, _ = qkv.shape
-    d = head_dim
-    qk = qkv[..., : (heads + kv_heads) * d].view(bsz, q_len, heads + kv_heads, d).transpose(1, 2)
-    qk = _apply_rope(qk, cos, sin)
-    v = qkv[..., (heads + kv_heads) * d :].view(bsz, q_len, kv_heads, d).transpose(1, 2)
-    return qk[:, :heads], qk[:, heads:], v
+        q = self.q_proj(x).view(bsz, q_len, heads, d).transpose(1, 2)  # (B, heads, T, d)
+        k = self.k_proj(x).view(bsz, q_len, kv_heads, d).transpose(1, 2)  # (B, kv_heads, T, d)
+        v = self.v_proj(x).view(bsz, q_len, kv_heads, d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return self.o_proj(attend(q, k, v, attention_mask, past_key_values, self.layer_idx))
 
 
 def attend(q, k, v, attention_mask: torch.Tensor | None, past_key_values: Cache | None, layer_idx: int):
@@ -205,11 +158,8 @@ class SpecVLMMLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-        # decoding: one matmul for gate and up
-        gate, up = stacked_linear(self, (self.gate_proj, self.up_proj), x).chunk(2, dim=-1)
-        return module_linear(self.down_proj, F.silu(gate) * up)
+        # SwiGLU: down(silu(gate(x)) * up(x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class SpecVLMDecoderLayer(nn.Module):
@@ -246,7 +196,7 @@ class SpecVLMEagle3FirstLayer(nn.Module):
 
 
 def run_decoder(layers, rotary, final_norm, x, position_ids, attention_mask, past_key_values, max_position):
-    """The decoder stack on fused rows x (B, T, fused_size) -> (B, T, h), for the modules and `DecodePlan` alike:
+    """The decoder stack on fused rows x (B, T, fused_size) -> (B, T, h):
     RoPE tables, the mask in x's dtype, each `layer(x, cos, sin, mask, cache)`, then `final_norm` (None: none)."""
     bsz, q_len, _ = x.shape
     if position_ids is None:
@@ -285,29 +235,6 @@ def causal_mask(
     if key_padding is not None:
         allowed = allowed & key_padding[:, None, None, :]
     return additive_mask(allowed, dtype)
-
-
-@dataclass
-class DraftContext:
-    """Draft-side view of a batch of prompts, after the (optional) visual compression.
-
-    fused:        (B, L', fused_size) fused draft input rows, right-padded (h wide; 2h `[embed ; g]` for "eagle3")
-    position_ids: (B, L') RoPE positions (text rows keep their original positions; see compression.py)
-    row_index:    (B, L') original draft row of each kept row (row t pairs f_t with x_{t+1}); -1 for compressed or
-                  padded rows
-    valid:        (B, L') bool, False on padding
-    kept_visual_tokens, visual_tokens: per sequence; choices: compressor primitive chosen per sequence
-    gate_cost:    scalar tensor, the compressor's compute cost term (0 without a gate)
-    """
-
-    fused: torch.Tensor
-    position_ids: torch.Tensor
-    row_index: torch.Tensor
-    valid: torch.Tensor
-    kept_visual_tokens: list[int] = field(default_factory=list)
-    visual_tokens: list[int] = field(default_factory=list)
-    choices: list[str | None] = field(default_factory=list)
-    gate_cost: torch.Tensor | None = None
 
 
 class _UnboundDraftError(AttributeError):
@@ -372,8 +299,6 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
         self.rotary_emb = SpecVLMRotaryEmbedding(config.head_dim, config.rope_theta)
         self.compressor = None
         if config.compressor_mode is not None:
-            from .compression import build_compressor
-
             self.compressor = build_compressor(config)
         # reduced draft vocabulary (EAGLE-3 style): the draft's own head over Vd target tokens, and the target id of
         # each of its rows (saved with the draft; `arange(Vd)` until the trainer or `set_draft_vocab` sets it)
@@ -404,7 +329,8 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
 
         Raises `ValueError` if the target does not match the one the draft was made for.
         """
-        from . import generation, targets
+        from ..generation import routing
+        from ..targets import families as targets
 
         model = targets.unwrap_target(target)
         spec = targets.get_target_spec(model)
@@ -433,7 +359,7 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
         device = lm_head.weight.device
         if self.norm.weight.device != device:
             self.to(device)
-        generation.install(model)
+        routing.install(model)
         return self
 
     @classmethod
@@ -458,10 +384,7 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
             lm_head = self._bound_parts()[2]
             if self.is_eagle3:
                 hidden = self.norm(hidden.to(self.norm.weight.device)).to(lm_head.weight.device)
-            # a small head is packed like the draft's own linears (`inference_linear`); a large one is used as is
-            return shared_linear(
-                self, "lm_head", lm_head, hidden.to(lm_head.weight.dtype), TARGET_COPY_MAX_ELEMENTS
-            )
+            return lm_head(hidden.to(lm_head.weight.dtype))
         logits, ids = self.draft_logits(hidden)
         return self.full_vocab_logits(logits, ids)
 
@@ -476,7 +399,7 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
         if self.is_eagle3:
             hidden = self.norm(hidden)
         head = self.draft_lm_head
-        return module_linear(head, hidden.to(head.weight.dtype)), self.draft_vocab_ids
+        return head(hidden.to(head.weight.dtype)), self.draft_vocab_ids
 
     def full_vocab_logits(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         """Scatter draft-vocabulary logits (..., Vd) into a (..., V) tensor that is -inf outside the draft vocab."""
@@ -537,14 +460,14 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
             dtype = self.norm.weight.dtype
             hidden_states = hidden_states.to(dtype)
             if self.fc is not None and hidden_states.shape[-1] != self.config.hidden_size:
-                hidden_states = module_linear(self.fc, hidden_states)  # g_t = fc([f^1_t ; ... ; f^n_t])
+                hidden_states = self.fc(hidden_states)  # g_t = fc([f^1_t ; ... ; f^n_t])
             return torch.cat([inputs_embeds.to(dtype), hidden_states], dim=-1)
         dtype = self.fc.weight.dtype
         hidden_states = hidden_states.to(dtype)
         if self.feature_proj is not None and hidden_states.shape[-1] != self.config.hidden_size:
-            hidden_states = module_linear(self.feature_proj, hidden_states)
+            hidden_states = self.feature_proj(hidden_states)
         x = torch.cat([inputs_embeds.to(dtype), hidden_states], dim=-1)
-        return self.input_norm(module_linear(self.fc, x))
+        return self.input_norm(self.fc(x))
 
     def forward(
         self,
@@ -593,6 +516,19 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
             max_position,
         )
 
+    def decode_step(
+        self, token_ids: torch.Tensor, hidden_states: torch.Tensor, **decoder_kwargs
+    ) -> torch.Tensor:
+        """One decoding forward over rows: row i pairs token_ids[i] (its embedding) with hidden_states[i].
+
+        token_ids: (T,) target token ids; hidden_states: (T, n*h) target features or (T, h) the draft's own outputs.
+        decoder_kwargs: `decode_rows`'s position_ids, attention_mask, past_key_values, max_position.
+        Returns the draft's last_hidden_state (T, h). The decoding loops reach this through
+        `specvlm_hf.backends.draft_step`, which may run an equivalent faster implementation instead.
+        """
+        rows = self.fuse(self.embed_tokens(token_ids)[None], hidden_states[None])
+        return self.decode_rows(rows, **decoder_kwargs)[0]
+
     # ---------------------------------------------------------- prompt context
     def prepare_context(
         self,
@@ -609,7 +545,7 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
         inputs_embeds: (B, L, h) what the target embedded at each position (visual features at placeholders)
         features:      (B, L, n*h) target features f_0..f_{L-1}
         next_embeds:   (B, 1, h) embedding of x_L (the token after the last one), or None to drop the last row
-        spans:         per sequence, the `targets.VisualSpan`s of input_ids (None: no visual compression)
+        spans:         per sequence, the `targets.families.VisualSpan`s of input_ids (None: no visual compression)
         valid:         (B, L) bool, False on padding (right padding only)
         Row t of the result pairs f_t with embed(x_{t+1}); a visual span [s, s+n) of tokens becomes rows [s-1, s-1+n).
         """
@@ -638,7 +574,7 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
     # ------------------------------------------------------------- decoding
     def decoding_settings(self, **overrides):
         """This draft's decoding settings (`decoding_mode`, `tree_*`, `num_draft_tokens`, ...), with overrides."""
-        from .decoding import DecodingSettings
+        from ..generation.settings import DecodingSettings
 
         return DecodingSettings.from_config(self.config, **overrides)
 
@@ -682,7 +618,6 @@ __all__ = [
     "SpecVLMDraftModel",
     "SpecVLMPreTrainedModel",
     "SpecVLMEagle3FirstLayer",
-    "DraftContext",
     "additive_mask",
     "causal_mask",
 ]

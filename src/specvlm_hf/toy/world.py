@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .toy_data import (
+from .data import (
     CELL,
     COLOUR_NAMES,
     GRID,
@@ -67,7 +67,7 @@ from .toy_data import (
     render_scene,
     toy_text_corpus,
 )
-from .toy_widen import MEDIUM_DIMS, widen_draft, widen_toy_target
+from .widen import MEDIUM_DIMS, widen_draft, widen_toy_target
 
 __all__ = [
     "load_toy_target",

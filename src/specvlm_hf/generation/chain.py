@@ -1,4 +1,4 @@
-"""Chain drafting inside transformers' own assisted-decoding loop.
+"""Chain mode: drafting inside transformers' own assisted-decoding loop.
 
 `SpecVLMChainCandidateGenerator` is a `CandidateGenerator` with `requires_model_outputs=True`: after every
 target forward it receives the target's outputs (with the hidden states the draft needs) and the number of
@@ -17,9 +17,14 @@ import time
 import torch
 from transformers.cache_utils import DynamicCache
 from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.stopping_criteria import StoppingCriteria, StoppingCriteriaList
 
-from . import target_features, targets
-from .decoding import GenerationStats, draft_logits, draft_prefill, draft_step
+from .. import hf_private
+from ..backends import draft_logits, draft_step
+from ..targets import families as targets
+from ..targets import features as target_features
+from .prefill import draft_prefill
+from .settings import GenerationStats
 
 
 class SpecVLMChainCandidateGenerator(CandidateGenerator):
@@ -64,7 +69,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         if is_first_iteration:
             # Let the target prefill first: the draft needs its features of the whole prompt.
             self.prompt_len = input_ids.shape[1]
-            self._capture = target_features.record_decoder_inputs(self.target, self._captured, once=True)
+            self._capture = hf_private.record_decoder_inputs(self.target, self._captured, once=True)
             return input_ids, None
         stats.target_forwards += 1  # the forward whose outputs we just received
         draft = self.draft
@@ -170,3 +175,109 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
 
     def update_candidate_strategy(self, input_ids, scores, num_matches):
         self.stats.total_time_s = time.perf_counter() - self._start
+
+
+class _StopAtAnyNewToken(StoppingCriteria):
+    """Stock assisted decoding checks stopping criteria once per chunk, at its end; plain generate checks after
+    every token. This checks every position added since the last call, so the loop ends on the chunk holding
+    the stop; the caller then cuts the chunk where plain generate would have stopped."""
+
+    def __init__(self, criteria: StoppingCriteriaList, checked_len: int):
+        self.criteria, self.checked_len = criteria, checked_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for end in range(self.checked_len + 1, input_ids.shape[1] + 1):
+            done |= self.criteria(input_ids[:, :end], scores)
+            if bool(done.all()):
+                break
+        self.checked_len = input_ids.shape[1]
+        return done
+
+
+def first_stop(criteria: StoppingCriteriaList, sequence: torch.Tensor, start: int) -> int:
+    """Length at which plain generate would have stopped, scanning positions after `start`."""
+    for end in range(start + 1, sequence.shape[1] + 1):
+        if bool(criteria(sequence[:, :end], None).any()):
+            return end
+    return sequence.shape[1]
+
+
+class _ExactStreamer:
+    """Forwards chunks to the user's streamer, cut at the first token where plain generate would stop."""
+
+    def __init__(self, streamer, criteria: StoppingCriteriaList, input_ids: torch.Tensor):
+        self.streamer, self.criteria, self.sequence, self.stopped = streamer, criteria, input_ids, False
+
+    def put(self, value):
+        if self.stopped:
+            return
+        start = self.sequence.shape[1]
+        self.sequence = torch.cat([self.sequence, value.to(self.sequence.device).view(1, -1)], dim=1)
+        end = first_stop(self.criteria, self.sequence, start)
+        self.stopped = end < self.sequence.shape[1] or bool(self.criteria(self.sequence[:, :end], None).any())
+        self.sequence = self.sequence[:, :end]
+        self.streamer.put(value.view(-1)[: end - start])
+
+    def end(self):
+        self.streamer.end()
+
+
+def chain_decoding(
+    model,
+    input_ids,
+    logits_processor,
+    stopping_criteria,
+    generation_config,
+    *,
+    assistant_model,
+    settings,
+    streamer=None,
+    **kwargs,
+):
+    """Chain mode: transformers' own assisted-decoding loop with our candidate generator."""
+    draft = assistant_model
+    kwargs.pop("assistant_model", None)
+    kwargs.pop("streamer", None)
+    draft._active_settings = settings
+    draft._active_stopping_criteria = stopping_criteria
+    start = time.perf_counter()
+    prompt_len = input_ids.shape[1]
+    loop_criteria = StoppingCriteriaList([_StopAtAnyNewToken(stopping_criteria, prompt_len)])
+    if streamer is not None:
+        streamer = _ExactStreamer(streamer, stopping_criteria, input_ids)
+    try:
+        result = hf_private.assisted_decoding(
+            model,
+            input_ids,
+            logits_processor=logits_processor,
+            stopping_criteria=loop_criteria,
+            generation_config=generation_config,
+            assistant_model=draft,
+            streamer=streamer,
+            **kwargs,
+        )
+    finally:
+        draft._active_settings = None
+        draft._active_stopping_criteria = None
+    sequences = result if isinstance(result, torch.Tensor) else result.sequences
+    sequences = sequences[:, : first_stop(stopping_criteria, sequences, prompt_len)]
+    if isinstance(result, torch.Tensor):
+        result = sequences
+    else:
+        result.sequences = sequences
+    _finish_chain_stats(draft.last_generation_stats, sequences.shape[1] - prompt_len)
+    draft.last_generation_stats.total_time_s = time.perf_counter() - start
+    return result
+
+
+def _finish_chain_stats(stats, total_new: int) -> None:
+    """The candidate generator sees every verify forward but the last one; account for it here."""
+    if stats.target_forwards == 0:  # generation ended with the prefill's token
+        stats.target_forwards, stats.new_tokens = 1, total_new
+        return
+    missing = total_new - stats.new_tokens
+    if missing > 0:
+        stats.accepted_lengths.append(missing)
+        stats.new_tokens = total_new
+        stats.target_forwards += 1

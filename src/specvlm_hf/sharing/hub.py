@@ -20,7 +20,7 @@ from typing import Any
 import transformers
 from huggingface_hub import HfApi, ModelCard, ModelCardData
 
-from ._version import __version__
+from .._version import __version__
 from .export import export_draft
 
 logger = logging.getLogger(__name__)

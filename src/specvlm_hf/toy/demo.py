@@ -43,7 +43,7 @@ def load_target(
 ):
     """``(model, processor, label)``: the toy target (``target=None``) or a Hub id / local path."""
     if target is None:
-        from .toy import load_toy_target
+        from .world import load_toy_target
 
         model, processor = load_toy_target(toy_size, cache_dir=cache_dir, seed=seed, progress=progress)
         return model.eval(), processor, f"toy-llava-{toy_size}-seed{seed}"
@@ -62,7 +62,7 @@ def load_target(
 
 def prompt_inputs(processor, row: dict, device: torch.device | str = "cpu") -> dict:
     """Tensors for ``vlm.generate(**inputs)`` from a vision-chat row (its first user turn and image)."""
-    from .toy import toy_generate_inputs
+    from .world import toy_generate_inputs
 
     inputs = toy_generate_inputs(processor, row)
     return {k: v.to(device) if hasattr(v, "to") else v for k, v in inputs.items()}
@@ -88,13 +88,13 @@ def load_rows(
 ):
     """Vision-chat rows: the toy dataset, or a Hub dataset / local folder / .json(l) file.
 
-    stratified: toy evaluation rows follow the task weights exactly (`toy.toy_prompts`)."""
+    stratified: toy evaluation rows follow the task weights exactly (`world.toy_prompts`)."""
     if dataset is None:
         if eval_rows:
-            from .toy import toy_prompts
+            from .world import toy_prompts
 
             return toy_prompts(n, seed, stratified=stratified)
-        from .toy import make_toy_dataset
+        from .world import make_toy_dataset
 
         return make_toy_dataset(n, seed)
     import datasets
@@ -135,8 +135,8 @@ def distill_draft(
     from transformers import TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
-    from .collator import SpecVLMDataCollator
-    from .trainer import SpecVLMDistillationTrainer
+    from ..training.collator import SpecVLMDataCollator
+    from ..training.trainer import SpecVLMDistillationTrainer
 
     class _TimeBudget(TrainerCallback):
         def __init__(self, seconds: float | None):
@@ -195,8 +195,8 @@ def distill_draft(
 
 
 def new_draft(target, compressor_mode: str | None = None, num_layers: int = 1, seed: int = 0):
-    from .configuration_specvlm import SpecVLMDraftConfig
-    from .modeling_specvlm import SpecVLMDraftModel
+    from ..draft.configuration_specvlm import SpecVLMDraftConfig
+    from ..draft.modeling_specvlm import SpecVLMDraftModel
 
     torch.manual_seed(seed)
     config = SpecVLMDraftConfig.from_target(
@@ -206,7 +206,7 @@ def new_draft(target, compressor_mode: str | None = None, num_layers: int = 1, s
 
 
 def load_draft(path: str | os.PathLike, target):
-    from .modeling_specvlm import SpecVLMDraftModel
+    from ..draft.modeling_specvlm import SpecVLMDraftModel
 
     return SpecVLMDraftModel.from_pretrained(str(path), target=target).eval()
 
@@ -214,7 +214,7 @@ def load_draft(path: str | os.PathLike, target):
 def draft_cache_path(
     label: str, compressor_mode: str | None, budget: TrainBudget, seed: int, cache_dir=None
 ) -> Path:
-    from ._version import __version__
+    from .._version import __version__
 
     name = f"{label}__{compressor_mode or 'eagle'}__s{budget.steps}-b{budget.batch_size}-seed{seed}-v{__version__}"
     return cache_root(cache_dir) / "drafts" / name
@@ -304,7 +304,7 @@ def compare_one(vlm, draft, processor, inputs: dict, max_new_tokens: int, **spec
     stats = draft.last_generation_stats
     tie = None
     if plain_ids != spec_ids:
-        from .bench import first_divergence
+        from .greedy_check import first_divergence
 
         with torch.inference_mode():
             info = first_divergence(vlm, inputs, plain_ids, spec_ids)
@@ -342,7 +342,7 @@ def print_comparison(i: int, n: int, c: Comparison, width: int = 100) -> None:
         f"| target forwards {c.target_forwards} | speedup {speedup:.2f}x"
     )
     if c.tie is not None:
-        from .bench import describe_divergence
+        from .greedy_check import describe_divergence
 
         print(
             f"  (a numerical tie, which low-precision forwards over 1 and several tokens break differently: "
@@ -480,8 +480,8 @@ def timing_dtype(choice: str = "auto") -> torch.dtype:
 
 
 def widen_for_timing(tiny_target, dtype: torch.dtype):
-    """The medium toy target: the tiny one widened exactly (`toy.widen_toy_target`), cast to `dtype`."""
-    from .toy import widen_toy_target
+    """The medium toy target: the tiny one widened exactly (`widen.widen_toy_target`), cast to `dtype`."""
+    from .world import widen_toy_target
 
     return widen_toy_target(tiny_target, "medium").to(dtype).eval()
 
@@ -490,7 +490,7 @@ def widen_draft_for_timing(tiny_draft, medium_target):
     """A draft of the tiny target widened exactly for `widen_for_timing`'s target, in its dtype, bound to it.
 
     Raises ValueError for a draft that does not widen exactly (the resampler)."""
-    from .toy import widen_draft
+    from .world import widen_draft
 
     dtype = next(medium_target.parameters()).dtype
     return widen_draft(tiny_draft, medium_target).to(dtype).bind(medium_target)

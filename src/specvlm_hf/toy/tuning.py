@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from .bench import Method, _ForwardCounter, _MethodRun, _progress
+from .methods import Method, _ForwardCounter, _MethodRun, _progress
 
 TUNE_SIZES = (1, 8, 16, 32, 60)
 TUNE_TIE = 0.02  # relative tokens/s gap under which two budgets count as equally fast

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 
 import torch
 
-from . import targets
+from .. import hf_private
 
 
 def hidden_state_request(target_layers: list[int]) -> list[int]:
@@ -30,29 +30,6 @@ def select_features(hidden_states, target_layers: list[int]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
-def record_decoder_inputs(target, sink: list, once: bool = False):
-    """Register a hook appending to `sink` the (B, T, h) `inputs_embeds` the target's text decoder receives.
-
-    Returns the hook handle; with `once=True` the hook removes itself after the first forward.
-    """
-    model = targets.unwrap_target(target)
-    decoder = targets.decoder(model)
-
-    def hook(module, args, kwargs):
-        embeds = kwargs.get("inputs_embeds")
-        if embeds is None:
-            input_ids = kwargs.get("input_ids")
-            if input_ids is None and args:
-                input_ids = args[0]
-            embeds = targets.input_embeddings(model)(input_ids)
-        sink.append(embeds)
-        if once:
-            handle.remove()
-
-    handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
-    return handle
-
-
 @contextmanager
 def capture_decoder_inputs(target):
     """Record the `inputs_embeds` the target's text decoder receives during forwards inside the block.
@@ -60,7 +37,7 @@ def capture_decoder_inputs(target):
     Yields a list; each forward appends its (B, T, h) inputs_embeds.
     """
     captured: list[torch.Tensor] = []
-    handle = record_decoder_inputs(target, captured)
+    handle = hf_private.record_decoder_inputs(target, captured)
     try:
         yield captured
     finally:

@@ -70,7 +70,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from ._version import __version__
+from .._version import __version__
 
 EXPORT_FORMATS = ("speculators",)
 SPECULATORS_SCHEMA_VERSION = "0.3.0"  # last speculators release checked to ship the "eagle" model type
@@ -159,7 +159,7 @@ def aux_layer_ids(draft) -> list[int]:
                 f"target_layers={layers} has negative indices; bind the draft to its target (`draft.bind(vlm)`) so "
                 "the export can write them as the target's layer numbers."
             )
-        from . import targets
+        from ..targets import families as targets
 
         n_layers = targets.target_num_layers(draft.target)
         # hidden_states has L + 1 entries: -1 -> L

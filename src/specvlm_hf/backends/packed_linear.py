@@ -1,15 +1,15 @@
-"""Linear layers for the draft's decoding path: weights derived once per set of weights, oneDNN-prepacked on CPU.
+"""Linear products for the decode plan: weights derived once per set of weights, oneDNN-prepacked on CPU.
 
 While decoding, a draft forward multiplies 1-20 rows by each weight matrix. On a CPU, `F.linear` runs such small
 products far below the machine's speed: measured on this project's 2-core AVX512-BF16 machine for a (5632, 1024)
 bfloat16 weight, 0.30-0.35 ms for 1-4 rows against 0.10-0.15 ms with the weight reordered once into oneDNN's
-blocked layout (float32: 1.5-5 ms against 0.3-0.4 ms), with identical results. `linear` takes that path whenever
-no autograd graph is recorded and the input is a CPU tensor of the weight's dtype; the packed copy is cached on
-the owning module and rebuilt when the weight changes. Training (autograd on) always uses `F.linear`.
+blocked layout (float32: 1.5-5 ms against 0.3-0.4 ms), with results equal to rounding. `linear` takes that path
+whenever no autograd graph is recorded and the input is a CPU tensor of the weight's dtype; the packed copy is
+cached on the owning module and rebuilt when the weight changes. Autograd always uses `F.linear`.
 
-The draft's own weights go through here, and the target's `lm_head` when it is small (`shared_linear`; the copy
-is the draft's, the target model is never changed). The packed copies live beside the parameters, which stay for
-training and saving. Set ``SPECVLM_HF_PACKED_LINEAR=0`` to turn the packed path off.
+Only `decode_plan` uses this: the draft's own weights, and the target's `lm_head` when it is small
+(`bound_shared_linear`; the copy is the draft's, the target model is never changed). The packed copies live beside
+the parameters, which stay for training and saving. Set ``SPECVLM_HF_PACKED_LINEAR=0`` to turn packing off.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def linear(owner: nn.Module, name: str, x: torch.Tensor, weight: torch.Tensor, b
     return _packed_linear(x, packed, bias)
 
 
-def _plain_linear(module) -> bool:
+def plain_linear(module) -> bool:
     """An `nn.Linear` whose call is its own forward: no hooks, no patched forward (accelerate), no wrapper (peft)."""
     return (
         type(module) is nn.Linear
@@ -149,39 +149,9 @@ def _plain_linear(module) -> bool:
     )
 
 
-def module_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """`module(x)` for an `nn.Linear`, through `linear` (its packed copy is cached on the module itself).
-
-    Wrapped or hooked modules (peft adapters, forward hooks) and autograd runs call `module(x)` itself."""
-    if torch.is_grad_enabled() or not _plain_linear(module):
-        return module(x)
-    return linear(module, "packed", x, module.weight, module.bias)
-
-
-def shared_linear(owner: nn.Module, name: str, module: nn.Module, x: torch.Tensor, max_elements: int):
-    """`module(x)` for a module `owner` borrows (the target's `lm_head`): a packed copy, cached on `owner`, only
-    when the weight has at most `max_elements` entries (a copy of a large vocabulary's head costs real memory;
-    a draft for one uses a reduced draft vocabulary, whose own head is packed)."""
-    if torch.is_grad_enabled() or not _copyable(module, max_elements):
-        return module(x)
-    return linear(owner, name, x, module.weight, module.bias)
-
-
 def _copyable(module: nn.Module, max_elements: int) -> bool:
-    """Whether `shared_linear` may run a borrowed module through a copy of its weight (plain and small enough)."""
-    return _plain_linear(module) and module.weight.numel() <= max_elements
-
-
-def stacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...], x: torch.Tensor) -> torch.Tensor:
-    """`torch.cat([lin(x) for lin in linears], -1)` as ONE matmul (packed on CPU), for use without autograd: on small
-    row counts one product costs a fraction of several. The stacked weight is cached on `owner`."""
-    if not all(_plain_linear(lin) for lin in linears):  # adapters or hooks: their own calls, never bypassed
-        return torch.cat([lin(x) for lin in linears], dim=-1)
-    weights, sources, build = _stacking(linears)
-    if _use_packed(x, weights[0], None) and _same_dtype(sources):
-        packed, bias = derived_from_weights(owner, "stacked_packed", sources, lambda: _pack_pair(build()))
-        return _packed_linear(x, packed, bias)
-    return F.linear(x, *derived_from_weights(owner, "stacked", sources, build))
+    """Whether a borrowed module may run through a copy of its weight (plain and small enough)."""
+    return plain_linear(module) and module.weight.numel() <= max_elements
 
 
 def bound_linear(owner: nn.Module, name: str, weight: torch.Tensor, bias=None, sources=None):
@@ -195,15 +165,18 @@ def bound_linear(owner: nn.Module, name: str, weight: torch.Tensor, bias=None, s
 
 
 def bound_shared_linear(owner: nn.Module, name: str, module: nn.Module, max_elements: int):
-    """`shared_linear(owner, name, module, ., max_elements)` bound once like `bound_linear`: the module itself
-    where it must be called."""
+    """`x -> module(x)` for a module `owner` borrows (the target's `lm_head`), bound once like `bound_linear`: a
+    packed copy cached on `owner` only when the weight is plain and has at most `max_elements` entries (a copy of a
+    large vocabulary's head costs real memory; a draft for one has a reduced draft vocabulary, whose own head is
+    packed); the module itself otherwise."""
     if not _copyable(module, max_elements):
         return module
     return bound_linear(owner, name, module.weight, module.bias)
 
 
 def bound_stacked_linear(owner: nn.Module, linears: tuple[nn.Linear, ...]):
-    """`stacked_linear(owner, linears, .)` bound once like `bound_linear` (for plain linears of one dtype)."""
+    """`x -> torch.cat([lin(x) for lin in linears], -1)` as ONE matmul (packed on CPU), bound once like `bound_linear`
+    (for plain linears): on small row counts one product costs a fraction of several. Cached on `owner`."""
     weights, sources, build = _stacking(linears)
     if _packable(weights[0], None) and _same_dtype(sources):
         packed, bias = derived_from_weights(owner, "stacked_packed", sources, lambda: _pack_pair(build()))

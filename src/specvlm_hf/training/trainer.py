@@ -25,10 +25,11 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
-from . import target_features, targets
+from ..draft.modeling_specvlm import SpecVLMDraftModel, causal_mask
+from ..targets import families as targets
+from ..targets import features as target_features
 from .collator import SpecVLMDataCollator
 from .losses import distillation_loss, expected_accepted_length, top1_agreement
-from .modeling_specvlm import SpecVLMDraftModel, causal_mask
 
 logger = logging.getLogger(__name__)
 

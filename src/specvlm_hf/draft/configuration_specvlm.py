@@ -11,7 +11,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from ._version import __version__
+from .._version import __version__
 
 DRAFT_ARCHITECTURES = ("eagle", "eagle3")
 DECODING_MODES = ("tree", "chain")
@@ -227,7 +227,7 @@ class SpecVLMDraftConfig(PretrainedConfig):
 
         Any config field can be overridden, e.g. `from_target(vlm, compressor_mode="select", num_hidden_layers=2)`.
         """
-        from . import targets
+        from ..targets import families as targets
 
         model = targets.unwrap_target(target)
         spec = targets.get_target_spec(model)

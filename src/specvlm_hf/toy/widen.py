@@ -1,6 +1,6 @@
 """The medium toy target and its drafts: the tiny ones' exact function in a wider, deeper network.
 
-`widen_toy_target` and `widen_draft` implement the construction described in `specvlm_hf.toy`'s docstring
+`widen_toy_target` and `widen_draft` implement the construction described in `specvlm_hf.toy.world`'s docstring
 (zero-padded weights, rescaled RMSNorm weights, identity residual blocks), so the medium target gives the CPU
 cost of a ~157M-parameter model while its outputs, and its drafts' acceptance, are the tiny pair's.
 """
@@ -16,7 +16,7 @@ MEDIUM_DIMS = {"hidden": 1024, "intermediate": 2816, "heads": 32, "layers": 12}
 
 @torch.no_grad()
 def widen_toy_target(tiny, size: str = "medium", dims: dict | None = None):
-    """A bigger ``LlavaForConditionalGeneration`` computing the tiny target's function (see `specvlm_hf.toy`).
+    """A bigger ``LlavaForConditionalGeneration`` computing the tiny target's function (see `specvlm_hf.toy.world`).
 
     ``dims`` (keys hidden, intermediate, heads, layers) overrides the sizes of ``size``.
     """
@@ -84,9 +84,9 @@ def widen_draft(tiny_draft, big_target):
     MLP width: a lean draft, as one would pick for a CPU). The resampler's LayerNorms do not widen
     exactly, so drafts that can use it are refused.
     """
-    from .configuration_specvlm import SpecVLMDraftConfig
-    from .decoding import DecodingSettings
-    from .modeling_specvlm import SpecVLMDraftModel, SpecVLMRMSNorm
+    from ..draft.configuration_specvlm import SpecVLMDraftConfig
+    from ..draft.modeling_specvlm import SpecVLMDraftModel, SpecVLMRMSNorm
+    from ..generation.settings import DecodingSettings
 
     small_cfg = tiny_draft.config
     if small_cfg.compressor_mode == "resampler" or (

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -56,12 +56,34 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from .configuration_specvlm import SpecVLMDraftConfig
-from .modeling_specvlm import DraftContext
 
 if TYPE_CHECKING:
-    from .targets import VisualSpan
+    from ..targets.families import VisualSpan
 
 GRID_PRIMITIVES = ("prune", "pool", "conv")  # the ones "weighted" mode mixes
+
+
+@dataclass
+class DraftContext:
+    """Draft-side view of a batch of prompts, after the (optional) visual compression.
+
+    fused:        (B, L', fused_size) fused draft input rows, right-padded (h wide; 2h `[embed ; g]` for "eagle3")
+    position_ids: (B, L') RoPE positions (text rows keep their original positions; see compression.py)
+    row_index:    (B, L') original draft row of each kept row (row t pairs f_t with x_{t+1}); -1 for compressed or
+                  padded rows
+    valid:        (B, L') bool, False on padding
+    kept_visual_tokens, visual_tokens: per sequence; choices: compressor primitive chosen per sequence
+    gate_cost:    scalar tensor, the compressor's compute cost term (0 without a gate)
+    """
+
+    fused: torch.Tensor
+    position_ids: torch.Tensor
+    row_index: torch.Tensor
+    valid: torch.Tensor
+    kept_visual_tokens: list[int] = field(default_factory=list)
+    visual_tokens: list[int] = field(default_factory=list)
+    choices: list[str | None] = field(default_factory=list)
+    gate_cost: torch.Tensor | None = None
 
 
 # --------------------------------------------------------------------------------------------- layout

@@ -1,4 +1,4 @@
-"""The draft's decoding linears (`inference_linear`): packed on CPU without autograd, F.linear otherwise."""
+"""The decode plan's linears (`backends.packed_linear`): packed on CPU without autograd, F.linear otherwise."""
 
 from __future__ import annotations
 
@@ -11,8 +11,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from specvlm_hf import inference_linear
-from specvlm_hf.inference_linear import cached_derived, module_linear, stacked_linear
+from specvlm_hf.backends import packed_linear as inference_linear
+from specvlm_hf.backends.packed_linear import bound_stacked_linear, cached_derived, linear, plain_linear
+
+
+def module_linear(lin: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`lin(x)` through the packed path, its copy cached on the module itself (as the decode plan does)."""
+    return linear(lin, "packed", x, lin.weight, lin.bias)
+
+
+def stacked_linear(owner: nn.Module, linears, x: torch.Tensor) -> torch.Tensor:
+    return bound_stacked_linear(owner, linears)(x)
+
 
 DTYPES = [torch.float32] + ([torch.bfloat16] if inference_linear._bf16_native() else [])
 
@@ -63,19 +73,17 @@ def test_stacked_linear_is_the_concatenation(dtype, first_bias, changed):
         check()
 
 
-def test_packed_path_steps_aside_under_autocast_and_for_patched_linear(monkeypatch):
+def test_packed_path_steps_aside_under_autocast_and_patched_linears_are_not_plain(monkeypatch):
     lin = _lin(16, 8, True, torch.float32)
     x = torch.randn(2, 16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert (
             module_linear(lin, x).dtype == lin(x).dtype == torch.bfloat16
         )  # autocast's product, as the module
-    calls = []
+    assert plain_linear(lin)
     original = nn.Linear.forward
-    monkeypatch.setattr(nn.Linear, "forward", lambda self, x: calls.append(1) or original(self, x))
-    with torch.no_grad():
-        module_linear(lin, x)
-    assert calls == [1]
+    monkeypatch.setattr(nn.Linear, "forward", lambda self, x: original(self, x))
+    assert not plain_linear(lin)  # the decode plan steps aside: the patched forward is called, never bypassed
 
 
 def test_autograd_runs_the_module_and_gradients_flow():
@@ -86,13 +94,10 @@ def test_autograd_runs_the_module_and_gradients_flow():
     assert cached_derived(lin, "packed") is None  # nothing packed while training
 
 
-def test_hooked_or_wrapped_modules_are_called_not_bypassed():
+def test_hooked_or_wrapped_modules_are_not_plain():
     lin = _lin(16, 8, False, torch.float32)
-    calls = []
-    lin.register_forward_hook(lambda module, args, out: calls.append(1))
-    with torch.no_grad():
-        module_linear(lin, torch.randn(2, 16))
-    assert calls == [1]
+    lin.register_forward_hook(lambda module, args, out: None)
+    assert not plain_linear(lin)  # the decode plan steps aside for it (tests/test_decode_plan.py)
 
 
 def test_modules_with_packed_caches_copy_and_pickle():
@@ -117,16 +122,11 @@ def test_disabled_by_environment(monkeypatch):
     assert cached_derived(lin, "packed") is None
 
 
-def test_stacked_linear_calls_wrapped_members():
+def test_wrapped_members_are_not_plain():
     class Scaled(
         nn.Linear
     ):  # stands in for an adapter-wrapped projection (a different class, its own forward)
         def forward(self, x):
             return 2 * super().forward(x)
 
-    owner = nn.Module()
-    torch.manual_seed(0)
-    linears = (Scaled(8, 4), nn.Linear(8, 4))
-    x = torch.randn(3, 8)
-    with torch.no_grad():
-        torch.testing.assert_close(stacked_linear(owner, linears, x), torch.cat([m(x) for m in linears], -1))
+    assert not plain_linear(Scaled(8, 4)) and plain_linear(nn.Linear(8, 4))

@@ -1,0 +1,2 @@
+"""Speculative decoding inside `vlm.generate(..., assistant_model=draft)`: routing, chain and tree decoding,
+per-call settings and statistics."""

@@ -1,0 +1,260 @@
+"""The draft tree policy: which candidate tokens one decoding step verifies (EAGLE-2 dynamic tree, sampled spine).
+
+`build_tree` (greedy decoding): the root row's draft output scores level-1 candidates (top_k of the draft
+distribution over the draft's own vocabulary); for each of the next `depth - 1` levels the `top_k` best nodes by
+cumulative draft log-probability are fed to the draft in ONE batched forward (tree attention mask over the draft
+cache), each proposing its `top_k` children; then the `total_tokens` best candidates by cumulative log-probability
+are kept (ancestor-closed). `build_sampled_tree` (sampling): a spine of `tree_depth` first draws with sibling
+leaves, every node's children drawn WITHOUT replacement from the draft distribution, its shape fixed before anything
+is drawn (what recursive rejection sampling in `tree.accept_sampled` needs to stay lossless).
+
+Both return a `DraftTree` that `tree.tree_decoding` verifies in one target forward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..backends import draft_logits, draft_step
+from .settings import DecodingSettings
+
+if TYPE_CHECKING:
+    from transformers.cache_utils import DynamicCache
+
+    from ..draft.modeling_specvlm import SpecVLMDraftModel
+
+
+@dataclass
+class DraftTree:
+    tokens: torch.Tensor  # (n,) root first, then nodes in topological order
+    parents: list[int]  # tree index of each node's parent (-1 for the root)
+    depths: torch.Tensor  # (n,) 0 for the root
+    ancestors: torch.Tensor  # (n, n) bool, ancestors[i, j]: node j is i or an ancestor of i
+    # sampled trees only: node -> the draft distribution (Vd,) its children were drawn from, in the draft's own
+    # vocabulary (`vocab_ids` maps a column to its target token id; None = same ids)
+    child_q: dict[int, torch.Tensor] | None = None
+    vocab_ids: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def build_tree(
+    draft: SpecVLMDraftModel,
+    draft_cache: DynamicCache,
+    root_hidden: torch.Tensor,
+    root_token: torch.Tensor,
+    row_position: int,
+    settings: DecodingSettings,
+) -> DraftTree:
+    """Grow the EAGLE-2 dynamic tree (greedy decoding) from the root row's draft output.
+
+    root_hidden: (1, 1, h) draft output of the row that consumed the root token.
+    row_position: draft position of level-1 rows. The tree rows are appended to `draft_cache`; the caller crops.
+    """
+    k, depth, total = settings.tree_top_k, settings.tree_depth, settings.tree_total_tokens
+    device = root_hidden.device
+    prefix_len = draft_cache.get_seq_length()
+    # draft distribution over its own vocabulary (Vd columns; ids maps a column to its target token, None = same)
+    logits, vocab_ids = draft_logits(draft, root_hidden[0, -1])
+    logp = _draft_logp(logits, None)  # (Vd,)
+    k = min(k, logp.shape[-1])
+    row_scores, row_cols = logp.topk(k)  # level-1 candidates, (k,), most likely first
+    cand_cols, cand_scores, row_cands = [row_cols], [row_scores], []
+    row_cand = torch.arange(k, device=device)  # candidate id of each row at the current level
+    parent_hidden = root_hidden[0, -1].expand(k, -1)  # (k, h)
+    n_rows = k * max(depth - 1, 0)
+    # additive attention mask of every tree row the draft may run: the prefix is visible, and among the tree rows
+    # each row sees itself from the start; a new level's rows copy their parents' view of the levels above
+    dtype = root_hidden.dtype  # the draft's
+    tree_part = torch.full((n_rows, n_rows), torch.finfo(dtype).min, dtype=dtype, device=device)
+    mask = torch.cat([tree_part.new_zeros(n_rows, prefix_len), tree_part.fill_diagonal_(0.0)], dim=1)
+    level_positions = torch.arange(row_position, row_position + depth, device=device)[:, None].expand(-1, k)
+    n_cands = k
+    for level in range(1, depth):
+        lo, hi = (level - 1) * k, level * k  # this level's rows
+        hidden = draft_step(
+            draft,
+            row_cols if vocab_ids is None else vocab_ids[row_cols],  # draft column -> target token id
+            parent_hidden,
+            position_ids=level_positions[level - 1 : level],
+            max_position=row_position + level - 1,
+            attention_mask=mask[None, None, lo:hi, : prefix_len + hi],
+            past_key_values=draft_cache,
+        )  # (k, h)
+        logp = _draft_logp(draft_logits(draft, hidden)[0], None)  # (k, Vd)
+        child_lp, child_cols = logp.topk(k, dim=-1)  # (k, k)
+        child_scores = (row_scores[:, None] + child_lp).flatten()  # cumulative log-prob of each child
+        child_cols = child_cols.flatten()
+        cand_cols.append(child_cols)
+        cand_scores.append(child_scores)
+        row_cands.append(row_cand)  # the parents of this level's k children each
+        if level == depth - 1:
+            break
+        best = child_scores.topk(k).indices  # the k best children become the next level's rows
+        parent_row = best // k
+        row_cols, row_scores = child_cols[best], child_scores[best]
+        row_cand = best + n_cands
+        parent_hidden = hidden[parent_row]
+        mask[hi : hi + k, prefix_len : prefix_len + hi] = mask[lo:hi, prefix_len : prefix_len + hi][
+            parent_row
+        ]
+        n_cands += k * k
+
+    cols = torch.cat(cand_cols)
+    tokens = cols if vocab_ids is None else vocab_ids[cols]  # tokens outside the draft vocabulary never enter
+    scores = torch.cat(cand_scores)
+    parents = torch.full((k,), -1, dtype=torch.long, device=device)  # level 1: the root's children
+    if row_cands:
+        parents = torch.cat([parents, torch.stack(row_cands)[:, :, None].expand(-1, -1, k).flatten()])
+    depths = _candidate_depths(k, len(cand_cols), device)
+    return _select_tree(root_token, tokens, scores, parents, depths, _best_candidates(scores, depths, total))
+
+
+_DEPTHS: dict = {}
+
+
+def _candidate_depths(k: int, levels: int, device) -> torch.Tensor:
+    """Depth of every greedy-tree candidate: level 1 holds k candidates, every later level k * k (cached)."""
+    key = (k, levels, device)
+    if key not in _DEPTHS:
+        sizes = torch.tensor([k] + [k * k] * (levels - 1))
+        _DEPTHS[key] = torch.arange(1, levels + 1).repeat_interleave(sizes).to(device)
+    return _DEPTHS[key]
+
+
+def draw_without_replacement(logp: torch.Tensor, n: int) -> torch.Tensor:
+    """n columns drawn without replacement from q = exp(logp) (Vd,), in draw order (Gumbel-top-k: the n largest
+    of log q + G with G = -log(E), E ~ Exp(1)). Columns with q = 0 are never drawn, so fewer may come back."""
+    # E > 0 keeps every Gumbel key finite (E == 0 would make an infinite key), so a key is -inf exactly where q = 0
+    noise = torch.empty_like(logp).exponential_().clamp_(min=torch.finfo(logp.dtype).tiny)
+    keys, columns = (logp - noise.log()).topk(n)
+    if n == 1:  # the largest key of a distribution is finite: nothing to filter, no host sync (a spine level)
+        return columns
+    return columns[keys > float("-inf")]
+
+
+def sibling_counts(spine: int, extra: int, max_per_level: int) -> list[int]:
+    """Extra children per spine level of a sampled tree: one per level from the top down, then a second, ...
+
+    Under rejection sampling a node's reach probability falls with its depth and with its draw rank among its
+    siblings, so the shallow levels get the extra candidates first. The shape is fixed before anything is drawn."""
+    counts = [0] * spine
+    for _rank in range(max(max_per_level, 0)):
+        for level in range(spine):
+            if extra <= 0:
+                return counts
+            counts[level] += 1
+            extra -= 1
+    return counts
+
+
+@torch.no_grad()
+def build_sampled_tree(
+    draft: SpecVLMDraftModel,
+    draft_cache: DynamicCache,
+    root_hidden: torch.Tensor,
+    root_token: torch.Tensor,
+    row_position: int,
+    settings: DecodingSettings,
+    temperature: float,
+) -> DraftTree:
+    """Draw the tree for sampling: a spine of first draws with sibling leaves (module docstring, step 4).
+
+    The spine has min(tree_depth, tree_total_tokens) levels; every spine node's children are drawn without
+    replacement from q = softmax(draft logits / temperature) (Gumbel-top-k), the first drawn child continues the
+    spine, the others are leaves (`sibling_counts`: the remaining budget, shallow levels first, at most
+    tree_top_k - 1 per level). Only spine rows go through the draft, one per level.
+    """
+    device = root_hidden.device
+    spine = min(settings.tree_depth, settings.tree_total_tokens)
+    siblings = sibling_counts(spine, settings.tree_total_tokens - spine, settings.tree_top_k - 1)
+    logits, vocab_ids = draft_logits(draft, root_hidden[0, -1])
+    hidden = root_hidden[0, -1:]  # (1, h)
+    tokens, parents, depths, child_q = [root_token.view(1)], [-1], [0], {}
+    node = 0  # tree index of the current spine node
+    for level in range(1, spine + 1):
+        logp = _draft_logp(logits.view(-1), temperature)  # (Vd,) log q at the spine node
+        n_children = min(1 + siblings[level - 1], logp.shape[-1])
+        drawn = draw_without_replacement(logp, n_children)
+        if drawn.numel() == 0:
+            break
+        child_q[node] = logp.exp()
+        first = len(parents)  # tree index of the first drawn child
+        tokens.append(drawn if vocab_ids is None else vocab_ids[drawn])
+        parents += [node] * drawn.numel()
+        depths += [level] * drawn.numel()
+        if level == spine:
+            break
+        hidden = draft_step(
+            draft,
+            tokens[-1][:1],  # the first drawn child continues the spine
+            hidden,
+            position_ids=torch.full((1, 1), row_position + level - 1, dtype=torch.long, device=device),
+            max_position=row_position + level - 1,
+            past_key_values=draft_cache,  # one row: it sees the prefix and the spine above it (causal)
+        )  # (1, h)
+        logits = draft_logits(draft, hidden)[0]
+        node = first
+    return DraftTree(
+        torch.cat(tokens),
+        parents,
+        torch.tensor(depths, device=device),
+        _ancestor_mask(parents, device),  # the ancestry is known on the host: one scatter
+        child_q=child_q,
+        vocab_ids=vocab_ids,
+    )
+
+
+def _draft_logp(logits: torch.Tensor, temperature: float | None) -> torch.Tensor:
+    """log q over the draft vocabulary; the sampled tree draws from softmax(logits / temperature)."""
+    if temperature is not None and temperature != 1.0:
+        logits = logits.float() / temperature
+    return torch.log_softmax(logits, dim=-1, dtype=torch.float32)  # computed in float32, one kernel
+
+
+def _best_candidates(scores, depths, total: int) -> torch.Tensor:
+    """Greedy tree: the `total` candidates with the best cumulative draft log-probability, ancestor-closed below."""
+    total = min(total, scores.shape[0])
+    # a child's cumulative score never exceeds its parent's; the depth term breaks ties towards ancestors
+    rank = scores - 1e-4 * depths.to(scores.dtype)
+    rank = torch.nan_to_num(rank, neginf=-1e30)
+    keep = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
+    keep[rank.topk(total).indices] = True
+    return keep
+
+
+def _select_tree(root_token, tokens, scores, parents, depths, keep: torch.Tensor) -> DraftTree:
+    """Lay the kept candidates (`keep`, bool over candidates; closed under ancestry here) out as the tree.
+
+    A tree holds tens of nodes: its layout is worked out on the host from two short lists, in a handful of kernels
+    instead of one pass per depth."""
+    device = tokens.device
+    parent_list = parents.tolist()
+    kept = set(keep.nonzero().flatten().tolist())
+    for c in list(kept):  # close under ancestry (only exact score ties leave a kept node's parent out)
+        p = parent_list[c]
+        while p >= 0 and p not in kept:
+            kept.add(p)
+            p = parent_list[p]
+    order = sorted(kept)  # ascending candidate ids: parents before children
+    index = {c: i + 1 for i, c in enumerate(order)}
+    parent_of = [-1] + [index[parent_list[c]] if parent_list[c] >= 0 else 0 for c in order]
+    kept_t = torch.tensor(order, dtype=torch.long, device=device)
+    node_depths = torch.cat([depths.new_zeros(1), depths[kept_t]])
+    tree_tokens = torch.cat([root_token.view(1), tokens[kept_t]])
+    return DraftTree(tree_tokens, parent_of, node_depths, _ancestor_mask(parent_of, device))
+
+
+def _ancestor_mask(parent_of: list[int], device) -> torch.Tensor:
+    """(n, n) bool, [i, j]: node j is i or an ancestor of i, from each node's parent (parents come first)."""
+    n = len(parent_of)
+    lines: list[list[int]] = []
+    for i, parent in enumerate(parent_of):
+        lines.append((lines[parent] if parent >= 0 else []) + [i])
+    rows = [i for i, line in enumerate(lines) for _ in line]
+    cols = [j for line in lines for j in line]
+    ancestors = torch.zeros(n, n, dtype=torch.bool, device=device)
+    ancestors[torch.tensor(rows, device=device), torch.tensor(cols, device=device)] = True
+    return ancestors

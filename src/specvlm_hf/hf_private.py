@@ -1,0 +1,163 @@
+"""Every use of transformers' private API, in one place, with the version check.
+
+transformers has no public hook that routes `generate(assistant_model=...)` to a custom decoding loop, no public
+way to drive its assisted-decoding loop with our candidate generator, and no public cache operation that keeps a
+scattered subset of positions. What specvlm_hf relies on beyond the public API is here and nowhere else:
+
+* `install_routing`: instance attributes `generate` and `_get_candidate_generator` on the target (transformers
+  picks candidate generators in `_get_candidate_generator`, a fixed if-chain);
+* `assisted_decoding`: the model class's `_assisted_decoding` loop;
+* `wrap_candidate_generator`: a temporary wrapper around the candidate generator a `generate` call builds;
+* `compact_cache`, `start_past_recording`: cache layer internals (`keys`, `values`, sliding-window bookkeeping);
+* `record_decoder_inputs`: a forward pre-hook on the target's text decoder reading the `inputs_embeds` it is
+  called with (the projected visual features at placeholders).
+
+`check_transformers` runs when a draft is bound, so an incompatible transformers fails there, loudly and early.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import transformers
+from packaging import version
+
+from .targets import families
+
+# The private pieces relied on, checked once at install time.
+_REQUIRED_PRIVATE_API = ("_get_candidate_generator", "_assisted_decoding", "prepare_inputs_for_generation")
+TESTED_RANGE = (version.parse("5.23"), version.parse("6.0"))
+
+
+def check_transformers(target) -> None:
+    """Raise a RuntimeError naming the fix when the installed transformers lacks what specvlm_hf relies on."""
+    installed = version.parse(transformers.__version__)
+    if not (TESTED_RANGE[0] <= installed < TESTED_RANGE[1]):
+        raise RuntimeError(
+            f"specvlm_hf needs transformers>=5.23,<6 (installed: {transformers.__version__}). "
+            "Install a supported version: pip install 'transformers>=5.23,<6'."
+        )
+    missing = [name for name in _REQUIRED_PRIVATE_API if not hasattr(type(target), name)]
+    params = inspect.signature(type(target).generate).parameters
+    if "custom_generate" not in params:
+        missing.append("generate(custom_generate=...)")
+    if missing:
+        raise RuntimeError(
+            f"transformers {transformers.__version__} no longer provides {missing}, which specvlm_hf relies on. "
+            "Please report this at the specvlm_hf issue tracker and pin transformers to a tested version."
+        )
+
+
+def install_routing(
+    target,
+    is_ours: Callable[[Any], bool],
+    generate_with: Callable,
+    candidate_generator: Callable,
+) -> None:
+    """Route `target.generate(assistant_model=m)` with `is_ours(m)` to `generate_with(target, m, args, kwargs)`,
+    and transformers' choice of candidate generator for such an `m` to `candidate_generator(target, m, **kwargs)`.
+    Any other call is exactly the class's own. Idempotent; weights, config and `save_pretrained` are untouched."""
+    if getattr(target, "_specvlm_routing_installed", False):
+        return
+    check_transformers(target)
+    cls = type(target)
+
+    @functools.wraps(cls.generate)
+    def generate(*args, **kwargs):
+        draft = kwargs.get("assistant_model")
+        if not is_ours(draft):
+            return cls.generate(target, *args, **kwargs)
+        return generate_with(target, draft, args, kwargs)
+
+    def _get_candidate_generator(*args, **kwargs):
+        draft = kwargs.get("assistant_model")
+        if is_ours(draft):
+            return candidate_generator(
+                target,
+                draft,
+                generation_config=kwargs["generation_config"],
+                logits_processor=kwargs["logits_processor"],
+                model_kwargs=kwargs["model_kwargs"],
+            )
+        return cls._get_candidate_generator(target, *args, **kwargs)
+
+    target.generate = generate
+    target._get_candidate_generator = _get_candidate_generator
+    target._specvlm_routing_installed = True
+
+
+def assisted_decoding(model, input_ids: torch.Tensor, **kwargs):
+    """transformers' assisted-decoding loop of `model`'s class (the candidate generator comes from
+    `_get_candidate_generator`, routed by `install_routing`)."""
+    return type(model)._assisted_decoding(model, input_ids, **kwargs)
+
+
+@contextlib.contextmanager
+def wrap_candidate_generator(model, wrap: Callable):
+    """Within the block, every candidate generator `model.generate` builds is passed through `wrap(generator)`."""
+    had_attr = "_get_candidate_generator" in model.__dict__
+    previous = model.__dict__.get("_get_candidate_generator")
+    original = model._get_candidate_generator
+
+    def get_candidate_generator(*args, **kwargs):
+        return wrap(original(*args, **kwargs))
+
+    model._get_candidate_generator = get_candidate_generator
+    try:
+        yield
+    finally:
+        if had_attr:
+            model._get_candidate_generator = previous
+        else:
+            del model._get_candidate_generator
+
+
+def start_past_recording(cache) -> None:
+    """Sliding-window cache layers keep states that fall out of the window until `compact_cache` (a tree verify
+    appends rejected nodes that must not push accepted keys out)."""
+    if hasattr(cache, "activate_past_recording"):
+        cache.activate_past_recording()
+
+
+def compact_cache(cache, n_tail: int, keep: torch.Tensor) -> None:
+    """Keep, of the last `n_tail` cached positions, only those at `keep` (indices into the tail), in place."""
+    for layer in cache.layers:
+        if layer.keys is None or layer.keys.numel() == 0:
+            continue
+        head_k, tail_k = layer.keys[:, :, :-n_tail], layer.keys[:, :, -n_tail:]
+        head_v, tail_v = layer.values[:, :, :-n_tail], layer.values[:, :, -n_tail:]
+        layer.keys = torch.cat([head_k, tail_k.index_select(2, keep)], dim=2)
+        layer.values = torch.cat([head_v, tail_v.index_select(2, keep)], dim=2)
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length -= n_tail - keep.numel()
+            window = layer.sliding_window
+            if layer.keys.shape[2] > window - 1:
+                layer.keys, layer.values = layer.keys[:, :, -window + 1 :], layer.values[:, :, -window + 1 :]
+
+
+def record_decoder_inputs(target, sink: list, once: bool = False):
+    """Register a hook appending to `sink` the (B, T, h) `inputs_embeds` the target's text decoder receives.
+
+    Returns the hook handle; with `once=True` the hook removes itself after the first forward.
+    """
+    model = families.unwrap_target(target)
+    decoder = families.decoder(model)
+
+    def hook(module, args, kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            input_ids = kwargs.get("input_ids")
+            if input_ids is None and args:
+                input_ids = args[0]
+            embeds = families.input_embeddings(model)(input_ids)
+        sink.append(embeds)
+        if once:
+            handle.remove()
+
+    handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
+    return handle

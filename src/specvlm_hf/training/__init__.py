@@ -1,0 +1,1 @@
+"""Training a draft: online distillation losses, the data collator, the `Trainer` subclass."""
