@@ -15,6 +15,7 @@ from specvlm_hf.draft.configuration_specvlm import (
     DECODING_MODES,
     DRAFT_ARCHITECTURES,
 )
+from specvlm_hf.generation.settings import DecodingSettings
 
 SMALL = dict(hidden_size=32, vocab_size=320, num_attention_heads=4, intermediate_size=64)
 
@@ -27,7 +28,14 @@ def test_defaults_are_valid_and_documented_values():
     config = _config()
     assert config.model_type == "specvlm_draft"
     assert config.decoding_mode == "tree"
-    assert (config.tree_top_k, config.tree_depth, config.tree_total_tokens) == (10, 7, 60)  # paper defaults
+    # no budget: chosen per step for the hardware at hand (generation/budget.py); a partly given one is filled
+    # from the paper's (10, 7, 60)
+    assert (config.tree_top_k, config.tree_depth, config.tree_total_tokens, config.num_draft_tokens) == (
+        None,
+    ) * 4
+    settings = DecodingSettings.from_config(config, tree_depth=9)
+    assert (settings.tree_top_k, settings.tree_depth, settings.tree_total_tokens) == (10, 9, 60)
+    assert settings.auto_tree is False and DecodingSettings.from_config(config).auto_tree is True
     assert config.compressor_mode is None
     assert config.compressor_primitives == list(COMPRESSOR_PRIMITIVES)
     assert config.target_layers == [-1]

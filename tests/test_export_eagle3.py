@@ -15,6 +15,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
+from specvlm_hf.draft.configuration_specvlm import DEFAULT_CHAIN_TOKENS
 from specvlm_hf.sharing.export import export_draft, speculators_weight_name
 from tiny_models import HIDDEN, VOCAB_SIZE, make_tiny_target
 
@@ -82,7 +83,9 @@ def test_config_fields(multi, target):
     assert spec["algorithm"] == "eagle3"
     assert spec["default_proposal_method"] == "greedy"
     assert spec["proposal_methods"][0]["proposal_type"] == "greedy"
-    assert spec["proposal_methods"][0]["speculative_tokens"] == draft.config.num_draft_tokens
+    assert spec["proposal_methods"][0]["speculative_tokens"] == (
+        draft.config.num_draft_tokens or DEFAULT_CHAIN_TOKENS
+    )
     assert spec["verifier"] == {
         "name_or_path": draft.config.target_name_or_path,
         "architectures": ["LlavaForConditionalGeneration"],

@@ -15,6 +15,9 @@ from .._version import __version__
 
 DRAFT_ARCHITECTURES = ("eagle", "eagle3")
 DECODING_MODES = ("tree", "chain")
+# (tree_top_k, tree_depth, tree_total_tokens): the paper's budget, filling unset fields of a fixed budget
+PAPER_TREE_BUDGET = (10, 7, 60)
+DEFAULT_CHAIN_TOKENS = 5  # chain length of a fixed budget when only the tree is set, and of exports
 COMPRESSOR_MODES = (None, "select", "weighted", "concat", "prune", "pool", "conv", "resampler", "text_only")
 COMPRESSOR_PRIMITIVES = ("prune", "pool", "conv", "resampler", "text_only")
 PRUNE_SCORES = ("norm", "question", "random")
@@ -44,8 +47,11 @@ class SpecVLMDraftConfig(PretrainedConfig):
         image_token_ids: the target's image/video placeholder token ids.
         target_name_or_path, target_architecture, target_model_type, target_family: provenance, checked by `bind`.
         decoding_mode: "tree" (EAGLE-2 dynamic tree, default) or "chain".
-        tree_top_k, tree_depth, tree_total_tokens: dynamic tree budget (paper defaults 10, 7, 60).
-        num_draft_tokens: chain length (max tokens drafted per step in chain mode).
+        tree_top_k, tree_depth, tree_total_tokens: dynamic tree budget. None (default): chosen per step for the
+            hardware at hand from measured target costs and the draft's probabilities (`generation/budget.py`);
+            any of them set (here or per `generate` call): a fixed budget, the unset ones from the paper's GPU
+            budget (`PAPER_TREE_BUDGET`: top_k 10, depth 7, 60 tokens).
+        num_draft_tokens: chain length (max tokens drafted per step in chain mode); None: chosen like the tree.
         draft_confidence_threshold: chain mode stops drafting when the draft's top probability drops below it.
         draft_vocab_size: optional reduced draft vocabulary (EAGLE-3 style); None = full target vocabulary.
         compressor_mode: None (plain EagleVLM), "select", "weighted", "concat", or one fixed primitive
@@ -79,10 +85,10 @@ class SpecVLMDraftConfig(PretrainedConfig):
         target_model_type: str | None = None,
         target_family: str | None = None,
         decoding_mode: str = "tree",
-        tree_top_k: int = 10,
-        tree_depth: int = 7,
-        tree_total_tokens: int = 60,
-        num_draft_tokens: int = 5,
+        tree_top_k: int | None = None,
+        tree_depth: int | None = None,
+        tree_total_tokens: int | None = None,
+        num_draft_tokens: int | None = None,
         draft_confidence_threshold: float = 0.0,
         draft_vocab_size: int | None = None,
         compressor_mode: str | None = None,
@@ -187,9 +193,9 @@ class SpecVLMDraftConfig(PretrainedConfig):
             raise bad("decoding_mode", self.decoding_mode, f"one of {DECODING_MODES}")
         for field in ("tree_top_k", "tree_depth", "tree_total_tokens", "num_draft_tokens"):
             value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
-                raise bad(field, value, "an integer >= 1")
-        if self.tree_total_tokens < self.tree_depth:
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise bad(field, value, "None (automatic) or an integer >= 1")
+        if None not in (self.tree_total_tokens, self.tree_depth) and self.tree_total_tokens < self.tree_depth:
             raise bad("tree_total_tokens", self.tree_total_tokens, f"at least tree_depth={self.tree_depth}")
         if not 0.0 <= self.draft_confidence_threshold < 1.0:
             raise bad("draft_confidence_threshold", self.draft_confidence_threshold, "a float in [0, 1)")

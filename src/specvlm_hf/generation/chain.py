@@ -23,6 +23,7 @@ from .. import hf_private
 from ..backends import draft_logits, draft_step
 from ..targets import families as targets
 from ..targets import features as target_features
+from .budget import AUTO_CHAIN_CONFIDENCE, AUTO_CHAIN_TOKENS
 from .prefill import draft_prefill
 from .settings import GenerationStats
 
@@ -118,13 +119,15 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self.context_len = self.cache.get_seq_length()
 
         # draft a chain
-        budget = min(self.settings.num_draft_tokens, self.max_length - input_ids.shape[1] - 1)
+        length, threshold = self.settings.num_draft_tokens, self.settings.draft_confidence_threshold
+        if length is None:  # automatic: a long chain cut where the draft's confidence drops (budget.py)
+            length, threshold = AUTO_CHAIN_TOKENS, threshold or AUTO_CHAIN_CONFIDENCE
+        budget = min(length, self.max_length - input_ids.shape[1] - 1)
         drafted, drafted_logits = [], []
         seq = input_ids
         position = self.row_position
         for step in range(max(budget, 0)):
             token, logits, top_prob = self._draft_token(seq, hidden[:, -1])
-            threshold = self.settings.draft_confidence_threshold
             if step > 0 and threshold > 0 and float(top_prob) < threshold:
                 break
             drafted.append(token)

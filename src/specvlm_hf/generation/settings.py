@@ -5,16 +5,18 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
+from ..draft.configuration_specvlm import PAPER_TREE_BUDGET
+
 
 @dataclass(frozen=True)
 class DecodingSettings:
     """Decoding knobs for one `generate` call: the draft config's defaults, overridable per call."""
 
     decoding_mode: str
-    tree_top_k: int
-    tree_depth: int
-    tree_total_tokens: int
-    num_draft_tokens: int
+    tree_top_k: int | None  # None: automatic (`budget.py`); see `auto_tree`
+    tree_depth: int | None
+    tree_total_tokens: int | None
+    num_draft_tokens: int | None
     draft_confidence_threshold: float
 
     @classmethod
@@ -25,7 +27,22 @@ class DecodingSettings:
         # Reuse the config's validation so a bad per-call value gets the same clear error.
         probe = config.__class__(**{**config.to_dict(), **values})
         del probe
+        tree = (values["tree_top_k"], values["tree_depth"], values["tree_total_tokens"])
+        if any(v is not None for v in tree):  # a fixed tree budget: unset fields from the paper's
+            top_k, depth, total = (v if v is not None else d for v, d in zip(tree, PAPER_TREE_BUDGET))
+            if values["tree_total_tokens"] is None:
+                total = max(total, depth)
+            values.update(tree_top_k=top_k, tree_depth=depth, tree_total_tokens=total)
         return cls(**values)
+
+    @property
+    def auto_tree(self) -> bool:
+        """No tree budget given: chosen per step from measured costs (`budget.BudgetPlanner`)."""
+        return self.tree_top_k is None
+
+    @property
+    def auto_chain(self) -> bool:
+        return self.num_draft_tokens is None
 
 
 @dataclass
@@ -39,7 +56,16 @@ class GenerationStats:
         default_factory=list
     )  # tokens emitted per verify forward (bonus included)
     draft_time_s: float = 0.0  # drafting and feeding accepted tokens back, per step (not the prompt)
-    verify_time_s: float = 0.0
+    verify_time_s: float = 0.0  # everything below (tree mode)
+    verify_forward_time_s: float = 0.0  # the target forward itself
+    verify_mask_time_s: float = 0.0  # building the tree attention mask and positions
+    accept_time_s: float = 0.0  # the acceptance walk (greedy or rejection sampling)
+    compact_time_s: float = 0.0  # cache compaction and picking the accepted rows' hidden states
+    # automatic budget (tree mode without an explicit tree budget): per verify step ("spec", verified draft
+    # tokens) or ("plain", 0) for a back-off step without drafting; and the cost model it used
+    budget_steps: list[tuple[str, int]] = field(default_factory=list)
+    budget_costs_ms: dict[int, float] = field(default_factory=dict)  # target forward over n new tokens
+    budget_calibration: float | None = None  # measured / predicted accepted draft tokens
     # the target's forward over the prompt (tree mode; chain mode: inside generate, not measured apart)
     prefill_time_s: float = 0.0
     draft_prefill_time_s: float = 0.0  # the draft over the prompt's features (with visual compression)

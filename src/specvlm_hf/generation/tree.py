@@ -26,6 +26,7 @@ One decoding step, given the verified tokens x_0..x_n (x_n, the "root", not yet 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -37,6 +38,7 @@ from .. import hf_private
 from ..backends import draft_step
 from ..targets import families as targets
 from ..targets import features as target_features
+from .budget import BudgetPlanner, BudgetState, measure_verify_costs
 from .prefill import draft_prefill, target_prefill
 from .settings import DecodingSettings, GenerationStats, Timer
 from .tree_policy import DraftTree, build_sampled_tree, build_tree
@@ -241,75 +243,173 @@ def tree_decoding(
                 draft, prompt_ids, prompt_embeds, prompt_feats, root_t[None], spans, draft_cache, stats
             )
     row_position = prompt_len  # draft position of the next row (pairs f_{n} with the token after the root)
-    mask_dtype = next(targets.unwrap_target(model).parameters()).dtype
-    layer_types = getattr(targets.text_config(targets.unwrap_target(model)), "layer_types", None)
+    target_model = targets.unwrap_target(model)
+    mask_dtype = next(target_model.parameters()).dtype
+    layer_types = getattr(targets.text_config(target_model), "layer_types", None)
 
+    def verify_inputs(tokens, ancestors, depths) -> dict:
+        """The verify forward's inputs for tree nodes on top of the cache."""
+        n = tokens.shape[0]
+        return dict(
+            input_ids=tokens[None],
+            attention_mask=verify_mask(cache, ancestors, depths, layer_types, mask_dtype),
+            position_ids=last_pos + 1 + depths.view(*([1] * (last_pos.dim() - 1)), n),
+            cache=cache,
+            use_cache=True,
+            output_hidden_states=request,
+            **_decode_extras(model_kwargs, n),
+        )
+
+    planner = None
+    if settings.auto_tree and not finished:
+        state = _budget_state(draft, model, input_ids.device, mask_dtype)
+        if state is None:  # first call for this target, device and dtype: time a few forwards on this cache
+
+            def timed_forward(n: int) -> None:
+                depths = torch.arange(n, device=input_ids.device)
+                ancestors = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril()
+                model(**verify_inputs(root_t.expand(n), ancestors, depths))
+                hf_private.compact_cache(cache, n, depths[:0])  # undo: keep none of the n
+
+            state = BudgetState(measure_verify_costs(timed_forward, device=input_ids.device))
+            _budget_states(draft)[_budget_key(model, input_ids.device, mask_dtype)] = state
+        planner = BudgetPlanner(state)
+        stats.budget_costs_ms = {n: 1e3 * t for n, t in zip(state.costs.sizes, state.costs.seconds)}
+        history_start = len(state.history)
+
+    # accepted tokens the draft has not consumed yet, each with the target feature it pairs with (plain steps)
+    pending_tokens: list[int] = []
+    pending_feats: list[torch.Tensor] = []
     while not finished:
-        # ---- draft a tree
+        plain = planner is not None and planner.plain_step()
+        # ---- draft a tree (or, backing off, verify the root alone: a plain decoding step)
+        step_start = time.perf_counter()
         with Timer(stats, "draft_time_s"):
-            draft_prefix = draft_cache.get_seq_length()
-            if draft_temperature is None:
-                tree = build_tree(draft, draft_cache, root_hidden, root_t, row_position, settings)
-            else:
-                tree = build_sampled_tree(
-                    draft, draft_cache, root_hidden, root_t, row_position, settings, draft_temperature
+            if plain:
+                tree = DraftTree(
+                    root_t.view(1), [-1], root_t.new_zeros(1), root_t.new_ones(1, 1, dtype=torch.bool)
                 )
+            else:
+                if pending_tokens:  # catch up on the tokens of the plain steps before
+                    root_hidden = _feed(
+                        draft, draft_cache, pending_tokens, torch.cat(pending_feats), row_position
+                    )
+                    row_position += len(pending_tokens)
+                    pending_tokens, pending_feats = [], []
+                draft_prefix = draft_cache.get_seq_length()
+                if draft_temperature is None:
+                    tree = build_tree(
+                        draft, draft_cache, root_hidden, root_t, row_position, settings, planner
+                    )
+                else:
+                    step_settings = settings
+                    if planner is not None:  # a spine as deep as the measured acceptance pays for
+                        depth = planner.spine_depth()
+                        step_settings = dataclasses.replace(
+                            settings, tree_top_k=1, tree_depth=depth, tree_total_tokens=depth
+                        )
+                    tree = build_sampled_tree(
+                        draft,
+                        draft_cache,
+                        root_hidden,
+                        root_t,
+                        row_position,
+                        step_settings,
+                        draft_temperature,
+                    )
+        draft_s = time.perf_counter() - step_start
         n = tree.tokens.shape[0]
 
         # ---- verify it in one target forward
         with Timer(stats, "verify_time_s"):
-            tree_positions = last_pos + 1 + tree.depths.view(*([1] * (last_pos.dim() - 1)), n)
-            out = model(
-                input_ids=tree.tokens[None],
-                attention_mask=verify_mask(cache, tree.ancestors, tree.depths, layer_types, mask_dtype),
-                position_ids=tree_positions,
-                cache=cache,
-                use_cache=True,
-                output_hidden_states=request,
-                **_decode_extras(model_kwargs, n),
-            )
+            with Timer(stats, "verify_mask_time_s"):
+                inputs = verify_inputs(tree.tokens, tree.ancestors, tree.depths)
+            forward_start = time.perf_counter()
+            with Timer(stats, "verify_forward_time_s"):
+                out = model(**inputs)
+            forward_s = time.perf_counter() - forward_start
             stats.target_forwards += 1
             logits = out.logits[0]  # (n, V)
 
             # ---- accept the longest matching path (greedy) / rejection-sample down the drawn tree
-            if tree.child_q is None:
-                path, emitted = accept_greedy(tree, logits, input_ids, select)
-            else:
-                path, emitted = accept_sampled(tree, logits, input_ids, select)
+            with Timer(stats, "accept_time_s"):
+                if tree.child_q is None:
+                    path, emitted = accept_greedy(tree, logits, input_ids, select)
+                else:
+                    path, emitted = accept_sampled(tree, logits, input_ids, select)
         before = input_ids.shape[1]
         input_ids, finished = _append(input_ids, emitted, stopping_criteria, streamer, stats)
         stats.accepted_lengths.append(input_ids.shape[1] - before)
         if finished:
             break
 
-        # ---- compact caches to the accepted path and feed the draft the target's true features
-        with Timer(stats, "verify_time_s"):
+        # ---- compact caches to the accepted path; the draft consumes the accepted tokens with their true features
+        with Timer(stats, "verify_time_s"), Timer(stats, "compact_time_s"):
             keep = torch.tensor(path, device=input_ids.device)
             hf_private.compact_cache(cache, n, keep)
             last_pos = last_pos + len(path)
             feats = target_features.select_features(out.hidden_states, draft.config.target_layers)[0, keep]
+        feed_start = time.perf_counter()
         with Timer(stats, "draft_time_s"):
-            draft_cache.crop(-(draft_cache.get_seq_length() - draft_prefix))
-            next_tokens = torch.tensor(emitted, device=input_ids.device)
-            m = len(emitted)
-            positions = torch.arange(row_position, row_position + m, device=input_ids.device)[None]
-            root_hidden = draft_step(
-                draft,
-                next_tokens,
-                feats,
-                position_ids=positions,
-                max_position=row_position + m - 1,
-                past_key_values=draft_cache,
-            )[None, -1:]
-            row_position += m
-            root_t = next_tokens[-1:]
+            if plain:
+                pending_tokens += emitted
+                pending_feats.append(feats)
+            else:
+                draft_cache.crop(-(draft_cache.get_seq_length() - draft_prefix))
+                root_hidden = _feed(draft, draft_cache, emitted, feats, row_position)
+                row_position += len(emitted)
+            root_t = torch.tensor(emitted[-1:], device=input_ids.device)
+        if planner is not None and not plain:
+            step_s = time.perf_counter() - step_start
+            planner.observe(
+                n=n - 1,
+                levels=tree.levels,
+                predicted=tree.predicted,
+                drafted=min(len(path), n - 1),
+                accepted=len(path) - 1,
+                emitted=len(emitted),
+                forward_s=forward_s,
+                overhead_s=step_s - forward_s - draft_s - (time.perf_counter() - feed_start),
+                draft_s=draft_s + time.perf_counter() - feed_start,
+                spine=tree.child_q is not None,
+            )
 
+    if planner is not None:
+        stats.budget_steps = list(planner.state.history[history_start:])
+        stats.budget_calibration = planner.state.calibration
     if streamer is not None:
         streamer.end()
     stats.total_time_s = time.perf_counter() - start_time
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=input_ids, cache=cache)
     return input_ids
+
+
+def _feed(draft, draft_cache, tokens: list[int], feats: torch.Tensor, row_position: int) -> torch.Tensor:
+    """The draft consumes accepted tokens, each paired with the target feature before it; returns the draft output
+    of the last row (1, 1, h): the root of the next tree."""
+    m = len(tokens)
+    return draft_step(
+        draft,
+        torch.tensor(tokens, device=feats.device),
+        feats,
+        position_ids=torch.arange(row_position, row_position + m, device=feats.device)[None],
+        max_position=row_position + m - 1,
+        past_key_values=draft_cache,
+    )[None, -1:]
+
+
+def _budget_key(model, device, dtype) -> tuple:
+    return (id(targets.unwrap_target(model)), str(device), str(dtype))
+
+
+def _budget_states(draft) -> dict:
+    """The automatic budget's state, on the draft across generate calls (one per target, device and dtype)."""
+    return draft.__dict__.setdefault("_specvlm_budget_states", {})
+
+
+def _budget_state(draft, model, device, dtype) -> BudgetState | None:
+    return _budget_states(draft).get(_budget_key(model, device, dtype))
 
 
 def _append(input_ids, tokens: list[int], stopping_criteria, streamer, stats: GenerationStats):

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..backends import draft_logits, draft_step
+from .budget import MAX_DEPTH, BudgetPlanner
 from .settings import DecodingSettings
 
 if TYPE_CHECKING:
@@ -37,6 +38,8 @@ class DraftTree:
     # vocabulary (`vocab_ids` maps a column to its target token id; None = same ids)
     child_q: dict[int, torch.Tensor] | None = None
     vocab_ids: torch.Tensor | None = None
+    levels: int = 0  # draft forwards that built the tree (its cost)
+    predicted: float | None = None  # greedy trees chosen by a planner: summed cumulative draft probabilities
 
 
 @torch.no_grad()
@@ -47,13 +50,19 @@ def build_tree(
     root_token: torch.Tensor,
     row_position: int,
     settings: DecodingSettings,
+    planner: BudgetPlanner | None = None,
 ) -> DraftTree:
     """Grow the EAGLE-2 dynamic tree (greedy decoding) from the root row's draft output.
 
     root_hidden: (1, 1, h) draft output of the row that consumed the root token.
     row_position: draft position of level-1 rows. The tree rows are appended to `draft_cache`; the caller crops.
+    planner: with no explicit budget, decides top_k, how deep to grow and how many candidates to keep
+    (`budget.BudgetPlanner`); `settings`' tree budget is used otherwise.
     """
-    k, depth, total = settings.tree_top_k, settings.tree_depth, settings.tree_total_tokens
+    if planner is None:
+        k, depth, total = settings.tree_top_k, settings.tree_depth, settings.tree_total_tokens
+    else:
+        k, depth, total = planner.top_k(), MAX_DEPTH, None
     device = root_hidden.device
     prefix_len = draft_cache.get_seq_length()
     # draft distribution over its own vocabulary (Vd columns; ids maps a column to its target token, None = same)
@@ -72,7 +81,12 @@ def build_tree(
     mask = torch.cat([tree_part.new_zeros(n_rows, prefix_len), tree_part.fill_diagonal_(0.0)], dim=1)
     level_positions = torch.arange(row_position, row_position + depth, device=device)[:, None].expand(-1, k)
     n_cands = k
+    probs: list[float] = []  # planner: every candidate's cumulative draft probability so far
     for level in range(1, depth):
+        if planner is not None:
+            probs += torch.cat(cand_scores[-1:]).exp().tolist()
+            if not planner.keep_growing(sorted(probs, reverse=True), row_scores.exp().tolist(), level - 1):
+                break
         lo, hi = (level - 1) * k, level * k  # this level's rows
         hidden = draft_step(
             draft,
@@ -109,7 +123,14 @@ def build_tree(
     if row_cands:
         parents = torch.cat([parents, torch.stack(row_cands)[:, :, None].expand(-1, -1, k).flatten()])
     depths = _candidate_depths(k, len(cand_cols), device)
-    return _select_tree(root_token, tokens, scores, parents, depths, _best_candidates(scores, depths, total))
+    predicted = None
+    if planner is not None:
+        ranked = scores.exp().sort(descending=True).values.tolist()
+        total, _ = planner.best_size(ranked, len(cand_cols) - 1)
+        predicted = sum(ranked[:total])
+    tree = _select_tree(root_token, tokens, scores, parents, depths, _best_candidates(scores, depths, total))
+    tree.levels, tree.predicted = len(cand_cols) - 1, predicted
+    return tree
 
 
 _DEPTHS: dict = {}
@@ -204,6 +225,7 @@ def build_sampled_tree(
         _ancestor_mask(parents, device),  # the ancestry is known on the host: one scatter
         child_q=child_q,
         vocab_ids=vocab_ids,
+        levels=max(depths[-1] - 1, 0),
     )
 
 

@@ -71,6 +71,7 @@ import torch
 from safetensors.torch import save_file
 
 from .._version import __version__
+from ..draft.configuration_specvlm import DEFAULT_CHAIN_TOKENS, PAPER_TREE_BUDGET
 
 EXPORT_FORMATS = ("speculators",)
 SPECULATORS_SCHEMA_VERSION = "0.3.0"  # last speculators release checked to ship the "eagle" model type
@@ -139,7 +140,7 @@ def _greedy_proposals(config) -> list[dict[str, Any]]:
     return [
         {
             "proposal_type": "greedy",
-            "speculative_tokens": config.num_draft_tokens,
+            "speculative_tokens": config.num_draft_tokens or DEFAULT_CHAIN_TOKENS,
             "verifier_accept_k": 1,
             "accept_tolerance": 0.0,
         }
@@ -147,7 +148,10 @@ def _greedy_proposals(config) -> list[dict[str, Any]]:
 
 
 def _tree_block(config) -> dict[str, int]:
-    return {"top_k": config.tree_top_k, "depth": config.tree_depth, "total_tokens": config.tree_total_tokens}
+    # a serving engine runs on GPUs: an automatic budget is written as the paper's GPU budget
+    values = (config.tree_top_k, config.tree_depth, config.tree_total_tokens)
+    top_k, depth, total = (v if v is not None else d for v, d in zip(values, PAPER_TREE_BUDGET))
+    return {"top_k": top_k, "depth": depth, "total_tokens": total}
 
 
 def aux_layer_ids(draft) -> list[int]:

@@ -166,14 +166,22 @@ def _draft_description(config) -> list[str]:
             "(own head; index map `draft_vocab_ids` in the weights)",
         ),
         ("Visual compressor (draft side)", f"`{compressor}`"),
-        (
-            "Decoding",
-            f"`{config.decoding_mode}` (tree: top_k {config.tree_top_k}, depth {config.tree_depth}, "
-            f"{config.tree_total_tokens} tokens; chain: {config.num_draft_tokens} tokens)",
-        ),
+        ("Decoding", _decoding_description(config)),
         ("Written by", f"`{LIBRARY_NAME}` {config.specvlm_hf_version}"),
     ]
     return ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+
+
+def _decoding_description(config) -> str:
+    tree = (config.tree_top_k, config.tree_depth, config.tree_total_tokens)
+    tree_text = (
+        "tree budget chosen per step for the hardware at hand"
+        if all(v is None for v in tree)
+        else f"tree: top_k {config.tree_top_k}, depth {config.tree_depth}, {config.tree_total_tokens} tokens"
+    )
+    chain = config.num_draft_tokens
+    chain_text = "chain length automatic" if chain is None else f"chain: {chain} tokens"
+    return f"`{config.decoding_mode}` ({tree_text}; {chain_text})"
 
 
 def build_model_card(

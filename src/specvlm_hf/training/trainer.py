@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainingArguments
 
+from ..draft.configuration_specvlm import DEFAULT_CHAIN_TOKENS
 from ..draft.modeling_specvlm import SpecVLMDraftModel, causal_mask
 from ..targets import families as targets
 from ..targets import features as target_features
@@ -391,7 +392,9 @@ class SpecVLMDistillationTrainer(Trainer):
             for j, a in enumerate(rates, start=1):
                 metrics[f"top1_agreement_step{j}"].append(a)
         metrics["accepted_length_estimate"].append(
-            expected_accepted_length(rates, depth=max(draft.config.num_draft_tokens, len(rates)))
+            expected_accepted_length(
+                rates, depth=max(draft.config.num_draft_tokens or DEFAULT_CHAIN_TOKENS, len(rates))
+            )
         )
         if draft.compressor is not None:
             metrics["visual_keep_ratio"].append(1.0 if kept_ratio is None else kept_ratio)

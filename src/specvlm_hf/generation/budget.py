@@ -1,0 +1,230 @@
+"""The draft budget when none is given: chosen per step from measured costs and the draft's own probabilities.
+
+Speculation pays when the tokens a step emits outnumber what its time would buy with plain decoding. One step that
+verifies n draft tokens emits, in expectation, `E(n) = 1 + a * (sum of the n nodes' cumulative draft probabilities)`
+tokens (EAGLE-2's scores: the draft's probability that the path to a node is the target's choice; `a` calibrates
+them against the acceptance measured so far) and costs `T(n) = c(n + 1) + (levels + 1) * d`: one target forward
+over the root and n nodes, plus the draft's tree levels and its pass over the accepted tokens. `c` is measured on
+the machine at hand (`VerifyCosts`: a few timed target forwards on the user's own prompt cache, kept per target,
+device and dtype and refined by every verify step), `d` likewise. The planner then
+
+* grows the tree level by level while a level can still raise the rate `E / T` (its best children's probability
+  mass against one more draft level's time),
+* keeps the n best candidates that maximise `E(n) / T(n)` (a GPU, where c is flat to ~64 tokens, keeps big
+  trees; a CPU, where c grows with n, small ones),
+* backs off to plain decoding steps (no drafting at all) when speculation does not pay -- measured speed-up over
+  `1 / c(1)` below 1 -- and probes again after 4, 8, ... up to 64 plain steps.
+
+Sampling draws a spine (`tree_policy.build_sampled_tree`): its depth D maximises `E(D) / T(D)` with
+`E(D) = sum_{i <= D} alpha^i`, alpha the measured probability that a drawn child is accepted.
+
+Chain mode (inside transformers' assisted loop, which owns the target's cache and timing) drafts up to
+`AUTO_CHAIN_TOKENS`, cut where the draft's confidence falls below `AUTO_CHAIN_CONFIDENCE`.
+
+Explicit `tree_*` / `num_draft_tokens` (config or per call) turn all of this off for that call: the budget is obeyed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+# target forward sizes measured once per target, device and dtype (new tokens on the prompt's cache)
+COST_SIZES = (1, 2, 4, 8, 16, 32, 64)
+MAX_TREE_TOKENS = 64  # an automatic tree never verifies more (the paper's GPU budget is 60)
+MAX_DEPTH = 12
+MAX_SPINE = 16
+# chain mode without a budget: up to this many tokens, cut where the draft's top probability falls below the
+# confidence (the best fixed chain measured on a CPU LLaVA target, issue notes: 8 tokens cut at 0.4)
+AUTO_CHAIN_TOKENS, AUTO_CHAIN_CONFIDENCE = 8, 0.4
+BACKOFF_START, BACKOFF_MAX = (
+    4,
+    64,
+)  # plain steps before the next probe, doubling while speculation does not pay
+DECAY = 0.9  # weight of the past in the running estimates (calibration, acceptance, draft level time)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class VerifyCosts:
+    """Seconds of one target forward over n new tokens on a cached prompt, at the measured sizes (interpolated
+    linearly between them, extrapolated linearly beyond the largest)."""
+
+    sizes: list[int]
+    seconds: list[float]
+
+    def __call__(self, n: int) -> float:
+        sizes, secs = self.sizes, self.seconds
+        if n <= sizes[0]:
+            return secs[0]
+        for (n0, s0), (n1, s1) in zip(zip(sizes, secs), zip(sizes[1:], secs[1:])):
+            if n <= n1:
+                return s0 + (s1 - s0) * (n - n0) / (n1 - n0)
+        slope = (secs[-1] - secs[-2]) / (sizes[-1] - sizes[-2]) if len(sizes) > 1 else 0.0
+        return secs[-1] + max(slope, 0.0) * (n - sizes[-1])
+
+    def observe(self, n: int, seconds: float) -> None:
+        """Refine the nearest measured size with a verify step's own forward time."""
+        i = min(range(len(self.sizes)), key=lambda j: abs(math.log(self.sizes[j]) - math.log(max(n, 1))))
+        if abs(self.sizes[i] - n) <= max(1, self.sizes[i] // 4):
+            self.seconds[i] = DECAY * self.seconds[i] + (1 - DECAY) * seconds
+
+
+def measure_verify_costs(forward, sizes=COST_SIZES, repeats: int = 2, device=None) -> VerifyCosts:
+    """`forward(n)` runs the target over n new tokens on the cache and undoes it; returns the measured curve."""
+    device = torch.device(device or "cpu")
+    forward(sizes[0])  # warm-up
+    seconds = []
+    for n in sizes:
+        best = float("inf")
+        for _ in range(repeats):
+            _sync(device)
+            start = time.perf_counter()
+            forward(n)
+            _sync(device)
+            best = min(best, time.perf_counter() - start)
+        seconds.append(best)
+    for i in range(1, len(seconds)):  # a larger forward never costs less (timing noise)
+        seconds[i] = max(seconds[i], seconds[i - 1])
+    return VerifyCosts(list(sizes), seconds)
+
+
+@dataclass
+class BudgetState:
+    """What the planner learns, kept on the draft across `generate` calls (per target, device and dtype)."""
+
+    costs: VerifyCosts
+    overhead_s: float = 0.0  # per verify step beyond the forward (mask, acceptance, cache compaction)
+    level_s: float | None = None  # one draft level (a batched draft forward plus its head)
+    accepted: float = 1.0  # running sums: accepted draft tokens / predicted ones (calibration `a`)
+    predicted: float = 1.0
+    spine_offered: float = 2.0  # sampled spines: drawn children offered / accepted (alpha)
+    spine_accepted: float = 1.4
+    speedup: float = 1.0  # running measured speed-up of speculative steps over 1 / c(1)
+    backoff: int = 0  # plain steps to run before the next probe
+    backoff_len: int = BACKOFF_START
+    history: list = field(default_factory=list)  # per step (kind, n): what the planner chose (stats)
+
+    @property
+    def calibration(self) -> float:
+        return min(max(self.accepted / max(self.predicted, 1e-6), 0.05), 2.0)
+
+    @property
+    def alpha(self) -> float:
+        return min(max(self.spine_accepted / max(self.spine_offered, 1e-6), 0.0), 0.98)
+
+
+class BudgetPlanner:
+    """Per-step budget decisions for one `generate` call (module docstring)."""
+
+    def __init__(self, state: BudgetState):
+        self.state = state
+
+    # --------------------------------------------------------------------------------------------- cost
+    def step_time(self, n: int, levels: int) -> float:
+        s = self.state
+        level = s.level_s if s.level_s is not None else 0.1 * s.costs(1)
+        return s.costs(n + 1) + s.overhead_s + (levels + 1) * level
+
+    def plain_rate(self) -> float:
+        return 1.0 / (self.state.costs(1) + self.state.overhead_s)
+
+    # --------------------------------------------------------------------------------------------- greedy tree
+    def top_k(self) -> int:
+        """Children per expanded node: wide where a big tree costs about what a small one does (GPU), narrow
+        where every verified token costs time (CPU)."""
+        costs = self.state.costs
+        affordable = max(n for n in costs.sizes if costs(n) <= 1.5 * costs(1))
+        return int(min(max(affordable // 6, 2), 10))
+
+    def best_size(self, probs: list[float], levels: int) -> tuple[int, float]:
+        """probs: candidates' cumulative draft probabilities, best first. Returns (n, rate E(n) / T(n))."""
+        a = self.state.calibration
+        best_n, best_rate, mass = 0, 1.0 / self.step_time(0, levels), 0.0
+        for n, p in enumerate(probs[:MAX_TREE_TOKENS], start=1):
+            mass += p
+            rate = (1.0 + a * mass) / self.step_time(n, levels)
+            if rate > best_rate:
+                best_n, best_rate = n, rate
+        return best_n, best_rate
+
+    def keep_growing(self, probs: list[float], level_probs: list[float], levels: int) -> bool:
+        """Whether one more level (whose candidates can add at most `level_probs`' mass) can raise the rate."""
+        if levels >= MAX_DEPTH or not level_probs:
+            return False
+        a = self.state.calibration
+        n, rate = self.best_size(probs, levels)
+        gain = a * sum(sorted(level_probs, reverse=True)[: max(MAX_TREE_TOKENS - n, 0)])
+        level = self.state.level_s if self.state.level_s is not None else 0.1 * self.state.costs(1)
+        extra = self.state.costs(n + 1 + len(level_probs)) - self.state.costs(n + 1) + level
+        # (E + gain) / (T + extra) > E / T  <=>  gain / extra > E / T = rate
+        return gain > rate * extra
+
+    # --------------------------------------------------------------------------------------------- sampling
+    def spine_depth(self) -> int:
+        alpha = self.state.alpha
+        best_d, best_rate, expected, reach = 1, 0.0, 1.0, 1.0
+        for d in range(1, MAX_SPINE + 1):
+            reach *= alpha
+            expected += reach
+            rate = expected / self.step_time(d, d)
+            if rate > best_rate:
+                best_d, best_rate = d, rate
+        return best_d
+
+    # --------------------------------------------------------------------------------------------- back-off
+    def plain_step(self) -> bool:
+        """Whether this step should be a plain decoding step (no drafting)."""
+        if self.state.backoff > 0:
+            self.state.backoff -= 1
+            self.state.history.append(("plain", 0))
+            return True
+        return False
+
+    def observe(
+        self,
+        *,
+        n: int,
+        levels: int,
+        predicted: float | None,
+        drafted: int,
+        accepted: int,
+        emitted: int,
+        forward_s: float,
+        overhead_s: float,
+        draft_s: float,
+        spine: bool = False,
+    ) -> None:
+        """After a speculative step: refine costs, calibration and acceptance, and decide whether to back off.
+
+        predicted: the summed cumulative draft probabilities of the verified nodes (greedy trees); drafted: draft
+        tokens offered along the accepted path's spine (sampled trees); accepted: draft tokens accepted."""
+        s = self.state
+        s.history.append(("spec", n))
+        s.costs.observe(n + 1, forward_s)
+        s.overhead_s = DECAY * s.overhead_s + (1 - DECAY) * overhead_s if s.overhead_s else overhead_s
+        if levels > 0:
+            per_level = draft_s / (levels + 1)
+            s.level_s = per_level if s.level_s is None else DECAY * s.level_s + (1 - DECAY) * per_level
+        if predicted is not None:
+            s.accepted = DECAY * s.accepted + accepted
+            s.predicted = DECAY * s.predicted + predicted
+        if spine:
+            s.spine_offered = DECAY * s.spine_offered + drafted
+            s.spine_accepted = DECAY * s.spine_accepted + accepted
+        step_s = forward_s + overhead_s + draft_s
+        speedup = emitted / step_s / self.plain_rate()
+        s.speedup = 0.7 * s.speedup + 0.3 * speedup
+        if s.speedup < 1.0:
+            s.backoff = s.backoff_len
+            s.backoff_len = min(2 * s.backoff_len, BACKOFF_MAX)
+            s.speedup = 1.0  # the probe after the back-off starts from a neutral estimate
+        elif speedup >= 1.0:
+            s.backoff_len = BACKOFF_START
