@@ -72,9 +72,11 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         feats = target_features.select_features(model_outputs.hidden_states, draft.config.target_layers)
         if not self.prefilled:
             self.prefilled = True
-            # first call after the prefill: input_ids = prompt + first token
-            prompt_ids = input_ids[:, : self.prompt_len]
+            # first call after the prefill: input_ids = prompt + first token; the prefill ran the prompt tokens after
+            # any reused cache (multi-turn), and the draft's context is those
             embeds = self._captured.pop()
+            n_prefilled = embeds.shape[1]
+            prompt_ids = input_ids[:, self.prompt_len - n_prefilled : self.prompt_len]
             spans = targets.visual_spans(
                 targets.unwrap_target(self.target), prompt_ids, {**model_kwargs, **self._layout_kwargs}
             )
@@ -82,13 +84,13 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
                 draft,
                 prompt_ids,
                 embeds,
-                feats[:, : self.prompt_len],
+                feats[:, :n_prefilled],
                 input_ids[:, self.prompt_len :],
                 spans,
                 self.cache,
                 stats,
             )
-            self.row_position = self.prompt_len
+            self.row_position = n_prefilled
             stats.new_tokens = 1
             t1 = time.perf_counter()
             stats.draft_prefill_time_s += t1 - t0

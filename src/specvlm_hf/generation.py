@@ -128,8 +128,9 @@ def _generate_with_draft(target, draft, args, kwargs):
     # that describe the visual layout for the draft's compressor and stats
     draft._layout_kwargs = {key: kwargs[key] for key in LAYOUT_KWARGS if kwargs.get(key) is not None}
     if settings.decoding_mode == "tree":
-        from .tree import tree_decoding
+        from .tree import check_mask_attention, tree_decoding
 
+        check_mask_attention(target)
         decoding = functools.partial(tree_decoding, **routed)
     else:
         decoding = functools.partial(_chain_decoding, **routed)
@@ -257,6 +258,7 @@ def _chain_decoding(
     loop_criteria = StoppingCriteriaList([_StopAtAnyNewToken(stopping_criteria, prompt_len)])
     if streamer is not None:
         streamer = _ExactStreamer(streamer, stopping_criteria, input_ids)
+    restore_prefill = _prefill_only_uncached(model, input_ids, kwargs)
     try:
         result = type(model)._assisted_decoding(
             model,
@@ -269,6 +271,7 @@ def _chain_decoding(
             **kwargs,
         )
     finally:
+        restore_prefill()
         draft._active_settings = None
         draft._active_stopping_criteria = None
     sequences = result if isinstance(result, torch.Tensor) else result.sequences
@@ -280,6 +283,36 @@ def _chain_decoding(
     _finish_chain_stats(draft.last_generation_stats, sequences.shape[1] - prompt_len)
     draft.last_generation_stats.total_time_s = time.perf_counter() - start
     return result
+
+
+def _prefill_only_uncached(model, input_ids, model_kwargs):
+    """Stock assisted decoding's first forward runs the whole prompt even when `generate` got a filled cache
+    (multi-turn reuse), duplicating the cached positions; plain generate's prefill runs only the uncached tokens.
+    Make the first `prepare_inputs_for_generation` call slice them as plain generate does, for this call only.
+    Returns the function that undoes it."""
+    from .decoding import uncached_length
+
+    n_new = uncached_length(input_ids, model_kwargs)
+    if n_new is None:
+        return lambda: None
+    had_own = "prepare_inputs_for_generation" in vars(model)
+    original = model.prepare_inputs_for_generation
+
+    @functools.wraps(original)
+    def prepare_inputs_for_generation(*args, **kwargs):
+        if kwargs.get("is_first_iteration") and kwargs.get("next_sequence_length") is None:
+            kwargs["next_sequence_length"] = n_new
+        return original(*args, **kwargs)
+
+    model.prepare_inputs_for_generation = prepare_inputs_for_generation
+
+    def restore():
+        if had_own:
+            model.prepare_inputs_for_generation = original
+        else:
+            del model.prepare_inputs_for_generation
+
+    return restore
 
 
 def _finish_chain_stats(stats, total_new: int) -> None:

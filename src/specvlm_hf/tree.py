@@ -42,6 +42,7 @@ from .decoding import (
     draft_prefill,
     draft_step,
     target_prefill,
+    uncached_length,
 )
 from .modeling_specvlm import SpecVLMDraftModel, additive_mask
 
@@ -326,6 +327,85 @@ def verify_mask(cache, ancestors: torch.Tensor, depths: torch.Tensor, layer_type
     }
 
 
+# attention implementations whose kernels take the verify forward's 4-D additive tree mask as given
+MASK_ATTENTION = ("sdpa", "eager")
+
+
+def _mask_attention_for(model) -> str | None:
+    """None when the target's text decoder takes a 4-D tree mask as loaded; else the implementation to verify with
+    (flex_attention segfaults on such a mask on CPU, flash-attention kernels cannot take one, paged ones need a
+    paged cache)."""
+    if targets.text_config(model)._attn_implementation in MASK_ATTENTION:
+        return None
+    return "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+
+
+def check_mask_attention(model) -> None:
+    """Raise (before any work) if the target's attention implementation cannot verify a tree and cannot be switched."""
+    model = targets.unwrap_target(model)
+    if _mask_attention_for(model) is not None and not model._can_set_attn_implementation():
+        loaded = targets.text_config(model)._attn_implementation
+        raise ValueError(
+            f"SpecVLM tree decoding verifies a draft tree with a 4-D attention mask, which attn_implementation="
+            f"{loaded!r} cannot take, and {type(model).__name__} cannot switch its attention implementation at run "
+            "time. Load the target with attn_implementation='sdpa' (or 'eager'), or pass decoding_mode='chain'."
+        )
+
+
+def _config_path(root, wanted) -> tuple[str, ...] | None:
+    """Sub-config keys leading from `root` to the config object `wanted` (() when it is root)."""
+    queue = [((), root)]
+    while queue:
+        path, config = queue.pop(0)
+        if config is wanted:
+            return path
+        for key in getattr(config, "sub_configs", {}):
+            sub = getattr(config, key, None)
+            if sub is not None:
+                queue.append(((*path, key), sub))
+    return None
+
+
+def use_mask_attention(model):
+    """Switch the target's text decoder to an attention implementation that takes the tree mask (public
+    `set_attn_implementation`, text decoder only); returns the function that restores every config as it was."""
+    model = targets.unwrap_target(model)
+    replacement = _mask_attention_for(model)
+    if replacement is None:
+        return lambda: None
+    check_mask_attention(model)
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    stack = [model.config]
+    while stack:  # and the sub-configs no module owns
+        config = stack.pop()
+        configs.setdefault(id(config), config)
+        stack += [
+            getattr(config, key) for key in getattr(config, "sub_configs", {}) if getattr(config, key, None)
+        ]
+    saved = [(config, config._attn_implementation_internal) for config in configs.values()]
+
+    def restore():
+        for config, value in saved:
+            config._attn_implementation_internal = value
+
+    text = targets.text_config(model)
+    request = replacement
+    for key in reversed(_config_path(model.config, text) or ()):
+        request = {key: request}
+    try:
+        model.set_attn_implementation(request)
+        if text._attn_implementation != replacement:
+            raise ValueError(
+                f"Could not switch {type(model).__name__}'s text decoder to attn_implementation={replacement!r} for "
+                "SpecVLM tree verification. Load the target with attn_implementation='sdpa', or pass "
+                "decoding_mode='chain'."
+            )
+    except BaseException:
+        restore()
+        raise
+    return restore
+
+
 class _Selector:
     """Next-token choice from target logits, exactly as plain generate makes it (processors, then argmax/sample)."""
 
@@ -453,8 +533,9 @@ def tree_decoding(
     # sampling draws the tree from the draft at the target's temperature (any q is lossless; a close one accepts)
     draft_temperature = (generation_config.temperature or 1.0) if generation_config.do_sample else None
     request = target_features.hidden_state_request(draft.config.target_layers)
-    prompt_ids = input_ids
     prompt_len = input_ids.shape[1]
+    n_new = uncached_length(input_ids, model_kwargs)  # multi-turn: the prompt tokens after a reused cache
+    prompt_ids = input_ids if n_new is None else input_ids[:, prompt_len - n_new :]  # what the draft sees
 
     # ---- prefill: target on the prompt, first token, draft on the prompt's features
     with Timer(stats, "prefill_time_s"):
@@ -463,13 +544,17 @@ def tree_decoding(
         cache = outputs.cache
         if cache is None:
             raise RuntimeError("SpecVLM tree decoding needs the target's KV cache (use_cache=True).")
+        recording = [getattr(layer, "record_past", None) for layer in cache.layers]
         if hasattr(cache, "activate_past_recording"):
             cache.activate_past_recording()  # sliding-window layers keep rejected-node states until compaction
+        # position of the last cached token as the prefill saw it: the explicit positions of the decoding loop
+        # continue from there (PaliGemma's prepare_inputs_for_generation adds 1 to the 0-based `position_ids`)
         position_ids = model_kwargs.get("position_ids")
         if position_ids is not None:
-            last_pos = position_ids[..., -1:].clone()  # (..., 1, 1): position of the last cached token
+            last_pos = position_ids[..., -1:].clone()  # (..., 1, 1)
         else:
             last_pos = torch.tensor([[prompt_len - 1]], device=input_ids.device)
+        last_pos = last_pos + targets.get_target_spec(model).position_offset
         root = select(input_ids, outputs.logits[0, -1])
     input_ids, finished = _append(input_ids, [root], stopping_criteria, streamer, stats)
 
@@ -482,70 +567,84 @@ def tree_decoding(
             root_hidden = draft_prefill(
                 draft, prompt_ids, prompt_embeds, prompt_feats, root_t[None], spans, draft_cache, stats
             )
-    row_position = prompt_len  # draft position of the next row (pairs f_{n} with the token after the root)
+    row_position = prompt_ids.shape[
+        1
+    ]  # draft position of the next row (pairs f_{n} with the token after the root)
     mask_dtype = next(targets.unwrap_target(model).parameters()).dtype
     layer_types = getattr(targets.text_config(targets.unwrap_target(model)), "layer_types", None)
+    # verify forwards take a 4-D tree mask: run them through an attention implementation that takes one
+    restore_attention = use_mask_attention(model)
+    try:
+        while not finished:
+            # ---- draft a tree
+            with Timer(stats, "draft_time_s"):
+                draft_prefix = draft_cache.get_seq_length()
+                if draft_temperature is None:
+                    tree = build_tree(draft, draft_cache, root_hidden, root_t, row_position, settings)
+                else:
+                    tree = build_sampled_tree(
+                        draft, draft_cache, root_hidden, root_t, row_position, settings, draft_temperature
+                    )
+            n = tree.tokens.shape[0]
 
-    while not finished:
-        # ---- draft a tree
-        with Timer(stats, "draft_time_s"):
-            draft_prefix = draft_cache.get_seq_length()
-            if draft_temperature is None:
-                tree = build_tree(draft, draft_cache, root_hidden, root_t, row_position, settings)
-            else:
-                tree = build_sampled_tree(
-                    draft, draft_cache, root_hidden, root_t, row_position, settings, draft_temperature
+            # ---- verify it in one target forward
+            with Timer(stats, "verify_time_s"):
+                tree_positions = last_pos + 1 + tree.depths.view(*([1] * (last_pos.dim() - 1)), n)
+                out = model(
+                    input_ids=tree.tokens[None],
+                    attention_mask=verify_mask(cache, tree.ancestors, tree.depths, layer_types, mask_dtype),
+                    position_ids=tree_positions,
+                    cache=cache,
+                    use_cache=True,
+                    output_hidden_states=request,
+                    **_decode_extras(model_kwargs, n),
                 )
-        n = tree.tokens.shape[0]
+                stats.target_forwards += 1
+                logits = out.logits[0]  # (n, V)
 
-        # ---- verify it in one target forward
-        with Timer(stats, "verify_time_s"):
-            tree_positions = last_pos + 1 + tree.depths.view(*([1] * (last_pos.dim() - 1)), n)
-            out = model(
-                input_ids=tree.tokens[None],
-                attention_mask=verify_mask(cache, tree.ancestors, tree.depths, layer_types, mask_dtype),
-                position_ids=tree_positions,
-                cache=cache,
-                use_cache=True,
-                output_hidden_states=request,
-                **_decode_extras(model_kwargs, n),
-            )
-            stats.target_forwards += 1
-            logits = out.logits[0]  # (n, V)
+                # ---- accept the longest matching path (greedy) / rejection-sample down the drawn tree
+                if tree.child_q is None:
+                    path, emitted = accept_greedy(tree, logits, input_ids, select)
+                else:
+                    path, emitted = accept_sampled(tree, logits, input_ids, select)
+            before = input_ids.shape[1]
+            input_ids, finished = _append(input_ids, emitted, stopping_criteria, streamer, stats)
+            added = input_ids.shape[1] - before
+            stats.accepted_lengths.append(added)
 
-            # ---- accept the longest matching path (greedy) / rejection-sample down the drawn tree
-            if tree.child_q is None:
-                path, emitted = accept_greedy(tree, logits, input_ids, select)
-            else:
-                path, emitted = accept_sampled(tree, logits, input_ids, select)
-        before = input_ids.shape[1]
-        input_ids, finished = _append(input_ids, emitted, stopping_criteria, streamer, stats)
-        stats.accepted_lengths.append(input_ids.shape[1] - before)
-        if finished:
-            break
+            # ---- compact the target cache to the tokens kept (all but the last one, as plain generate leaves it: the
+            # path, cut where generation stopped), then feed the draft the target's true features
+            with Timer(stats, "verify_time_s"):
+                keep = torch.tensor(path[:added], device=input_ids.device)
+                compact_cache(cache, n, keep)
+            if finished:
+                break
+            with Timer(stats, "verify_time_s"):
+                last_pos = last_pos + len(path)
+                feats = target_features.select_features(out.hidden_states, draft.config.target_layers)[
+                    0, keep
+                ]
+            with Timer(stats, "draft_time_s"):
+                draft_cache.crop(-(draft_cache.get_seq_length() - draft_prefix))
+                next_tokens = torch.tensor(emitted, device=input_ids.device)
+                m = len(emitted)
+                positions = torch.arange(row_position, row_position + m, device=input_ids.device)[None]
+                root_hidden = draft_step(
+                    draft,
+                    next_tokens,
+                    feats,
+                    position_ids=positions,
+                    max_position=row_position + m - 1,
+                    past_key_values=draft_cache,
+                )[None, -1:]
+                row_position += m
+                root_t = next_tokens[-1:]
 
-        # ---- compact caches to the accepted path and feed the draft the target's true features
-        with Timer(stats, "verify_time_s"):
-            keep = torch.tensor(path, device=input_ids.device)
-            compact_cache(cache, n, keep)
-            last_pos = last_pos + len(path)
-            feats = target_features.select_features(out.hidden_states, draft.config.target_layers)[0, keep]
-        with Timer(stats, "draft_time_s"):
-            draft_cache.crop(-(draft_cache.get_seq_length() - draft_prefix))
-            next_tokens = torch.tensor(emitted, device=input_ids.device)
-            m = len(emitted)
-            positions = torch.arange(row_position, row_position + m, device=input_ids.device)[None]
-            root_hidden = draft_step(
-                draft,
-                next_tokens,
-                feats,
-                position_ids=positions,
-                max_position=row_position + m - 1,
-                past_key_values=draft_cache,
-            )[None, -1:]
-            row_position += m
-            root_t = next_tokens[-1:]
-
+    finally:
+        restore_attention()
+        for layer, record in zip(cache.layers, recording, strict=True):
+            if record is not None:
+                layer.record_past = record  # as the caller's cache was
     if streamer is not None:
         streamer.end()
     stats.total_time_s = time.perf_counter() - start_time
