@@ -144,3 +144,19 @@ def test_tree_verify_refuses_before_work_when_attention_cannot_switch(monkeypatc
     with pytest.raises(ValueError, match="attn_implementation='sdpa'"):
         model.generate(**make_inputs("llama", model), max_new_tokens=4, assistant_model=draft)
     assert calls == []  # refused before any forward
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_inputs_embeds_without_input_ids(family, mode):
+    """generate(inputs_embeds=...) returns only the new tokens, as plain generate does (failed with an unrelated
+    size mismatch: the draft took its context length from the empty input_ids)."""
+    model = make_sharp_target(family)
+    draft = _draft(model)
+    inputs = make_inputs(family, model, seed=5)
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).detach()
+    opts = {"inputs_embeds": embeds, "attention_mask": inputs["attention_mask"], "max_new_tokens": 9}
+    reference = model.generate(**opts, do_sample=False)
+    assert reference.shape == (1, 9)
+    out = model.generate(**opts, do_sample=False, assistant_model=draft, decoding_mode=mode)
+    assert torch.equal(out, reference)

@@ -19,7 +19,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.candidate_generator import CandidateGenerator
 
 from . import target_features, targets
-from .decoding import GenerationStats, draft_logits, draft_prefill, draft_step
+from .decoding import GenerationStats, draft_logits, draft_prefill, draft_prompt_ids, draft_step
 
 
 class SpecVLMChainCandidateGenerator(CandidateGenerator):
@@ -76,7 +76,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             # any reused cache (multi-turn), and the draft's context is those
             embeds = self._captured.pop()
             n_prefilled = embeds.shape[1]
-            prompt_ids = input_ids[:, self.prompt_len - n_prefilled : self.prompt_len]
+            prompt_ids = draft_prompt_ids(input_ids[:, : self.prompt_len], n_prefilled)
             spans = targets.visual_spans(
                 targets.unwrap_target(self.target), prompt_ids, {**model_kwargs, **self._layout_kwargs}
             )

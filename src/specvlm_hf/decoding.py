@@ -93,10 +93,23 @@ def uncached_length(input_ids: torch.Tensor, model_kwargs: dict) -> int | None:
     past = cache.get_seq_length() if cache is not None else 0
     if past == 0:
         return None
+    embeds = model_kwargs.get("inputs_embeds")
+    if embeds is not None:
+        return embeds.shape[1] - past  # inputs_embeds always hold the whole conversation
     mask = model_kwargs.get("attention_mask")
     if mask is not None and mask.shape[1] != input_ids.shape[1]:
         return None  # only the new tokens were passed
     return input_ids.shape[1] - past
+
+
+def draft_prompt_ids(input_ids: torch.Tensor, n: int, pad_id: int = 0) -> torch.Tensor:
+    """(1, n): the ids of the n prompt positions the prefill ran, for the draft's context. With `inputs_embeds`
+    and no `input_ids` the ids are unknown: pad ids stand in (the draft reads the target's embeddings, not the
+    ids; no visual span is found, so no visual compression)."""
+    if input_ids.shape[1] >= n:
+        return input_ids[:, input_ids.shape[1] - n :]
+    missing = input_ids.new_full((input_ids.shape[0], n - input_ids.shape[1]), pad_id)
+    return torch.cat([missing, input_ids], dim=1)
 
 
 def target_prefill(model, draft, input_ids: torch.Tensor, model_kwargs: dict):

@@ -40,9 +40,9 @@ from .decoding import (
     Timer,
     draft_logits,
     draft_prefill,
+    draft_prompt_ids,
     draft_step,
     target_prefill,
-    uncached_length,
 )
 from .modeling_specvlm import SpecVLMDraftModel, additive_mask
 
@@ -534,13 +534,15 @@ def tree_decoding(
     draft_temperature = (generation_config.temperature or 1.0) if generation_config.do_sample else None
     request = target_features.hidden_state_request(draft.config.target_layers)
     prompt_len = input_ids.shape[1]
-    n_new = uncached_length(input_ids, model_kwargs)  # multi-turn: the prompt tokens after a reused cache
-    prompt_ids = input_ids if n_new is None else input_ids[:, prompt_len - n_new :]  # what the draft sees
+    if model_kwargs.get("inputs_embeds") is not None:  # generate(inputs_embeds=...): input_ids may be empty
+        prompt_len = max(prompt_len, model_kwargs["inputs_embeds"].shape[1])
 
     # ---- prefill: target on the prompt, first token, draft on the prompt's features
     with Timer(stats, "prefill_time_s"):
         outputs, prompt_embeds, prompt_feats = target_prefill(model, draft, input_ids, model_kwargs)
         stats.target_forwards += 1
+        # the draft's context: the prompt positions the prefill ran (after a reused cache: the new turn only)
+        prompt_ids = draft_prompt_ids(input_ids, prompt_embeds.shape[1])
         cache = outputs.cache
         if cache is None:
             raise RuntimeError("SpecVLM tree decoding needs the target's KV cache (use_cache=True).")
