@@ -52,6 +52,9 @@ class ForcedDraft(SpecVLMDraftModel):
 
 
 def make_forced_draft(target, reference, wrong_positions=(), **config_overrides) -> ForcedDraft:
+    # a fixed tree budget (the paper's unless overridden): these tests check acceptance mechanics, which the
+    # automatic budget would change with the machine's timing (`tree_top_k=None` asks for it)
+    config_overrides = {"tree_top_k": 10, **config_overrides}
     config = SpecVLMDraftConfig.from_target(target, **config_overrides)
     return ForcedDraft(config).bind(target).force(reference, set(wrong_positions))
 

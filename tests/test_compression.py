@@ -155,8 +155,15 @@ def mode_counts(mode: str, spans, cfg: SpecVLMDraftConfig, choice: str | None) -
         return [expected_count(choice, s, cfg) for s in spans]
     if mode == "weighted":
         return [expected_count("pool", s, cfg) for s in spans]
-    if mode == "concat":
-        return [sum(expected_count(p, s, cfg) for p in cfg.compressor_primitives) for s in spans]
+    if mode == "concat":  # whole outputs in order, as many as fit in the span's rows
+        counts = []
+        for s in spans:
+            rows, total = s.length - (1 if s.start == 0 else 0), 0
+            for p in cfg.compressor_primitives:
+                n = expected_count(p, s, cfg)
+                total += n if total + n <= rows else 0
+            counts.append(total if total else rows)
+        return counts
     return [expected_count(mode, s, cfg) for s in spans]
 
 

@@ -10,7 +10,10 @@ scattered subset of positions. What specvlm_hf relies on beyond the public API i
 * `wrap_candidate_generator`: a temporary wrapper around the candidate generator a `generate` call builds;
 * `compact_cache`, `start_past_recording`: cache layer internals (`keys`, `values`, sliding-window bookkeeping);
 * `record_decoder_inputs`: a forward pre-hook on the target's text decoder reading the `inputs_embeds` it is
-  called with (the projected visual features at placeholders).
+  called with (the projected visual features at placeholders);
+* `use_mask_attention`: switching the text decoder's attention implementation for the tree verify (public
+  `set_attn_implementation`) and restoring every config's private `_attn_implementation_internal` exactly;
+* `prefill_only_uncached`: an instance wrapper of `prepare_inputs_for_generation` for one assisted call.
 
 `check_transformers` runs when a draft is bound, so an incompatible transformers fails there, loudly and early.
 """
@@ -117,11 +120,20 @@ def wrap_candidate_generator(model, wrap: Callable):
             del model._get_candidate_generator
 
 
-def start_past_recording(cache) -> None:
+def start_past_recording(cache) -> Callable[[], None]:
     """Sliding-window cache layers keep states that fall out of the window until `compact_cache` (a tree verify
-    appends rejected nodes that must not push accepted keys out)."""
+    appends rejected nodes that must not push accepted keys out). Returns the function that puts the layers'
+    recording back as the caller's cache had it."""
+    recording = [getattr(layer, "record_past", None) for layer in cache.layers]
     if hasattr(cache, "activate_past_recording"):
         cache.activate_past_recording()
+
+    def restore() -> None:
+        for layer, record in zip(cache.layers, recording):
+            if record is not None:
+                layer.record_past = record
+
+    return restore
 
 
 def compact_cache(cache, n_tail: int, keep: torch.Tensor) -> None:
@@ -161,3 +173,107 @@ def record_decoder_inputs(target, sink: list, once: bool = False):
 
     handle = decoder.register_forward_pre_hook(hook, with_kwargs=True)
     return handle
+
+
+# attention implementations whose kernels take the verify forward's 4-D additive tree mask as given
+MASK_ATTENTION = ("sdpa", "eager")
+
+
+def _mask_attention_for(model) -> str | None:
+    """None when the target's text decoder takes a 4-D tree mask as loaded; else the implementation to verify with
+    (flex_attention segfaults on such a mask on CPU, flash-attention kernels cannot take one, paged ones need a
+    paged cache)."""
+    if families.text_config(model)._attn_implementation in MASK_ATTENTION:
+        return None
+    return "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+
+
+def check_mask_attention(model) -> None:
+    """Raise (before any work) if the target's attention implementation cannot verify a tree and cannot be switched."""
+    model = families.unwrap_target(model)
+    if _mask_attention_for(model) is not None and not model._can_set_attn_implementation():
+        loaded = families.text_config(model)._attn_implementation
+        raise ValueError(
+            f"SpecVLM tree decoding verifies a draft tree with a 4-D attention mask, which attn_implementation="
+            f"{loaded!r} cannot take, and {type(model).__name__} cannot switch its attention implementation at run "
+            "time. Load the target with attn_implementation='sdpa' (or 'eager'), or pass decoding_mode='chain'."
+        )
+
+
+def _config_path(root, wanted) -> tuple[str, ...] | None:
+    """Sub-config keys leading from `root` to the config object `wanted` (() when it is root)."""
+    queue = [((), root)]
+    while queue:
+        path, config = queue.pop(0)
+        if config is wanted:
+            return path
+        for key in getattr(config, "sub_configs", {}):
+            sub = getattr(config, key, None)
+            if sub is not None:
+                queue.append(((*path, key), sub))
+    return None
+
+
+def use_mask_attention(model) -> Callable[[], None]:
+    """Switch the target's text decoder to an attention implementation that takes the tree mask (public
+    `set_attn_implementation`, text decoder only); returns the function that restores every config as it was."""
+    model = families.unwrap_target(model)
+    replacement = _mask_attention_for(model)
+    if replacement is None:
+        return lambda: None
+    check_mask_attention(model)
+    configs = {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}
+    stack = [model.config]
+    while stack:  # and the sub-configs no module owns
+        config = stack.pop()
+        configs.setdefault(id(config), config)
+        stack += [
+            getattr(config, key) for key in getattr(config, "sub_configs", {}) if getattr(config, key, None)
+        ]
+    saved = [(config, config._attn_implementation_internal) for config in configs.values()]
+
+    def restore() -> None:
+        for config, value in saved:
+            config._attn_implementation_internal = value
+
+    text = families.text_config(model)
+    request = replacement
+    for key in reversed(_config_path(model.config, text) or ()):
+        request = {key: request}
+    try:
+        model.set_attn_implementation(request)
+        if text._attn_implementation != replacement:
+            raise ValueError(
+                f"Could not switch {type(model).__name__}'s text decoder to attn_implementation={replacement!r} for "
+                "SpecVLM tree verification. Load the target with attn_implementation='sdpa', or pass "
+                "decoding_mode='chain'."
+            )
+    except BaseException:
+        restore()
+        raise
+    return restore
+
+
+def prefill_only_uncached(model, n_new: int | None) -> Callable[[], None]:
+    """Make the first `prepare_inputs_for_generation` call of the next `generate` run only the last `n_new` prompt
+    tokens, as plain generate's prefill does on a reused cache (None: no change). Returns the undo."""
+    if n_new is None:
+        return lambda: None
+    had_own = "prepare_inputs_for_generation" in vars(model)
+    original = model.prepare_inputs_for_generation
+
+    @functools.wraps(original)
+    def prepare_inputs_for_generation(*args, **kwargs):
+        if kwargs.get("is_first_iteration") and kwargs.get("next_sequence_length") is None:
+            kwargs["next_sequence_length"] = n_new
+        return original(*args, **kwargs)
+
+    model.prepare_inputs_for_generation = prepare_inputs_for_generation
+
+    def restore() -> None:
+        if had_own:
+            model.prepare_inputs_for_generation = original
+        else:
+            del model.prepare_inputs_for_generation
+
+    return restore

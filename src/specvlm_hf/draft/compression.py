@@ -35,7 +35,8 @@ Gumbel-softmax with a hard straight-through one-hot in training, so the chosen o
 the one-hot weight and the gate learns from the distillation loss; argmax in eval, deterministic);
 "weighted" (gated mix sum_k w_k * out_k, w = softmax(gate logits), of prune/pool/conv, all three at the pool
 count: prune keeps that many rows and the conv uses stride (k, k)); "concat" (the outputs of all configured
-primitives, concatenated within the span). `gate_cost` = compressor_cost_weight * the expected fraction of
+primitives, concatenated within the span, as many whole outputs, in order, as fit in the span's rows).
+No mode gives a span more rows than it has: an output that would is replaced by the span's own rows. `gate_cost` = compressor_cost_weight * the expected fraction of
 visual rows kept under the gate's probabilities (each primitive's fraction capped at 1; mean over the
 sequences with visual rows): a scalar in [0, weight], zero without a gate.
 
@@ -499,6 +500,10 @@ class ElasticVisualCompressor(nn.Module):
                 out = self._compress_one(
                     b, fused[b, x.row_start : x.row_end], x, question[b], choice_idx[b], hard, weights
                 )
+                if (
+                    out.shape[0] > x.num_rows
+                ):  # never more rows than the span (a resampler's queries on a tiny one)
+                    out = fused[b, x.row_start : x.row_end]
                 m = out.shape[0]
                 if m:
                     # compressed row i -> position of span row floor((i + 0.5) * r / m): inside the span, monotone
@@ -556,7 +561,16 @@ class ElasticVisualCompressor(nn.Module):
             outs = [self.compress_span(p, rows, layout, question) for p in self.primitives]
             return sum(w.to(o.dtype) * o for w, o in zip(weights[b], outs))
         if self.mode == "concat":
-            return torch.cat([self.compress_span(p, rows, layout, question) for p in self.primitives])
+            # the primitives' outputs in order, as many whole ones as fit in the span's rows: on a small span the
+            # concatenation would give the draft more rows than the span has
+            outs, total = [], 0
+            for primitive in self.primitives:
+                out = self.compress_span(primitive, rows, layout, question)
+                if total + out.shape[0] > rows.shape[0]:
+                    continue
+                outs.append(out)
+                total += out.shape[0]
+            return torch.cat(outs) if outs else rows
         return self.compress_span(self.primitives[0], rows, layout, question)
 
 

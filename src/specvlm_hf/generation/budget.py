@@ -77,22 +77,24 @@ class VerifyCosts:
             self.seconds[i] = DECAY * self.seconds[i] + (1 - DECAY) * seconds
 
 
-def measure_verify_costs(forward, sizes=COST_SIZES, repeats: int = 2, device=None) -> VerifyCosts:
-    """`forward(n)` runs the target over n new tokens on the cache and undoes it; returns the measured curve."""
+def measure_verify_costs(forward, sizes=COST_SIZES, repeats: int = 3, device=None) -> VerifyCosts:
+    """`forward(n)` runs the target over n new tokens on the cache and undoes it; returns the measured curve.
+
+    Sizes are timed in rounds (every size once per round) and each keeps its fastest time: a stall of the machine
+    only ever adds time, and hits one sample of one size instead of every sample of a size."""
     device = torch.device(device or "cpu")
-    forward(sizes[0])  # warm-up
-    seconds = []
-    for n in sizes:
-        best = float("inf")
-        for _ in range(repeats):
+    for n in sizes:  # warm-up: first calls of a shape set up kernels
+        forward(n)
+    seconds = [float("inf")] * len(sizes)
+    for _ in range(repeats):
+        for i, n in enumerate(sizes):
             _sync(device)
             start = time.perf_counter()
             forward(n)
             _sync(device)
-            best = min(best, time.perf_counter() - start)
-        seconds.append(best)
-    for i in range(1, len(seconds)):  # a larger forward never costs less (timing noise)
-        seconds[i] = max(seconds[i], seconds[i - 1])
+            seconds[i] = min(seconds[i], time.perf_counter() - start)
+    for i in range(len(seconds) - 2, -1, -1):  # a smaller forward never costs more than a larger one
+        seconds[i] = min(seconds[i], seconds[i + 1])
     return VerifyCosts(list(sizes), seconds)
 
 
@@ -107,7 +109,9 @@ class BudgetState:
     predicted: float = 1.0
     spine_offered: float = 2.0  # sampled spines: drawn children offered / accepted (alpha)
     spine_accepted: float = 1.4
-    speedup: float = 1.0  # running measured speed-up of speculative steps over 1 / c(1)
+    # running measured speed-up of speculative steps over 1 / c(1); starts optimistic so that one bad first step
+    # alone does not back off
+    speedup: float = 1.3
     backoff: int = 0  # plain steps to run before the next probe
     backoff_len: int = BACKOFF_START
     history: list = field(default_factory=list)  # per step (kind, n): what the planner chose (stats)

@@ -24,7 +24,7 @@ from ..backends import draft_logits, draft_step
 from ..targets import families as targets
 from ..targets import features as target_features
 from .budget import AUTO_CHAIN_CONFIDENCE, AUTO_CHAIN_TOKENS
-from .prefill import draft_prefill
+from .prefill import draft_prefill, draft_prompt_ids, uncached_length
 from .settings import GenerationStats
 
 
@@ -78,9 +78,11 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         feats = target_features.select_features(model_outputs.hidden_states, draft.config.target_layers)
         if not self.prefilled:
             self.prefilled = True
-            # first call after the prefill: input_ids = prompt + first token
-            prompt_ids = input_ids[:, : self.prompt_len]
+            # first call after the prefill: input_ids = prompt + first token; the prefill ran the prompt tokens after
+            # any reused cache (multi-turn), and the draft's context is those
             embeds = self._captured.pop()
+            n_prefilled = embeds.shape[1]
+            prompt_ids = draft_prompt_ids(input_ids[:, : self.prompt_len], n_prefilled)
             spans = targets.visual_spans(
                 targets.unwrap_target(self.target), prompt_ids, {**model_kwargs, **self._layout_kwargs}
             )
@@ -88,13 +90,13 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
                 draft,
                 prompt_ids,
                 embeds,
-                feats[:, : self.prompt_len],
+                feats[:, :n_prefilled],
                 input_ids[:, self.prompt_len :],
                 spans,
                 self.cache,
                 stats,
             )
-            self.row_position = self.prompt_len
+            self.row_position = n_prefilled
             stats.new_tokens = 1
             t1 = time.perf_counter()
             stats.draft_prefill_time_s += t1 - t0
@@ -249,6 +251,9 @@ def chain_decoding(
     loop_criteria = StoppingCriteriaList([_StopAtAnyNewToken(stopping_criteria, prompt_len)])
     if streamer is not None:
         streamer = _ExactStreamer(streamer, stopping_criteria, input_ids)
+    # stock assisted decoding's first forward runs the whole prompt even on a reused cache (multi-turn), where plain
+    # generate's prefill runs only the uncached tokens: make it do the same, for this call only
+    restore_prefill = hf_private.prefill_only_uncached(model, uncached_length(input_ids, kwargs))
     try:
         result = hf_private.assisted_decoding(
             model,
@@ -261,6 +266,7 @@ def chain_decoding(
             **kwargs,
         )
     finally:
+        restore_prefill()
         draft._active_settings = None
         draft._active_stopping_criteria = None
     sequences = result if isinstance(result, torch.Tensor) else result.sequences

@@ -8,12 +8,45 @@ from ..targets import features as target_features
 from .settings import GenerationStats
 
 
+def uncached_length(input_ids: torch.Tensor, model_kwargs: dict) -> int | None:
+    """How many trailing prompt tokens the prefill must run when `generate` got a filled cache (multi-turn reuse);
+    None: all of them. The rule of plain generate's prefill: with a cache of P positions and input_ids spanning the
+    attention mask (the whole conversation), only input_ids[:, P:] are new."""
+    cache = model_kwargs.get("cache")
+    past = cache.get_seq_length() if cache is not None else 0
+    if past == 0:
+        return None
+    embeds = model_kwargs.get("inputs_embeds")
+    if embeds is not None:
+        return embeds.shape[1] - past  # inputs_embeds always hold the whole conversation
+    mask = model_kwargs.get("attention_mask")
+    if mask is not None and mask.shape[1] != input_ids.shape[1]:
+        return None  # only the new tokens were passed
+    return input_ids.shape[1] - past
+
+
+def draft_prompt_ids(input_ids: torch.Tensor, n: int, pad_id: int = 0) -> torch.Tensor:
+    """(1, n): the ids of the n prompt positions the prefill ran, for the draft's context. With `inputs_embeds`
+    and no `input_ids` the ids are unknown: pad ids stand in (the draft reads the target's embeddings, not the
+    ids; no visual span is found, so no visual compression)."""
+    if input_ids.shape[1] >= n:
+        return input_ids[:, input_ids.shape[1] - n :]
+    missing = input_ids.new_full((input_ids.shape[0], n - input_ids.shape[1]), pad_id)
+    return torch.cat([missing, input_ids], dim=1)
+
+
 def target_prefill(model, draft, input_ids: torch.Tensor, model_kwargs: dict):
     """Run the target on the prompt as plain generate would, returning what the draft needs.
 
-    Returns (outputs, inputs_embeds (1, L, h), features (1, L, n*h)).
+    Returns (outputs, inputs_embeds (1, S, h), features (1, S, n*h)) for the S prompt tokens the forward ran: all
+    of them, or only those after a reused cache (`uncached_length`).
     """
-    model_inputs = model.prepare_inputs_for_generation(input_ids, is_first_iteration=True, **model_kwargs)
+    model_inputs = model.prepare_inputs_for_generation(
+        input_ids,
+        next_sequence_length=uncached_length(input_ids, model_kwargs),
+        is_first_iteration=True,
+        **model_kwargs,
+    )
     model_inputs["output_hidden_states"] = target_features.hidden_state_request(draft.config.target_layers)
     if "logits_to_keep" in model_inputs:
         model_inputs["logits_to_keep"] = 1

@@ -67,6 +67,7 @@ def _generate_with_draft(target, draft, args, kwargs):
     # that describe the visual layout for the draft's compressor and stats
     draft._layout_kwargs = {key: kwargs[key] for key in LAYOUT_KWARGS if kwargs.get(key) is not None}
     if settings.decoding_mode == "tree":
+        hf_private.check_mask_attention(target)
         decoding = functools.partial(tree_decoding, **routed)
     else:
         decoding = functools.partial(chain_decoding, **routed)

@@ -39,7 +39,7 @@ from ..backends import draft_step
 from ..targets import families as targets
 from ..targets import features as target_features
 from .budget import BudgetPlanner, BudgetState, measure_verify_costs
-from .prefill import draft_prefill, target_prefill
+from .prefill import draft_prefill, draft_prompt_ids, target_prefill
 from .settings import DecodingSettings, GenerationStats, Timer
 from .tree_policy import DraftTree, build_sampled_tree, build_tree
 
@@ -212,8 +212,9 @@ def tree_decoding(
     # sampling draws the tree from the draft at the target's temperature (any q is lossless; a close one accepts)
     draft_temperature = (generation_config.temperature or 1.0) if generation_config.do_sample else None
     request = target_features.hidden_state_request(draft.config.target_layers)
-    prompt_ids = input_ids
     prompt_len = input_ids.shape[1]
+    if model_kwargs.get("inputs_embeds") is not None:  # generate(inputs_embeds=...): input_ids may be empty
+        prompt_len = max(prompt_len, model_kwargs["inputs_embeds"].shape[1])
 
     # ---- prefill: target on the prompt, first token, draft on the prompt's features
     with Timer(stats, "prefill_time_s"):
@@ -222,14 +223,18 @@ def tree_decoding(
         cache = outputs.cache
         if cache is None:
             raise RuntimeError("SpecVLM tree decoding needs the target's KV cache (use_cache=True).")
-        hf_private.start_past_recording(
-            cache
-        )  # sliding-window layers keep rejected-node states until compaction
+        # the draft's context: the prompt positions the prefill ran (after a reused cache: the new turn only)
+        prompt_ids = draft_prompt_ids(input_ids, prompt_embeds.shape[1])
+        # sliding-window layers keep rejected-node states until compaction (restored as the caller had them)
+        restore_recording = hf_private.start_past_recording(cache)
         position_ids = model_kwargs.get("position_ids")
         if position_ids is not None:
             last_pos = position_ids[..., -1:].clone()  # (..., 1, 1): position of the last cached token
         else:
             last_pos = torch.tensor([[prompt_len - 1]], device=input_ids.device)
+        # continue from the last cached position as the prefill saw it (PaliGemma's prepare_inputs_for_generation
+        # adds 1 to 0-based positions)
+        last_pos = last_pos + targets.get_target_spec(model).position_offset
         root = select(input_ids, outputs.logits[0, -1])
     input_ids, finished = _append(input_ids, [root], stopping_criteria, streamer, stats)
 
@@ -242,7 +247,9 @@ def tree_decoding(
             root_hidden = draft_prefill(
                 draft, prompt_ids, prompt_embeds, prompt_feats, root_t[None], spans, draft_cache, stats
             )
-    row_position = prompt_len  # draft position of the next row (pairs f_{n} with the token after the root)
+    row_position = prompt_ids.shape[
+        1
+    ]  # draft position of the next row (pairs f_{n} with the token after the root)
     target_model = targets.unwrap_target(model)
     mask_dtype = next(target_model.parameters()).dtype
     layer_types = getattr(targets.text_config(target_model), "layer_types", None)
@@ -260,123 +267,136 @@ def tree_decoding(
             **_decode_extras(model_kwargs, n),
         )
 
-    planner = None
-    if settings.auto_tree and not finished:
-        state = _budget_state(draft, model, input_ids.device, mask_dtype)
-        if state is None:  # first call for this target, device and dtype: time a few forwards on this cache
+    # verify forwards take a 4-D tree mask: run them through an attention implementation that takes one
+    restore_attention = hf_private.use_mask_attention(model)
+    try:
+        planner = None
+        if settings.auto_tree and not finished:
+            state = _budget_state(draft, model, input_ids.device, mask_dtype)
+            if (
+                state is None
+            ):  # first call for this target, device and dtype: time a few forwards on this cache
 
-            def timed_forward(n: int) -> None:
-                depths = torch.arange(n, device=input_ids.device)
-                ancestors = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril()
-                model(**verify_inputs(root_t.expand(n), ancestors, depths))
-                hf_private.compact_cache(cache, n, depths[:0])  # undo: keep none of the n
+                def timed_forward(n: int) -> None:
+                    depths = torch.arange(n, device=input_ids.device)
+                    ancestors = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril()
+                    model(**verify_inputs(root_t.expand(n), ancestors, depths))
+                    hf_private.compact_cache(cache, n, depths[:0])  # undo: keep none of the n
 
-            state = BudgetState(measure_verify_costs(timed_forward, device=input_ids.device))
-            _budget_states(draft)[_budget_key(model, input_ids.device, mask_dtype)] = state
-        planner = BudgetPlanner(state)
-        stats.budget_costs_ms = {n: 1e3 * t for n, t in zip(state.costs.sizes, state.costs.seconds)}
-        history_start = len(state.history)
+                state = BudgetState(measure_verify_costs(timed_forward, device=input_ids.device))
+                _budget_states(draft)[_budget_key(model, input_ids.device, mask_dtype)] = state
+            planner = BudgetPlanner(state)
+            stats.budget_costs_ms = {n: 1e3 * t for n, t in zip(state.costs.sizes, state.costs.seconds)}
+            history_start = len(state.history)
 
-    # accepted tokens the draft has not consumed yet, each with the target feature it pairs with (plain steps)
-    pending_tokens: list[int] = []
-    pending_feats: list[torch.Tensor] = []
-    while not finished:
-        plain = planner is not None and planner.plain_step()
-        # ---- draft a tree (or, backing off, verify the root alone: a plain decoding step)
-        step_start = time.perf_counter()
-        with Timer(stats, "draft_time_s"):
-            if plain:
-                tree = DraftTree(
-                    root_t.view(1), [-1], root_t.new_zeros(1), root_t.new_ones(1, 1, dtype=torch.bool)
-                )
-            else:
-                if pending_tokens:  # catch up on the tokens of the plain steps before
-                    root_hidden = _feed(
-                        draft, draft_cache, pending_tokens, torch.cat(pending_feats), row_position
-                    )
-                    row_position += len(pending_tokens)
-                    pending_tokens, pending_feats = [], []
-                draft_prefix = draft_cache.get_seq_length()
-                if draft_temperature is None:
-                    tree = build_tree(
-                        draft, draft_cache, root_hidden, root_t, row_position, settings, planner
+        # accepted tokens the draft has not consumed yet, each with the target feature it pairs with (plain steps)
+        pending_tokens: list[int] = []
+        pending_feats: list[torch.Tensor] = []
+        while not finished:
+            plain = planner is not None and planner.plain_step()
+            # ---- draft a tree (or, backing off, verify the root alone: a plain decoding step)
+            step_start = time.perf_counter()
+            with Timer(stats, "draft_time_s"):
+                if plain:
+                    tree = DraftTree(
+                        root_t.view(1), [-1], root_t.new_zeros(1), root_t.new_ones(1, 1, dtype=torch.bool)
                     )
                 else:
-                    step_settings = settings
-                    if planner is not None:  # a spine as deep as the measured acceptance pays for
-                        depth = planner.spine_depth()
-                        step_settings = dataclasses.replace(
-                            settings, tree_top_k=1, tree_depth=depth, tree_total_tokens=depth
+                    if pending_tokens:  # catch up on the tokens of the plain steps before
+                        root_hidden = _feed(
+                            draft, draft_cache, pending_tokens, torch.cat(pending_feats), row_position
                         )
-                    tree = build_sampled_tree(
-                        draft,
-                        draft_cache,
-                        root_hidden,
-                        root_t,
-                        row_position,
-                        step_settings,
-                        draft_temperature,
-                    )
-        draft_s = time.perf_counter() - step_start
-        n = tree.tokens.shape[0]
+                        row_position += len(pending_tokens)
+                        pending_tokens, pending_feats = [], []
+                    draft_prefix = draft_cache.get_seq_length()
+                    if draft_temperature is None:
+                        tree = build_tree(
+                            draft, draft_cache, root_hidden, root_t, row_position, settings, planner
+                        )
+                    else:
+                        step_settings = settings
+                        if planner is not None:  # a spine as deep as the measured acceptance pays for
+                            depth = planner.spine_depth()
+                            step_settings = dataclasses.replace(
+                                settings, tree_top_k=1, tree_depth=depth, tree_total_tokens=depth
+                            )
+                        tree = build_sampled_tree(
+                            draft,
+                            draft_cache,
+                            root_hidden,
+                            root_t,
+                            row_position,
+                            step_settings,
+                            draft_temperature,
+                        )
+            draft_s = time.perf_counter() - step_start
+            n = tree.tokens.shape[0]
 
-        # ---- verify it in one target forward
-        with Timer(stats, "verify_time_s"):
-            with Timer(stats, "verify_mask_time_s"):
-                inputs = verify_inputs(tree.tokens, tree.ancestors, tree.depths)
-            forward_start = time.perf_counter()
-            with Timer(stats, "verify_forward_time_s"):
-                out = model(**inputs)
-            forward_s = time.perf_counter() - forward_start
-            stats.target_forwards += 1
-            logits = out.logits[0]  # (n, V)
+            # ---- verify it in one target forward
+            with Timer(stats, "verify_time_s"):
+                with Timer(stats, "verify_mask_time_s"):
+                    inputs = verify_inputs(tree.tokens, tree.ancestors, tree.depths)
+                forward_start = time.perf_counter()
+                with Timer(stats, "verify_forward_time_s"):
+                    out = model(**inputs)
+                forward_s = time.perf_counter() - forward_start
+                stats.target_forwards += 1
+                logits = out.logits[0]  # (n, V)
 
-            # ---- accept the longest matching path (greedy) / rejection-sample down the drawn tree
-            with Timer(stats, "accept_time_s"):
-                if tree.child_q is None:
-                    path, emitted = accept_greedy(tree, logits, input_ids, select)
+                # ---- accept the longest matching path (greedy) / rejection-sample down the drawn tree
+                with Timer(stats, "accept_time_s"):
+                    if tree.child_q is None:
+                        path, emitted = accept_greedy(tree, logits, input_ids, select)
+                    else:
+                        path, emitted = accept_sampled(tree, logits, input_ids, select)
+            before = input_ids.shape[1]
+            input_ids, finished = _append(input_ids, emitted, stopping_criteria, streamer, stats)
+            added = input_ids.shape[1] - before
+            stats.accepted_lengths.append(added)
+
+            # ---- compact the target cache to the tokens kept (all but the last one, as plain generate leaves it:
+            # the path, cut where generation stopped); the draft consumes the accepted tokens with their features
+            with Timer(stats, "verify_time_s"), Timer(stats, "compact_time_s"):
+                keep = torch.tensor(path[:added], device=input_ids.device)
+                hf_private.compact_cache(cache, n, keep)
+            if finished:
+                break
+            with Timer(stats, "verify_time_s"), Timer(stats, "compact_time_s"):
+                last_pos = last_pos + len(path)
+                feats = target_features.select_features(out.hidden_states, draft.config.target_layers)[
+                    0, keep
+                ]
+            feed_start = time.perf_counter()
+            with Timer(stats, "draft_time_s"):
+                if plain:
+                    pending_tokens += emitted
+                    pending_feats.append(feats)
                 else:
-                    path, emitted = accept_sampled(tree, logits, input_ids, select)
-        before = input_ids.shape[1]
-        input_ids, finished = _append(input_ids, emitted, stopping_criteria, streamer, stats)
-        stats.accepted_lengths.append(input_ids.shape[1] - before)
-        if finished:
-            break
+                    draft_cache.crop(-(draft_cache.get_seq_length() - draft_prefix))
+                    root_hidden = _feed(draft, draft_cache, emitted, feats, row_position)
+                    row_position += len(emitted)
+                root_t = torch.tensor(emitted[-1:], device=input_ids.device)
+            if planner is not None and not plain:
+                step_s = time.perf_counter() - step_start
+                planner.observe(
+                    n=n - 1,
+                    levels=tree.levels,
+                    predicted=tree.predicted,
+                    drafted=min(len(path), n - 1),
+                    accepted=len(path) - 1,
+                    emitted=len(emitted),
+                    forward_s=forward_s,
+                    overhead_s=step_s - forward_s - draft_s - (time.perf_counter() - feed_start),
+                    draft_s=draft_s + time.perf_counter() - feed_start,
+                    spine=tree.child_q is not None,
+                )
 
-        # ---- compact caches to the accepted path; the draft consumes the accepted tokens with their true features
-        with Timer(stats, "verify_time_s"), Timer(stats, "compact_time_s"):
-            keep = torch.tensor(path, device=input_ids.device)
-            hf_private.compact_cache(cache, n, keep)
-            last_pos = last_pos + len(path)
-            feats = target_features.select_features(out.hidden_states, draft.config.target_layers)[0, keep]
-        feed_start = time.perf_counter()
-        with Timer(stats, "draft_time_s"):
-            if plain:
-                pending_tokens += emitted
-                pending_feats.append(feats)
-            else:
-                draft_cache.crop(-(draft_cache.get_seq_length() - draft_prefix))
-                root_hidden = _feed(draft, draft_cache, emitted, feats, row_position)
-                row_position += len(emitted)
-            root_t = torch.tensor(emitted[-1:], device=input_ids.device)
-        if planner is not None and not plain:
-            step_s = time.perf_counter() - step_start
-            planner.observe(
-                n=n - 1,
-                levels=tree.levels,
-                predicted=tree.predicted,
-                drafted=min(len(path), n - 1),
-                accepted=len(path) - 1,
-                emitted=len(emitted),
-                forward_s=forward_s,
-                overhead_s=step_s - forward_s - draft_s - (time.perf_counter() - feed_start),
-                draft_s=draft_s + time.perf_counter() - feed_start,
-                spine=tree.child_q is not None,
-            )
-
-    if planner is not None:
-        stats.budget_steps = list(planner.state.history[history_start:])
-        stats.budget_calibration = planner.state.calibration
+        if planner is not None:
+            stats.budget_steps = list(planner.state.history[history_start:])
+            stats.budget_calibration = planner.state.calibration
+    finally:
+        restore_attention()
+        restore_recording()
     if streamer is not None:
         streamer.end()
     stats.total_time_s = time.perf_counter() - start_time

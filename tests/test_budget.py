@@ -1,0 +1,113 @@
+"""The automatic draft budget (`generation/budget.py`): the cost model, the per-step choices, the back-off, and
+that generate with it stays lossless and reports what it chose."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from forced_draft import make_forced_draft
+from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
+from specvlm_hf.generation.budget import (
+    BACKOFF_START,
+    BudgetPlanner,
+    BudgetState,
+    VerifyCosts,
+    measure_verify_costs,
+)
+from tiny_models import make_inputs, make_tiny_target
+
+SIZES = [1, 2, 4, 8, 16, 32, 64]
+GPU_LIKE = VerifyCosts(SIZES, [10.0, 10.0, 10.1, 10.2, 10.4, 10.8, 11.5])  # flat to 64 tokens
+CPU_LIKE = VerifyCosts(SIZES, [81.0, 83.0, 123.0, 156.0, 150.0, 180.0, 231.0])  # the issue's measured curve
+
+
+def _planner(costs: VerifyCosts, level_s: float) -> BudgetPlanner:
+    return BudgetPlanner(
+        BudgetState(costs=VerifyCosts(list(costs.sizes), list(costs.seconds)), level_s=level_s)
+    )
+
+
+def test_costs_interpolate_and_stay_monotone():
+    assert CPU_LIKE(1) == 81.0 and CPU_LIKE(3) == pytest.approx(103.0) and CPU_LIKE(128) > CPU_LIKE(64)
+    calls = []
+    costs = measure_verify_costs(lambda n: calls.append(n), sizes=(1, 4, 8), repeats=2)
+    assert calls == [1, 4, 8] * 3  # a warm-up round, then rounds of every size
+    assert costs.seconds == sorted(costs.seconds)
+
+
+def test_the_same_code_picks_a_big_tree_on_a_flat_curve_and_a_small_one_on_a_steep_curve():
+    # a good draft: 40 candidates whose cumulative probabilities fall slowly
+    probs = [0.9**i for i in range(1, 41)]
+    gpu, cpu = _planner(GPU_LIKE, level_s=0.5), _planner(CPU_LIKE, level_s=6.0)
+    assert gpu.top_k() == 10 and cpu.top_k() == 2
+    n_gpu, _ = gpu.best_size(probs, levels=6)
+    n_cpu, _ = cpu.best_size(probs, levels=6)
+    assert n_gpu >= 30 and n_cpu < n_gpu, (n_gpu, n_cpu)
+    steep = _planner(VerifyCosts(SIZES, [1.0 + 0.25 * n for n in SIZES]), level_s=0.1)
+    assert steep.best_size(probs, levels=6)[0] <= 8
+    # growing: another level of likely children pays on the GPU; unlikely ones never pay
+    assert gpu.keep_growing(probs[:10], [0.5] * 10, levels=2)
+    assert not cpu.keep_growing(probs[:10], [0.01, 0.01], levels=2)
+
+
+def test_spine_depth_follows_the_measured_acceptance():
+    planner = _planner(CPU_LIKE, level_s=6.0)
+    planner.state.spine_offered, planner.state.spine_accepted = 10.0, 9.0
+    deep = planner.spine_depth()
+    planner.state.spine_offered, planner.state.spine_accepted = 10.0, 2.0
+    assert planner.spine_depth() < deep
+
+
+def test_back_off_when_speculation_does_not_pay_and_probe_again():
+    planner = _planner(CPU_LIKE, level_s=6.0)
+    step = dict(levels=3, predicted=2.0, drafted=3, accepted=0, emitted=1, forward_s=150.0, overhead_s=5.0)
+    for _ in range(2):  # a draft that is never right: one token per (slower) step
+        planner.observe(n=8, draft_s=20.0, **step)
+    assert planner.state.backoff == BACKOFF_START
+    plain = [planner.plain_step() for _ in range(BACKOFF_START + 1)]
+    assert plain == [True] * BACKOFF_START + [False]  # then a probe
+    planner.observe(n=8, draft_s=20.0, **step)
+    assert planner.state.backoff == 2 * BACKOFF_START  # still bad: longer back-off
+    good = dict(step, accepted=6, emitted=7)
+    for _ in range(BACKOFF_START * 2):
+        planner.plain_step()
+    planner.observe(n=8, draft_s=20.0, **good)
+    assert planner.state.backoff == 0 and planner.state.calibration > 0
+
+
+@pytest.fixture(scope="module")
+def target():
+    return make_tiny_target("llava")
+
+
+def test_automatic_budget_is_lossless_and_reports_its_choices(target):
+    inputs = make_inputs("llava", target, seed=3)
+    reference = target.generate(**inputs, max_new_tokens=24, do_sample=False)
+    forced = make_forced_draft(target, reference[0], set(), tree_top_k=None)  # always right
+    assert forced.config.tree_top_k is None  # no budget given: automatic
+    out = target.generate(**inputs, max_new_tokens=24, do_sample=False, assistant_model=forced)
+    assert torch.equal(out, reference)
+    stats = forced.last_generation_stats
+    assert stats.budget_costs_ms and set(stats.budget_costs_ms) >= {1, 8, 64}
+    assert stats.budget_steps and all(kind in ("spec", "plain") for kind, _ in stats.budget_steps)
+    assert stats.verify_forward_time_s > 0 and stats.accept_time_s > 0
+    # an untrained draft: lossless too, and it backs off to plain steps
+    torch.manual_seed(0)
+    untrained = SpecVLMDraftModel(SpecVLMDraftConfig.from_target(target)).bind(target).eval()
+    out = target.generate(**inputs, max_new_tokens=24, do_sample=False, assistant_model=untrained)
+    assert torch.equal(out, reference)
+    assert ("plain", 0) in untrained.last_generation_stats.budget_steps
+
+
+def test_an_explicit_budget_is_obeyed(target):
+    inputs = make_inputs("llava", target, seed=3)
+    torch.manual_seed(0)
+    draft = SpecVLMDraftModel(SpecVLMDraftConfig.from_target(target)).bind(target).eval()
+    target.generate(**inputs, max_new_tokens=8, do_sample=False, assistant_model=draft, tree_total_tokens=5)
+    stats = draft.last_generation_stats
+    assert stats.budget_steps == [] and stats.budget_costs_ms == {}  # no planner
+    sampled = target.generate(
+        **inputs, max_new_tokens=8, do_sample=True, assistant_model=draft, tree_depth=3, tree_total_tokens=3
+    )
+    assert sampled.shape[1] == inputs["input_ids"].shape[1] + 8
