@@ -130,8 +130,11 @@ def distill_draft(
     seed: int = 0,
     progress: bool = True,
     max_length: int | None = None,
+    **trainer_kwargs: Any,
 ) -> dict[str, Any]:
-    """Train ``draft`` by online distillation from ``target`` for a step/time budget; returns final metrics."""
+    """Train ``draft`` by online distillation from ``target`` for a step/time budget; returns final metrics.
+
+    trainer_kwargs: passed to `SpecVLMDistillationTrainer` (e.g. ``unroll_steps``)."""
     from transformers import TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
@@ -174,6 +177,7 @@ def distill_draft(
             train_dataset=dataset,
             data_collator=SpecVLMDataCollator(processor, max_length=max_length),
             callbacks=[_TimeBudget(budget.seconds)],
+            **trainer_kwargs,
         )
         start = time.perf_counter()
         threads = torch.get_num_threads()
