@@ -371,6 +371,8 @@ def _root_cause(log_text: str) -> str | None:
         "Error in inspecting",
         "initialization failed",
         "failed to be inspected",
+        "Worker failed with error",
+        "EngineCore encountered",
         "[vlm]",
     )
     lines = log_text.splitlines()
@@ -384,7 +386,7 @@ def _root_cause(log_text: str) -> str | None:
     i, cause = found
     frames = [re.search(r'File ".*/(vllm/[^"]+)", line (\d+)', line) for line in lines[:i]]
     frames = [f"{m.group(1)}:{m.group(2)}" for m in frames if m]
-    return f"{cause} (importing from {frames[-1]})" if frames else cause
+    return f"{cause} (last vLLM frame: {frames[-1]})" if frames else cause
 
 
 def run_report(args) -> int:
