@@ -7,8 +7,8 @@
 # Venvs use --system-site-packages so the main environment's torch (2.13 CPU) satisfies torch==2.13.0; pip puts
 # speculators and the transformers it pins inside the venv, which shadows the main environment's transformers.
 #   /tmp/spec-venv    speculators==0.9.0 (current; EAGLE-3): two `draft_architecture="eagle3"` exports (three fused
-#                     target layers + two decoder layers + a shuffled reduced vocabulary + a dropped compressor;
-#                     one target layer + full vocabulary) load with SpeculatorModelConfig / SpeculatorModel
+#                     target layers + two decoder layers + a shuffled reduced vocabulary + a dropped compressor,
+#                     exported with allow_inexact=True for its -1 layer; one target layer + full vocabulary) load with SpeculatorModelConfig / SpeculatorModel
 #                     (-> Eagle3SpeculatorConfig / Eagle3DraftModel), every tensor arrives unchanged, speculators'
 #                     own save_pretrained writes the same tensor names and values, and its forward (3 training-time-
 #                     test steps, teacher forcing, eager attention) matches the SpecVLM draft's forward on the same
@@ -55,7 +55,7 @@ draft = SpecVLMDraftModel(config)
 with torch.no_grad():
     for p in draft.parameters():
         p.add_(0.1 * torch.randn_like(p))  # norms away from 1 so a mixed-up weight shows
-export_draft(draft, sys.argv[1])
+export_draft(draft, sys.argv[1], allow_inexact=True)  # "eagle" drops the fusion norm: refused by default
 # Reference output of the draft's decoder layer, to compare with speculators' LlamaDecoderLayer.
 x = torch.randn(1, 5, 32)
 pos = torch.arange(5)[None]
@@ -88,7 +88,7 @@ CASES = {
     "eagle3_multi": dict(target_layers=[0, 1, -1], num_hidden_layers=2, num_key_value_heads=2,
                          draft_vocab_size=64, compressor_mode="pool"),
     # one target layer (no fc: exported as the identity), full vocabulary (lm_head: the target's)
-    "eagle3_single": dict(target_layers=[-1]),
+    "eagle3_single": dict(target_layers=[1]),
 }
 T, STEPS = 9, 3  # rows, EAGLE-3 training-time-test steps compared
 for name, overrides in CASES.items():
@@ -101,7 +101,8 @@ for name, overrides in CASES.items():
             p.add_(0.1 * torch.randn_like(p))  # norms away from 1 so a mixed-up weight shows
     if config.draft_vocab_size:
         draft.set_draft_vocab(torch.randperm(config.vocab_size)[: config.draft_vocab_size])
-    export_draft(draft, f"{out}/{name}")
+    # -1 (after the final norm) is not what vLLM reads as layer L: written only when asked for
+    export_draft(draft, f"{out}/{name}", allow_inexact=-1 in config.target_layers)
     # What speculators' forward computes with ttt_steps=STEPS (teacher forcing), through the draft's public
     # forward: step j reads the ids shifted by j, the previous step's output in the feature slot, positions + j,
     # and the cache of the earlier steps under a causal block (step 0) and one diagonal block per later step.

@@ -16,7 +16,12 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
 from specvlm_hf.draft.configuration_specvlm import DEFAULT_CHAIN_TOKENS
-from specvlm_hf.sharing.export import export_draft, speculators_weight_name
+from specvlm_hf.sharing.export import (
+    aux_layer_ids,
+    export_draft,
+    servable_target_layers,
+    speculators_weight_name,
+)
 from tiny_models import HIDDEN, VOCAB_SIZE, make_tiny_target
 
 DRAFT_VOCAB = 64
@@ -50,14 +55,22 @@ def multi(target, tmp_path_factory):
         draft_vocab_size=DRAFT_VOCAB,
         compressor_mode="pool",
     )
-    return draft, export_draft(draft, tmp_path_factory.mktemp("multi"))
+    # -1 (after the target's final norm) has no vLLM equivalent: written as layer 2 only when asked for
+    return draft, export_draft(draft, tmp_path_factory.mktemp("multi"), allow_inexact=True)
 
 
 @pytest.fixture(scope="module")
 def single(target, tmp_path_factory):
     """One target layer (no fc), full vocabulary."""
-    draft = make_draft(target)
+    draft = make_draft(target, target_layers=[1])
     return draft, export_draft(draft, tmp_path_factory.mktemp("single"))
+
+
+@pytest.fixture(scope="module")
+def unsorted(target, tmp_path_factory):
+    """Two target layers named out of layer order: vLLM concatenates them in layer order."""
+    draft = make_draft(target, target_layers=[1, 0])
+    return draft, export_draft(draft, tmp_path_factory.mktemp("unsorted"))
 
 
 def test_config_fields(multi, target):
@@ -134,8 +147,46 @@ def test_single_layer_full_vocab(single, target):
     assert torch.equal(weights["lm_head.weight"], target.lm_head.weight)
     assert "d2t" not in weights and "t2d" not in weights
     config = json.loads((out / "config.json").read_text())
-    assert config["draft_vocab_size"] == VOCAB_SIZE and config["eagle_aux_hidden_state_layer_ids"] == [2]
+    assert config["draft_vocab_size"] == VOCAB_SIZE and config["eagle_aux_hidden_state_layer_ids"] == [1]
     assert config["specvlm"]["fc_identity"] is True
+    # vLLM sizes fc from num_aux_hidden_states (default 3: the [h, h] identity was refused)
+    assert config["transformer_layer_config"]["num_aux_hidden_states"] == 1
+
+
+def test_unsorted_layers_are_written_in_layer_order(unsorted):
+    draft, out = unsorted
+    config = json.loads((out / "config.json").read_text())
+    assert config["eagle_aux_hidden_state_layer_ids"] == [0, 1]
+    assert config["specvlm"]["target_layers"] == [1, 0]
+    assert config["transformer_layer_config"]["num_aux_hidden_states"] == 2
+    fc = load_file(out / "model.safetensors")["fc.weight"]
+    assert torch.equal(fc, torch.cat([draft.fc.weight[:, HIDDEN:], draft.fc.weight[:, :HIDDEN]], dim=1))
+
+
+def test_servable_target_layers():
+    assert [servable_target_layers(n) for n in (1, 2, 3, 4, 5)] == [
+        [0],
+        [0, 1],
+        [0, 1, 2],
+        [0, 2, 3],
+        [0, 2, 4],
+    ]
+    assert servable_target_layers(32) == [2, 16, 29] and servable_target_layers(7) == [2, 3, 4]
+    with pytest.raises(ValueError):
+        servable_target_layers(0)
+
+
+@pytest.mark.parametrize("layers", [[-1], [0, -1], [2]])
+def test_last_hidden_state_is_refused(target, layers, tmp_path):
+    """transformers' last hidden state is after the final norm; vLLM's layer L is before it."""
+    draft = make_draft(target, target_layers=layers)
+    with pytest.raises(ValueError, match=r"before that norm.*target_layers=\[0, 1\].*--servable"):
+        export_draft(draft, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+    config = json.loads(
+        (export_draft(draft, tmp_path / "ok", allow_inexact=True) / "config.json").read_text()
+    )
+    assert config["eagle_aux_hidden_state_layer_ids"][-1] == 2
 
 
 def test_readme_states_what_carries_over(multi, single):
@@ -193,7 +244,7 @@ def _reference_forward(weights, config, e, f, pos):
     return x, norm(x) @ weights["lm_head.weight"].T
 
 
-@pytest.mark.parametrize("case", ["multi", "single"])
+@pytest.mark.parametrize("case", ["multi", "single", "unsorted"])
 def test_exported_weights_reproduce_the_draft(case, request):
     draft, out = request.getfixturevalue(case)
     config = draft.config
@@ -202,8 +253,12 @@ def test_exported_weights_reproduce_the_draft(case, request):
     e = torch.nn.functional.embedding(ids, weights["embed_tokens.weight"])
     f = torch.randn(1, 7, config.num_fused_layers * HIDDEN, generator=torch.Generator().manual_seed(2))
     pos = torch.arange(7)[None]
+    # the consumer concatenates the layers in increasing layer order
+    blocks = f.split(HIDDEN, dim=-1)
+    layer_ids = aux_layer_ids(draft)  # -1 resolved to the layer count
+    f_consumer = torch.cat([blocks[j] for j in sorted(range(len(blocks)), key=layer_ids.__getitem__)], -1)
     with torch.no_grad():
-        hidden_ref, logits_ref = _reference_forward(weights, config, e, f, pos)
+        hidden_ref, logits_ref = _reference_forward(weights, config, e, f_consumer, pos)
         hidden = draft(
             inputs_embeds=draft.embed_tokens(ids), hidden_states=f, position_ids=pos
         ).last_hidden_state
@@ -230,7 +285,21 @@ def test_weight_name_map_and_errors(target):
 
 
 def test_attention_bias_writes_zero_o_proj_bias(target, tmp_path):
-    draft = make_draft(target, attention_bias=True)
+    draft = make_draft(target, attention_bias=True, target_layers=[1])
     weights = load_file(export_draft(draft, tmp_path) / "model.safetensors")
     assert torch.equal(weights["layers.0.self_attn.o_proj.bias"], torch.zeros(HIDDEN))
     assert torch.equal(weights["layers.0.self_attn.q_proj.bias"], draft.layers[0].self_attn.q_proj.bias)
+
+
+def test_specvlm_train_servable_makes_an_exportable_draft(target, tmp_path):
+    from specvlm_hf.cli import build_parser
+    from specvlm_hf.toy.demo import new_draft
+
+    assert build_parser().parse_args(["train", "--output-dir", "out", "--servable"]).servable is True
+    assert build_parser().parse_args(["train", "--output-dir", "out"]).servable is False
+    draft = new_draft(target, servable=True)
+    assert draft.config.draft_architecture == "eagle3" and draft.config.target_layers == [0, 1]
+    config = json.loads((export_draft(draft, tmp_path) / "config.json").read_text())
+    assert config["eagle_aux_hidden_state_layer_ids"] == [0, 1]
+    with pytest.raises(ValueError, match="draft_architecture='eagle3'"):
+        export_draft(new_draft(target), tmp_path / "eagle")  # the default "eagle" draft

@@ -153,6 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--compressor", type=_compressor, default="none", help="compressor mode of the draft.")
     train.add_argument("--num-layers", type=int, default=1, help="draft decoder layers (default: 1).")
     train.add_argument("--max-length", type=int, default=None, help="truncate training sequences.")
+    train.add_argument(
+        "--servable",
+        action="store_true",
+        help="train a draft that vLLM serves exactly: draft_architecture='eagle3' with target layers below the "
+        "target's layer count (export.servable_target_layers); export it with "
+        "`export_draft(draft, dir, format='speculators')` (docs/serving.md).",
+    )
     train.set_defaults(func=_run_train)
 
     # ----------------------------------------------------------------- bench

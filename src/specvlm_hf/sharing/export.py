@@ -29,13 +29,20 @@ full-vocabulary draft, of its lm_head), as speculators' own `save_pretrained` do
 transformers 5 leaves a verifier weight that is missing from the checkpoint uninitialised instead of loading it
 from the verifier (measured with the validation script: `embed_tokens.weight` came back as garbage, up to 5e34).
 
-`target_layers` become `eagle_aux_hidden_state_layer_ids`: index i >= 0 of the target's `hidden_states` is the
-residual stream entering decoder layer i, which is vLLM's auxiliary layer id i; -1 (transformers' last hidden
-state, after the target's final norm) is written as L, the target's layer count. What does not carry over,
+`target_layers` become `eagle_aux_hidden_state_layer_ids`, in increasing order (vLLM concatenates the target's
+layers in layer order; `fc`'s column blocks are permuted to match), and `transformer_layer_config` gets
+`num_aux_hidden_states` (vLLM 0.32 sizes `fc` from it and otherwise assumes 3 layers: a one- or two-layer export
+was refused). Index i >= 0 of the target's `hidden_states` is the residual stream entering decoder layer i, which
+is vLLM's auxiliary layer id i. -1 (transformers' last hidden state, after the target's final norm) has no vLLM
+equivalent: vLLM's layer L is the last decoder layer's output before the final norm. Such a draft is refused
+unless `allow_inexact=True` (then -1 is written as L); `servable_target_layers(L)` picks layers that serve
+exactly (checked end to end in vLLM by `scripts/serve_vllm_check.sh`). What does not carry over,
 stated in the exported README too: the visual compressor (dropped: the exported draft reads every visual token)
 and the tree settings (speculators proposes greedy chains; recorded under `specvlm.tree`).
 
-**Default "eagle" drafts -> speculators EAGLE (v1/v2/HASS)**: a `config.json` with `speculators_model_type="eagle"`,
+**Default "eagle" drafts -> speculators EAGLE (v1/v2/HASS)**, only with `allow_inexact=True` (the export computes
+a different function, see below; by default it is refused with a pointer to `draft_architecture="eagle3"`): a
+`config.json` with `speculators_model_type="eagle"`,
 `architectures`, `transformer_layer_config` (a LlamaConfig dict), the fusion settings (`layernorms`,
 `fusion_bias`) and a `speculators_config` block (algorithm, token proposal methods, default method, verifier = the
 target), plus `model.safetensors` with the weights under the names speculators' `EagleSpeculator` uses:
@@ -171,6 +178,39 @@ def aux_layer_ids(draft) -> list[int]:
     return layers
 
 
+def servable_target_layers(n_layers: int) -> list[int]:
+    """`target_layers` for an "eagle3" draft that vLLM serves exactly, for an `n_layers`-layer target.
+
+    EAGLE-3's default low / middle / high layers `[2, n // 2, n - 3]` when those are three distinct layers; for a
+    shallower target up to three distinct layers spread over `[0, n)`. Never -1 (or n): vLLM's auxiliary layer n
+    is the last decoder layer's output *before* the target's final norm, transformers' -1 is after it.
+    """
+    if n_layers < 1:
+        raise ValueError(f"servable_target_layers: a target with {n_layers} layers has no layer to read")
+    layers = [2, n_layers // 2, n_layers - 3]
+    if layers[0] < layers[1] < layers[2]:
+        return layers
+    return sorted({round(i * (n_layers - 1) / 2) for i in range(3)})
+
+
+def _vllm_problems(draft) -> list[str]:
+    """Why vLLM would compute a different function from this "eagle3" draft (empty: it serves it exactly)."""
+    from ..targets import families as targets
+
+    n_layers = targets.target_num_layers(draft.target)
+    layers = list(draft.config.target_layers)
+    last = [i for i in layers if i in (-1, n_layers)]
+    if not last:
+        return []
+    return [
+        f"target_layers={layers} reads transformers' hidden state {last[0]} (the last one, after the target's "
+        f"final norm); vLLM's auxiliary layer {n_layers} of this {n_layers}-layer target is the last decoder "
+        "layer's output before that norm, so vLLM would feed the draft different features. Train with target "
+        f"layers below {n_layers}, e.g. target_layers={servable_target_layers(n_layers)} "
+        "(`specvlm train --servable`, or `export.servable_target_layers(n_layers)`)"
+    ]
+
+
 def speculators_config_dict(draft) -> dict[str, Any]:
     """The speculators `config.json` for `draft` (see the module docstring)."""
     if draft.config.draft_architecture == "eagle3":
@@ -216,6 +256,8 @@ def _eagle3_config_dict(draft) -> dict[str, Any]:
     dtype = str(next(draft.parameters()).dtype).removeprefix("torch.")
     layer_config = _transformer_layer_config(config, num_hidden_layers=config.num_hidden_layers)
     layer_config["dtype"] = dtype
+    # vLLM sizes fc from this (fc input = n * h); without it, vLLM 0.32 assumes 3 target layers
+    layer_config["num_aux_hidden_states"] = config.num_fused_layers
     return {
         "architectures": [
             "Eagle3DraftModel"
@@ -225,7 +267,8 @@ def _eagle3_config_dict(draft) -> dict[str, Any]:
         "transformer_layer_config": layer_config,
         "draft_vocab_size": config.draft_vocab_size or config.vocab_size,
         "target_hidden_size": None,  # the draft is as wide as the target
-        "eagle_aux_hidden_state_layer_ids": aux_layer_ids(draft),
+        # increasing: vLLM concatenates the target's layers in layer order (fc's column blocks follow)
+        "eagle_aux_hidden_state_layer_ids": sorted(aux_layer_ids(draft)),
         # SpecVLM's "eagle3" draft is plain EAGLE-3: none of speculators' optional extra norms
         "norm_before_residual": False,
         "norm_before_fc": False,
@@ -271,6 +314,10 @@ def _eagle3_tensors(draft) -> dict[str, torch.Tensor]:
     tensors["embed_tokens.weight"] = embed.weight.detach().to(dtype)
     if draft.fc is None:  # g = f: fc is the identity
         tensors["fc.weight"] = torch.eye(config.hidden_size, dtype=dtype)
+    else:  # column blocks in increasing layer order, as the layer ids are written
+        order = sorted(range(config.num_fused_layers), key=aux_layer_ids(draft).__getitem__)
+        blocks = tensors["fc.weight"].split(config.hidden_size, dim=1)
+        tensors["fc.weight"] = torch.cat([blocks[j] for j in order], dim=1)
     if config.attention_bias:  # Llama's o_proj has a bias when attention_bias; SpecVLM's has none (= zeros)
         for i in range(config.num_hidden_layers):
             tensors[f"layers.{i}.self_attn.o_proj.bias"] = torch.zeros(config.hidden_size, dtype=dtype)
@@ -288,7 +335,7 @@ def _eagle3_tensors(draft) -> dict[str, torch.Tensor]:
     return {k: v.to("cpu").contiguous() for k, v in tensors.items()}
 
 
-def _check_exportable(draft) -> None:
+def _check_exportable(draft, allow_inexact: bool = False) -> None:
     config = draft.config
     if config.draft_architecture == "eagle3":
         if not draft.is_bound:
@@ -303,7 +350,27 @@ def _check_exportable(draft) -> None:
                 f"This draft cannot be exported to the speculators EAGLE-3 format: target_layers="
                 f"{config.target_layers} name the same target layer twice (layer ids {layers})."
             )
+        problems = _vllm_problems(draft)
+        if problems and not allow_inexact:
+            raise ValueError(
+                "export_draft refuses to write a speculators EAGLE-3 checkpoint that computes a different "
+                "function from this draft in vLLM: "
+                + "; ".join(problems)
+                + ". (allow_inexact=True writes it "
+                "anyway: verification keeps outputs exact, acceptance drops.)"
+            )
         return
+    if not allow_inexact:
+        raise ValueError(
+            "export_draft refuses to export this draft_architecture='eagle' draft (SpecVLM's EAGLE-2 draft): its "
+            "RMSNorm after fc (`input_norm`) has no slot in speculators' EAGLE layout, so the exported draft "
+            "would compute a different function (lower acceptance), and current vLLM does not load the "
+            "speculators 'eagle' type at all. For a draft that vLLM serves exactly, train one with "
+            "draft_architecture='eagle3' and target layers below the target's layer count: "
+            "`specvlm train --servable`, or SpecVLMDraftConfig.from_target(vlm, draft_architecture='eagle3', "
+            "target_layers=export.servable_target_layers(n_layers)). allow_inexact=True writes the inexact "
+            "'eagle' layout anyway (speculators <= 0.3.0)."
+        )
     problems = []
     if config.num_hidden_layers != 1:
         problems.append(f"num_hidden_layers={config.num_hidden_layers} (speculators EAGLE has one layer)")
@@ -402,15 +469,21 @@ Config summary: `{json.dumps(config_dict["speculators_config"]["proposal_methods
 """
 
 
-def export_draft(draft, out_dir: str | Path, format: str = "speculators") -> Path:
+def export_draft(
+    draft, out_dir: str | Path, format: str = "speculators", allow_inexact: bool = False
+) -> Path:
     """Write `draft` to `out_dir` in another checkpoint format; returns `out_dir`.
 
     format: "speculators" (vLLM speculators: the EAGLE-3 layout for a `draft_architecture="eagle3"` draft, the
     EAGLE layout otherwise; see this module's docstring for what carries over).
+    allow_inexact: by default a draft whose export would compute a different function is refused with a
+    `ValueError` saying how to train one that exports exactly: every "eagle" draft (its fusion RMSNorm has no
+    speculators slot) and an "eagle3" draft reading the target's last hidden state (`target_layers` with -1: vLLM
+    reads that layer before the final norm). True writes those anyway.
     """
     if format not in EXPORT_FORMATS:
         raise ValueError(f"export_draft: unknown format={format!r}; expected one of {EXPORT_FORMATS}")
-    _check_exportable(draft)
+    _check_exportable(draft, allow_inexact)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_dict = speculators_config_dict(draft)
@@ -434,6 +507,7 @@ __all__ = [
     "EXPORT_FORMATS",
     "aux_layer_ids",
     "export_draft",
+    "servable_target_layers",
     "speculators_config_dict",
     "speculators_weight_name",
 ]

@@ -130,8 +130,11 @@ def distill_draft(
     seed: int = 0,
     progress: bool = True,
     max_length: int | None = None,
+    **trainer_kwargs: Any,
 ) -> dict[str, Any]:
-    """Train ``draft`` by online distillation from ``target`` for a step/time budget; returns final metrics."""
+    """Train ``draft`` by online distillation from ``target`` for a step/time budget; returns final metrics.
+
+    trainer_kwargs: passed to `SpecVLMDistillationTrainer` (e.g. ``unroll_steps``)."""
     from transformers import TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
@@ -174,6 +177,7 @@ def distill_draft(
             train_dataset=dataset,
             data_collator=SpecVLMDataCollator(processor, max_length=max_length),
             callbacks=[_TimeBudget(budget.seconds)],
+            **trainer_kwargs,
         )
         start = time.perf_counter()
         threads = torch.get_num_threads()
@@ -194,13 +198,23 @@ def distill_draft(
     return metrics
 
 
-def new_draft(target, compressor_mode: str | None = None, num_layers: int = 1, seed: int = 0):
+def new_draft(
+    target, compressor_mode: str | None = None, num_layers: int = 1, seed: int = 0, servable: bool = False
+):
+    """A fresh draft bound to `target`. servable: an "eagle3" draft that vLLM serves exactly (`export.py`)."""
     from ..draft.configuration_specvlm import SpecVLMDraftConfig
     from ..draft.modeling_specvlm import SpecVLMDraftModel
 
     torch.manual_seed(seed)
+    overrides = {}
+    if servable:
+        from ..sharing.export import servable_target_layers
+        from ..targets import families as targets
+
+        n_layers = targets.target_num_layers(targets.unwrap_target(target))
+        overrides = {"draft_architecture": "eagle3", "target_layers": servable_target_layers(n_layers)}
     config = SpecVLMDraftConfig.from_target(
-        target, compressor_mode=compressor_mode, num_hidden_layers=num_layers
+        target, compressor_mode=compressor_mode, num_hidden_layers=num_layers, **overrides
     )
     return SpecVLMDraftModel(config).bind(target)
 
@@ -514,11 +528,13 @@ def _widen_for_timing(vlm, draft, dtype: torch.dtype):
 def run_train(args) -> int:
     torch.manual_seed(args.seed)
     vlm, processor, label = load_target(args.target, args.toy_size, args.cache_dir, args.seed)
-    draft = new_draft(vlm, args.compressor, num_layers=args.num_layers, seed=args.seed)
+    servable = getattr(args, "servable", False)
+    draft = new_draft(vlm, args.compressor, num_layers=args.num_layers, seed=args.seed, servable=servable)
     dataset = load_rows(args.dataset, args.num_examples, args.seed, split=args.dataset_split)
+    arch = f", eagle3 target_layers={draft.config.target_layers} (servable)" if servable else ""
     print(
         f"training a draft for {label}: {len(dataset)} rows, {args.train_steps} steps, "
-        f"compressor={args.compressor}"
+        f"compressor={args.compressor}{arch}"
     )
     metrics = distill_draft(
         draft, vlm, processor, dataset, _budget(args), seed=args.seed, max_length=args.max_length

@@ -143,7 +143,7 @@ class SpecVLMDistillationTrainer(Trainer):
             rows of those tokens. The head is trained on the target's distribution restricted to that vocabulary.
         unroll_steps: k > 1 enables the EAGLE-3 "training-time test": step j feeds the draft its own step-(j-1)
             feature predictions (f_hat_{r} at row r, same tokens) and adds the loss of every step (mean over steps).
-            Needs `target_layers == [-1]`. Default 1 (plain teacher forcing).
+            Needs one target layer (`target_layers == [i]`, e.g. [-1]). Default 1 (plain teacher forcing).
         The other arguments are `transformers.Trainer`'s.
 
     Logged metrics (train and eval): `ce`, `feature`, `gate_cost`, `top1_agreement` (draft argmax == target
@@ -175,10 +175,10 @@ class SpecVLMDistillationTrainer(Trainer):
             raise ValueError("SpecVLMDistillationTrainer needs the frozen target: pass target_model=vlm.")
         if unroll_steps < 1:
             raise ValueError(f"invalid unroll_steps={unroll_steps!r}; expected an integer >= 1.")
-        if unroll_steps > 1 and list(model.config.target_layers) != [-1]:
+        if unroll_steps > 1 and len(model.config.target_layers) != 1:
             raise ValueError(
                 f"unroll_steps={unroll_steps} feeds the draft's own outputs back as features, which needs "
-                f"target_layers == [-1]; this draft fuses target_layers={model.config.target_layers}."
+                f"one target layer (e.g. [-1]); this draft fuses target_layers={model.config.target_layers}."
             )
         if feature_noise_std < 0:
             raise ValueError(f"invalid feature_noise_std={feature_noise_std!r}; expected a number >= 0.")
