@@ -25,7 +25,7 @@ from ..targets import families as targets
 from ..targets import features as target_features
 from .budget import AUTO_CHAIN_CONFIDENCE, AUTO_CHAIN_TOKENS
 from .prefill import draft_prefill, draft_prompt_ids, uncached_length
-from .settings import GenerationStats
+from .settings import GenerationStats, refuse_inexact_processors
 
 
 class SpecVLMChainCandidateGenerator(CandidateGenerator):
@@ -242,6 +242,7 @@ def chain_decoding(
 ):
     """Chain mode: transformers' own assisted-decoding loop with our candidate generator."""
     draft = assistant_model
+    refuse_inexact_processors(generation_config)
     kwargs.pop("assistant_model", None)
     kwargs.pop("streamer", None)
     draft._active_settings = settings

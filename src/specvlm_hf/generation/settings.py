@@ -45,6 +45,21 @@ class DecodingSettings:
         return self.num_draft_tokens is None
 
 
+def refuse_inexact_processors(generation_config) -> None:
+    """Raise, before any work, for logits processing speculative verification cannot reproduce exactly.
+
+    Every other processor is a function of (tokens so far, logits) and is applied to the target's logits at each
+    verified position exactly as plain generate applies it. Classifier-free guidance is not: it runs its own
+    unconditional model forward, with its own cache, once per generated token."""
+    scale = getattr(generation_config, "guidance_scale", None)
+    if scale is not None and scale != 1:
+        raise ValueError(
+            f"guidance_scale={scale} (classifier-free guidance) runs an unconditional forward with its own cache "
+            "for every generated token, which speculative verification cannot reproduce exactly. Generate without "
+            "assistant_model, or drop guidance_scale."
+        )
+
+
 @dataclass
 class GenerationStats:
     """What one speculative `generate` call did (`draft.last_generation_stats`)."""

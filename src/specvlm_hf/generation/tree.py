@@ -40,7 +40,7 @@ from ..targets import families as targets
 from ..targets import features as target_features
 from .budget import BudgetPlanner, BudgetState, measure_verify_costs
 from .prefill import draft_prefill, draft_prompt_ids, target_prefill
-from .settings import DecodingSettings, GenerationStats, Timer
+from .settings import DecodingSettings, GenerationStats, Timer, refuse_inexact_processors
 from .tree_policy import DraftTree, build_sampled_tree, build_tree
 
 if TYPE_CHECKING:
@@ -201,6 +201,7 @@ def tree_decoding(
     """The decoding loop run by `vlm.generate(..., assistant_model=draft)` in tree mode (a `custom_generate`)."""
     draft = assistant_model
     _unsupported_outputs(generation_config)
+    refuse_inexact_processors(generation_config)
     if synced_gpus:
         raise ValueError("SpecVLM tree decoding does not support synced_gpus (FSDP/ZeRO-3 generation).")
     for unused in ("tokenizer", "assistant_tokenizer"):
@@ -320,6 +321,7 @@ def tree_decoding(
                             step_settings = dataclasses.replace(
                                 settings, tree_top_k=1, tree_depth=depth, tree_total_tokens=depth
                             )
+                        # children drawn from the draft's distribution processed like the target's
                         tree = build_sampled_tree(
                             draft,
                             draft_cache,
@@ -328,6 +330,8 @@ def tree_decoding(
                             row_position,
                             step_settings,
                             draft_temperature,
+                            process=select.scores if len(logits_processor) > 0 else None,
+                            prefix_ids=input_ids,
                         )
             draft_s = time.perf_counter() - step_start
             n = tree.tokens.shape[0]

@@ -179,7 +179,9 @@ def build_sampled_tree(
     root_token: torch.Tensor,
     row_position: int,
     settings: DecodingSettings,
-    temperature: float,
+    temperature: float | None,
+    process=None,
+    prefix_ids: torch.Tensor | None = None,
 ) -> DraftTree:
     """Draw the tree for sampling: a spine of first draws with sibling leaves (module docstring, step 4).
 
@@ -187,6 +189,11 @@ def build_sampled_tree(
     replacement from q = softmax(draft logits / temperature) (Gumbel-top-k), the first drawn child continues the
     spine, the others are leaves (`sibling_counts`: the remaining budget, shallow levels first, at most
     tree_top_k - 1 per level). Only spine rows go through the draft, one per level.
+
+    process: `(prefix (1, L), logits (1, V)) -> scores (1, V)`, the logits processors the target's tokens are
+    chosen with (temperature, top-k, top-p, repetition penalty, ...); given, q = softmax(process(prefix, draft
+    logits on the target's vocabulary)) with prefix_ids (1, L) ending at the root plus the spine drawn so far. Any
+    q keeps rejection sampling exact (the verifier reads `child_q`); one shaped like the target's p accepts more.
     """
     device = root_hidden.device
     spine = min(settings.tree_depth, settings.tree_total_tokens)
@@ -195,8 +202,15 @@ def build_sampled_tree(
     hidden = root_hidden[0, -1:]  # (1, h)
     tokens, parents, depths, child_q = [root_token.view(1)], [-1], [0], {}
     node = 0  # tree index of the current spine node
+    if process is not None:  # q over the target's vocabulary: children are target ids
+        ids, vocab_ids = vocab_ids, None
     for level in range(1, spine + 1):
-        logp = _draft_logp(logits.view(-1), temperature)  # (Vd,) log q at the spine node
+        if process is None:
+            logp = _draft_logp(logits.view(-1), temperature)  # (Vd,) log q at the spine node
+        else:
+            full = logits.view(-1) if ids is None else draft.full_vocab_logits(logits.view(-1), ids)
+            prefix = torch.cat([prefix_ids, *[t[:1].view(1, 1) for t in tokens[1:]]], dim=1)
+            logp = torch.log_softmax(process(prefix, full).view(-1), dim=-1, dtype=torch.float32)
         n_children = min(1 + siblings[level - 1], logp.shape[-1])
         drawn = draw_without_replacement(logp, n_children)
         if drawn.numel() == 0:
