@@ -101,8 +101,13 @@ def test_reduced_vocab_greedy_equals_plain(family):
 
     tree_module._select_tree = spy
     try:
-        model.generate(
-            **inputs, max_new_tokens=6, do_sample=False, assistant_model=draft, decoding_mode="tree"
+        model.generate(  # a fixed budget: every step builds a tree (an automatic one may back off)
+            **inputs,
+            max_new_tokens=6,
+            do_sample=False,
+            assistant_model=draft,
+            decoding_mode="tree",
+            tree_top_k=4,
         )
     finally:
         tree_module._select_tree = original
