@@ -142,3 +142,18 @@ def test_tune_breaks_ties_towards_the_cheaper_step():
     assert tuning.pick_budget([deep, lean, slow]) is lean  # 1% apart: tied, the cheaper step wins
     assert tuning.pick_budget([deep, lean, slow], tie=0.0) is deep
     assert tuning.pick_budget([deep, slow]) is deep  # 10% apart: the faster one, however costly
+
+
+def test_write_results_without_matplotlib(monkeypatch, tmp_path, capsys):
+    """No matplotlib: json and md are written, the plot is skipped with a one-line note (no crash at the end)."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    records = [{"method": "plain", "temperature": 0.0, "status": "ok", "speedup": 1.0, "lossless": True}]
+    paths = bench.write_results(records, tmp_path)
+    assert set(paths) == {"json", "md"} and not (tmp_path / "results.png").exists()
+    assert json.loads(paths["json"].read_text())[0]["method"] == "plain"
+    notes = [line for line in capsys.readouterr().out.splitlines() if "matplotlib" in line]
+    assert len(notes) == 1 and "skipped" in notes[0]

@@ -247,16 +247,23 @@ def plot_results(records: list[dict], path: str | Path) -> Path:
 
 
 def write_results(records: list[dict], output_dir: str | Path, meta: dict | None = None) -> dict[str, Path]:
-    """``results.json`` (list of records), ``results.md`` (table) and ``results.png`` (plot) in ``output_dir``."""
+    """``results.json`` (list of records), ``results.md`` (table) and ``results.png`` (plot) in ``output_dir``.
+
+    Without matplotlib the plot is skipped with a one-line note (``results.png`` is then not in the result)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "results.json", "md": out / "results.md", "png": out / "results.png"}
+    paths = {"json": out / "results.json", "md": out / "results.md"}
     paths["json"].write_text(json.dumps(records, indent=2, default=str))
     text = ""
     if meta:
         text += "".join(f"- {k}: {v}\n" for k, v in meta.items()) + "\n"
     paths["md"].write_text(text + markdown_table(records))
-    plot_results(records, paths["png"])
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print("note: matplotlib is not installed, so results.png is skipped (pip install matplotlib)")
+    else:
+        paths["png"] = plot_results(records, out / "results.png")
     return paths
 
 
