@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -402,7 +403,24 @@ def write_results(
 # ---------------------------------------------------------------------------------------------- command
 
 
+def bench_dtypes(value: str | None, toy_medium: bool) -> list[torch.dtype | None]:
+    """``--dtype``: comma-separated dtypes, each timed in the same run (None: the target as loaded).
+
+    Default: bfloat16 and float32 for the medium toy target, the loaded dtype otherwise."""
+    from .demo import timing_dtype
+
+    if value is None:
+        return [torch.bfloat16, torch.float32] if toy_medium else [None]
+    return list(dict.fromkeys(timing_dtype(name.strip()) for name in value.split(",") if name.strip()))
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def run_bench_cli(args) -> int:
+    import copy
+
     from .demo import (
         TrainBudget,
         load_draft,
@@ -410,7 +428,7 @@ def run_bench_cli(args) -> int:
         load_rows,
         load_target,
         prompt_inputs,
-        timing_dtype,
+        unrouted_copy,
         widen_draft_for_timing,
         widen_for_timing,
     )
@@ -419,24 +437,22 @@ def run_bench_cli(args) -> int:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     toy_medium = args.target is None and args.toy_size == "medium"
+    dtypes = bench_dtypes(getattr(args, "dtype", None), toy_medium)
+    only = args.methods.split(",") if args.methods else None
     if toy_medium:
         # drafts are distilled on the tiny toy target (fast) and widened exactly with it: the medium toy target
         # is the tiny one widened (toy.widen_toy_target), so outputs and acceptance are the tiny pair's, while
-        # every forward costs what a ~157M-parameter target and its draft cost (in bf16 where it is native)
+        # every forward costs what a ~157M-parameter target and its draft cost
         train_target, processor, train_label = load_target(None, "tiny", args.cache_dir, args.seed)
-        dtype = timing_dtype(args.dtype)
-        vlm = widen_for_timing(train_target, dtype)
-        label = f"toy-llava-medium-seed{args.seed}-{str(dtype).removeprefix('torch.')}"
+        base = None
     else:
-        vlm, processor, label = load_target(args.target, args.toy_size, args.cache_dir, args.seed)
-        train_target, train_label = vlm, label
-    print(f"target: {label} ({sum(p.numel() for p in vlm.parameters()) / 1e6:.1f}M parameters)")
+        base, processor, train_label = load_target(args.target, args.toy_size, args.cache_dir, args.seed)
+        train_target = base
     budget = TrainBudget(args.train_steps, args.train_seconds, args.batch_size, args.learning_rate)
-    drafts: dict[str, Any] = {}
+    trained: dict[str, Any] = {}  # drafts of the training target (tiny toy target for the medium one)
     draft_paths: dict[str, Path] = {}
     if args.draft:
         for path in args.draft:
-            drafts[path] = load_draft(path, vlm)
             draft_paths[path] = Path(path)
     else:
         # the resampler does not widen exactly, so the widened toy bench uses a fixed pooling compressor
@@ -445,35 +461,35 @@ def run_bench_cli(args) -> int:
             draft, path, _ = load_or_train_draft(
                 train_target, processor, train_label, mode, budget, args.seed, args.cache_dir
             )
-            if toy_medium:
-                draft = widen_draft_for_timing(draft, vlm)
-            drafts[mode or "eagle"] = draft
+            trained[mode or "eagle"] = draft
             draft_paths[mode or "eagle"] = path
 
-    if not args.draft and not args.tune:
-        # the toy drafts: the budget `--tune` stored in the EagleVLM draft's config, else a CPU-sized default
-        # (verifying many tokens is not free on a CPU); sampled trees do best as a deep spine of first draws
-        # (generation.tree.build_sampled_tree)
-        keys = ("tree_total_tokens", "tree_depth", "tree_top_k")
-        tuned = tuple(getattr(drafts["eagle"].config, key) for key in keys) if "eagle" in drafts else None
-        untuned = tuple(getattr(type(drafts["eagle"].config)(), key) for key in keys) if tuned else None
-        greedy_tree = tuned if tuned is not None and tuned != untuned else TOY_CPU_TREE
-        for key, greedy, sampled in zip(keys, greedy_tree, TOY_CPU_SAMPLED_TREE):
-            if getattr(args, key, None) is None:
-                setattr(args, key, greedy)
-            if getattr(args, f"sampling_{key}", None) is None:
-                setattr(args, f"sampling_{key}", sampled)
-    for draft in drafts.values():  # one tree budget for every draft when given on the command line
-        for key in ("tree_total_tokens", "tree_depth", "tree_top_k"):
-            if getattr(args, key, None) is not None:
-                setattr(draft.config, key, getattr(args, key))
+    def build(dtype):
+        """(target, label, drafts) timed in ``dtype``."""
+        if toy_medium:
+            vlm = widen_for_timing(train_target, dtype)
+            label = f"toy-llava-medium-seed{args.seed}-{_dtype_name(dtype)}"
+            return vlm, label, {name: widen_draft_for_timing(d, vlm) for name, d in trained.items()}
+        loaded = next(base.parameters()).dtype
+        vlm = base if dtype in (None, loaded) else unrouted_copy(base).to(dtype)
+        label = train_label if dtype in (None, loaded) else f"{train_label}-{_dtype_name(dtype)}"
+        drafts = {}
+        for name, path in draft_paths.items():
+            if dtype in (None, loaded) and name in trained:
+                drafts[name] = trained[name]
+            else:
+                drafts[name] = load_draft(path, vlm).to(next(vlm.parameters()).dtype).bind(vlm)
+        return vlm, label, drafts
 
+    vlm, label, drafts = build(dtypes[0])
+    _resolve_tree_budgets(args, drafts)
     stratified = getattr(args, "prompt_mix", "stratified") == "stratified"
     rows = load_rows(args.dataset, args.prompts, args.seed, eval_rows=True, stratified=stratified)
     device = next(vlm.parameters()).device
     prompts = [prompt_inputs(processor, row, device) for row in rows]
 
     if args.tune:
+        print(f"target: {label}")
         for name, draft in drafts.items():
             best, table, costs = tune_tree(vlm, draft, prompts, args.max_new_tokens)
             print(f"\ndraft {name}:")
@@ -490,43 +506,115 @@ def run_bench_cli(args) -> int:
                 print(f"saved the tuned tree budget in {draft_paths[name] / 'config.json'}")
         return 0
 
-    assistant = None
-    if args.assistant is not None:
-        assistant, _, _ = load_target(args.assistant, cache_dir=args.cache_dir, seed=args.seed)
-    elif args.target is None:
-        # an independently trained small toy VLM with the target's tokenizer (toy.load_toy_assistant)
-        from .world import load_toy_assistant
+    peer_tiny = None
+    if args.target is None and (only is None or "assisted_peer" in only):
+        from .peer import load_or_train_peer, peer_intermediate_size
 
-        assistant = load_toy_assistant(args.cache_dir, args.seed)
-    only = args.methods.split(",") if args.methods else None
-    methods = default_methods(drafts, assistant=assistant, only=only)
-    # sampled trees are a spine with siblings (generation.tree.build_sampled_tree): their best budget differs from greedy's
-    sampling_tree = {
-        key: getattr(args, f"sampling_{key}")
-        for key in ("tree_total_tokens", "tree_depth", "tree_top_k")
-        if getattr(args, f"sampling_{key}", None) is not None
-    }
-    for method in methods:
-        if method.kind == "spec" and method.decoding_mode == "tree":
-            method.sampling_kwargs = dict(sampling_tree)
-    temperatures = [float(t) for t in args.temperatures.split(",")]
-    records = run_benchmark(
-        vlm, prompts, methods, temperatures, args.max_new_tokens, warmup=args.warmup, seed=args.seed
-    )
+        # as many trainable parameters as our EagleVLM draft at the width it is timed at (toy.peer)
+        reference = drafts.get("eagle") or next(iter(drafts.values()))
+        size = peer_intermediate_size(
+            sum(p.numel() for p in reference.parameters()),
+            train_target.config.get_text_config(),
+            hidden=vlm.config.get_text_config().hidden_size,
+        )
+        peer_tiny, _ = load_or_train_peer(
+            train_target, processor, train_label, size, budget, args.seed, args.cache_dir
+        )
+
+    records: list[dict] = []
+    labels = []
+    for i, dtype in enumerate(dtypes):
+        if i:
+            vlm, label, drafts = build(dtype)
+            _resolve_tree_budgets(args, drafts)
+        labels.append(label)
+        target_dtype = next(vlm.parameters()).dtype
+        print(f"target: {label} ({sum(p.numel() for p in vlm.parameters()) / 1e6:.1f}M parameters)")
+        assistant = None
+        if args.assistant is not None:
+            assistant, _, _ = load_target(args.assistant, cache_dir=args.cache_dir, seed=args.seed)
+            assistant = assistant.to(target_dtype)
+        elif args.target is None and (only is None or "assisted" in only):
+            # an independently trained small toy VLM with the target's tokenizer (toy.load_toy_assistant)
+            from .world import load_toy_assistant
+
+            assistant = load_toy_assistant(args.cache_dir, args.seed).to(target_dtype)
+        peer = None
+        if peer_tiny is not None:
+            from .peer import peer_trainable_parameters, widen_peer
+
+            peer = widen_peer(peer_tiny, vlm) if toy_medium else copy.deepcopy(peer_tiny).to(target_dtype)
+            mine = sum(p.numel() for p in next(iter(drafts.values())).parameters()) if drafts else 0
+            theirs = peer_trainable_parameters(peer)
+            print(
+                f"assisted peer: 1 decoder layer, {theirs / 1e6:.2f}M trainable parameters (our draft: {mine / 1e6:.2f}M)"
+            )
+        methods = default_methods(drafts, assistant=assistant, only=only, peer=peer, sweep=args.sweep)
+        # sampled trees are a spine with siblings (generation.tree.build_sampled_tree): their best budget differs
+        # from greedy's; fixed budgets (--sweep) are passed explicitly and hold at every temperature
+        sampling_tree = {
+            key: getattr(args, f"sampling_{key}")
+            for key in ("tree_total_tokens", "tree_depth", "tree_top_k")
+            if getattr(args, f"sampling_{key}", None) is not None
+        }
+        for method in methods:
+            if method.kind == "spec" and method.decoding_mode == "tree" and method.budget is None:
+                method.sampling_kwargs = dict(sampling_tree)
+        temperatures = [float(t) for t in args.temperatures.split(",")]
+        records += run_benchmark(
+            vlm, prompts, methods, temperatures, args.max_new_tokens, warmup=args.warmup, seed=args.seed
+        )
+        del vlm, drafts, assistant, peer, methods
     print()
     print(markdown_table(records))
+    summary = sweep_summary(records)
+    for line in summary:
+        print(line)
     if args.output_dir:
         meta = {
-            "target": label,
+            "target": ", ".join(labels),
             "prompts": len(prompts),
             "max_new_tokens": args.max_new_tokens,
             "device": str(device),
             "threads": torch.get_num_threads(),
         }
-        paths = write_results(records, args.output_dir, meta)
+        paths = write_results(records, args.output_dir, meta, summary)
         print("wrote " + ", ".join(str(p) for p in paths.values()))
     print(f"bench time: {time.perf_counter() - start:.1f} s")
-    greedy_bad = [r["method"] for r in records if r["temperature"] == 0 and r.get("lossless") is False]
-    if greedy_bad:
-        print(f"WARNING: greedy output differs from plain for: {', '.join(greedy_bad)}")
-    return 0
+    sampled_bad = [r for r in records if r["temperature"] > 0 and r.get("lossless") is False]
+    for r in sampled_bad:
+        print(
+            f"WARNING: {r['method']} ({r['dtype']}, T={r['temperature']:g}): sampled tokens fail the distribution "
+            f"check, p = {r['sampling_p_value']:.2g} < {SAMPLING_ALPHA:g} ({r['sampling_test']})"
+        )
+    failures = lossless_failures(records)
+    for r in failures:
+        why = "a float32 numerical tie" if r.get("lossless") == "numerical-tie" else "not a numerical tie"
+        print(
+            f"ERROR: greedy output of {r['method']} ({r['dtype']}) differs from plain generate's ({why})",
+            file=sys.stderr,
+        )
+    return 1 if failures else 0
+
+
+def _resolve_tree_budgets(args, drafts: dict[str, Any]) -> None:
+    """The default greedy / sampled tree budgets on ``args``, and the greedy one written into every draft's config.
+
+    The toy drafts: the budget `--tune` stored in the EagleVLM draft's config, else a CPU-sized default (verifying
+    many tokens is not free on a CPU); sampled trees do best as a deep spine of first draws
+    (generation.tree.build_sampled_tree). A budget given on the command line holds for every draft.
+    """
+    keys = ("tree_total_tokens", "tree_depth", "tree_top_k")
+    if not args.draft and not args.tune:
+        tuned = tuple(getattr(drafts["eagle"].config, key) for key in keys) if "eagle" in drafts else None
+        untuned = tuple(getattr(type(drafts["eagle"].config)(), key) for key in keys) if tuned else None
+        greedy_tree = tuned if tuned is not None and tuned != untuned else TOY_CPU_TREE
+        for key, greedy, sampled in zip(keys, greedy_tree, TOY_CPU_SAMPLED_TREE):
+            if getattr(args, key, None) is None:
+                setattr(args, key, greedy)
+            if getattr(args, f"sampling_{key}", None) is None:
+                setattr(args, f"sampling_{key}", sampled)
+    for draft in drafts.values():
+        for key in keys:
+            if getattr(args, key, None) is not None:
+                setattr(draft.config, key, getattr(args, key))

@@ -35,6 +35,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+# copied from the target and frozen: our draft shares the target's embedding and lm_head, frozen, and has no vision
+# part of its own
+FROZEN_PARTS = ("vision_tower", "multi_modal_projector", "embed_tokens", "lm_head")
+
 
 def peer_intermediate_size(draft_parameters: int, text_config, hidden: int | None = None) -> int:
     """MLP width that gives a one-layer peer ``draft_parameters`` trainable parameters at width ``hidden``.
@@ -80,14 +84,15 @@ def new_peer(target, intermediate_size: int | None = None, seed: int = 0):
     dst.mlp.down_proj.weight.zero_()
     dst.mlp.down_proj.weight[:, :n] = src.mlp.down_proj.weight[:, :n]
     for name, p in peer.named_parameters():
-        # our draft shares the target's embedding and lm_head, frozen; it has no vision part of its own
-        frozen = ("vision_tower", "multi_modal_projector", "embed_tokens", "lm_head")
-        p.requires_grad_(not any(part in name for part in frozen))
+        p.requires_grad_(not any(part in name for part in FROZEN_PARTS))
     return peer
 
 
 def peer_trainable_parameters(peer) -> int:
-    return sum(p.numel() for p in peer.parameters() if p.requires_grad)
+    """Parameters the peer trains (its decoder layer and final norm), whether or not it is frozen now."""
+    return sum(
+        p.numel() for name, p in peer.named_parameters() if not any(part in name for part in FROZEN_PARTS)
+    )
 
 
 def peer_distillation_loss(peer, target, batch: dict) -> tuple[torch.Tensor, float]:
