@@ -250,3 +250,46 @@ def test_sampling_check_accepts_the_target_and_catches_a_biased_sampler():
     # KS p-values of uniform samples are themselves roughly uniform: about 5% under 0.05
     hits = sum(ks_uniform_p_value(torch.rand(200, generator=gen))[1] < 0.05 for _ in range(400))
     assert 5 <= hits <= 40
+
+
+def _toy_cached() -> bool:
+    from specvlm_hf.toy.demo import cache_root
+
+    return any(cache_root().glob("toy-llava-tiny-*/config.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _toy_cached(), reason="toy target not cached yet (run `specvlm demo --quick` once)")
+@pytest.mark.parametrize("break_greedy", [False, True])
+def test_bench_cli_two_dtypes_peer_and_exit_status(break_greedy, monkeypatch, tmp_path):
+    """`specvlm bench` on the cached tiny toy target: a record set per dtype, the trained peer, exit status 1 when a
+    greedy output differs (the greedy check forced to report a real difference)."""
+    from specvlm_hf import cli
+    from specvlm_hf.toy.demo import cache_root
+
+    for toy in cache_root().glob("toy-llava-tiny-*"):
+        if (toy / "config.json").exists():
+            (tmp_path / toy.name).symlink_to(toy, target_is_directory=True)
+    if break_greedy:
+        monkeypatch.setattr(bench, "greedy_check", lambda *a: {"lossless": False, "lossless_differences": []})
+    argv = [
+        "bench",
+        "--toy-size",
+        "tiny",
+        "--cache-dir",
+        str(tmp_path),
+        "--train-steps",
+        "4",
+        "--prompts",
+        "1",
+    ]
+    argv += ["--max-new-tokens", "6", "--methods", "plain,assisted_peer,eagle_tree", "--temperatures", "0"]
+    argv += ["--dtype", "float32,bfloat16", "--output-dir", str(tmp_path / "out"), "--warmup", "0"]
+    assert cli.main(argv) == (1 if break_greedy else 0)
+    records = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {(r["method"], r["dtype"]) for r in records} == {
+        (m, d) for m in ("plain", "assisted_peer", "eagle_tree") for d in ("float32", "bfloat16")
+    }
+    assert any(
+        p.name.startswith("toy-llava-tiny-seed0__assisted-peer") for p in (tmp_path / "drafts").iterdir()
+    )
