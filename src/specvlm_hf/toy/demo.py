@@ -510,14 +510,16 @@ def run_demo(args) -> int:
 def unrouted_copy(model):
     """``copy.deepcopy(model)`` without the generate routing a bound draft installed on the original.
 
-    The routing lives in instance attributes whose closures hold the original model (`hf_private.install_routing`);
-    a deep copy keeps them, so the copy's ``generate`` would decode with the original. Binding a draft to the copy
-    installs its own."""
+    The routing lives in instance attributes overriding class methods, whose closures hold the original model
+    (`hf_private.install_routing`); a deep copy keeps them, so the copy's ``generate`` would decode with the
+    original. Binding a draft to the copy installs its own."""
     import copy
 
     twin = copy.deepcopy(model)
-    for name in ("generate", "_get_candidate_generator", "_specvlm_routing_installed"):
-        twin.__dict__.pop(name, None)
+    for name, value in list(vars(twin).items()):
+        if callable(value) and not isinstance(value, torch.nn.Module) and hasattr(type(twin), name):
+            del twin.__dict__[name]  # an instance override of a class method: the routing
+    twin.__dict__.pop("_specvlm_routing_installed", None)
     return twin
 
 

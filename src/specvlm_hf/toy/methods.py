@@ -177,38 +177,6 @@ def _counting(model):
         counter.remove()
 
 
-@contextmanager
-def assistant_sees_images(assistant, inputs: dict):
-    """Give an assistant the prompt's images in its prefill forward.
-
-    transformers 5.x encodes the images once for the target and hands the assistant neither ``pixel_values`` nor
-    the encoded images, so a VLM assistant drafts from ``<image>`` placeholder embeddings. A forward pre-hook adds
-    the prompt's ``pixel_values`` (and ``image_sizes``) to the assistant forward whose ``input_ids`` hold the
-    image placeholders (its prefill); later forwards see them through the assistant's cache.
-    """
-    extra = {k: inputs[k] for k in ("pixel_values", "image_sizes") if inputs.get(k) is not None}
-    image_ids = torch.tensor(_image_token_ids(assistant) or [-1], dtype=torch.long)
-
-    def hook(module, args, kwargs):
-        ids = kwargs.get("input_ids")
-        if (
-            not extra
-            or ids is None
-            or kwargs.get("pixel_values") is not None
-            or kwargs.get("mm_encoder_outputs")
-        ):
-            return None
-        if not bool(torch.isin(ids, image_ids.to(ids.device)).any()):
-            return None
-        return args, {**kwargs, **extra}
-
-    handle = assistant.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 def _image_token_ids(model) -> list[int]:
     try:
         return list(families.image_token_ids(families.unwrap_target(model)))
@@ -260,7 +228,9 @@ def _generate(model, method: Method, inputs: dict, max_new_tokens: int, temperat
         with prompt_lookup_without_placeholders(model, _image_token_ids(model)):
             return model.generate(**inputs, **kwargs)
     if method.assistant_sees_images:
-        with assistant_sees_images(method.assistant, inputs):
+        from .peer import prompt_images
+
+        with prompt_images(method.assistant, inputs):
             return model.generate(**inputs, **kwargs)
     return model.generate(**inputs, **kwargs)
 

@@ -19,25 +19,65 @@
   heads and MLP keep their size, as `widen_draft` keeps our draft's), so both drafts are trained on the same
   teacher for the same steps and are timed at the same width;
 * images: transformers 5.x hands an assistant neither ``pixel_values`` nor the target's encoded images (a stock
-  VLM assistant drafts blind), so the bench gives the peer the prompt's ``pixel_values`` in its prefill
-  (`methods.assistant_sees_images`), as it saw them in training: our draft sees the image through the target's
-  features, the peer through its own copy of the target's vision tower and projector.
+  VLM assistant drafts blind), so the peer is a `SpecVLMToyPeer` (a ``LlavaForConditionalGeneration`` whose prefill
+  takes the prompt's images from `prompt_images`) and sees the image as it did in training: our draft sees it
+  through the target's features, the peer through its own copy of the target's vision tower and projector.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from transformers import LlavaForConditionalGeneration
 
 # copied from the target and frozen: our draft shares the target's embedding and lm_head, frozen, and has no vision
 # part of its own
 FROZEN_PARTS = ("vision_tower", "multi_modal_projector", "embed_tokens", "lm_head")
+
+
+class SpecVLMToyPeer(LlavaForConditionalGeneration):
+    """A LLaVA whose forward uses the prompt's images (`prompt_images`) when the generate loop passes none.
+
+    transformers' assisted generation gives an assistant neither ``pixel_values`` nor the target's encoded images;
+    in the forward whose ``input_ids`` hold the image placeholders (the assistant's prefill) this model takes the
+    ``pixel_values`` set by `prompt_images`; later forwards see the image through its cache. Otherwise a LLaVA.
+    """
+
+    prompt_images: dict | None = None
+
+    def forward(self, input_ids=None, pixel_values=None, *args, **kwargs):
+        images = self.prompt_images
+        if (
+            images
+            and pixel_values is None
+            and not kwargs.get("mm_encoder_outputs")
+            and input_ids is not None
+            and bool((input_ids == self.config.image_token_id).any())
+        ):
+            pixel_values = images["pixel_values"]
+            kwargs.update({k: v for k, v in images.items() if k != "pixel_values"})
+        return super().forward(input_ids, pixel_values, *args, **kwargs)
+
+    # generate() reads the forward's parameters (logits_to_keep, mm_encoder_outputs, ...): keep LLaVA's
+    forward.__signature__ = inspect.signature(LlavaForConditionalGeneration.forward)
+
+
+@contextmanager
+def prompt_images(peer, inputs: dict):
+    """Let a `SpecVLMToyPeer` see ``inputs``' images during one ``generate`` call."""
+    peer.prompt_images = {k: inputs[k] for k in ("pixel_values", "image_sizes") if inputs.get(k) is not None}
+    try:
+        yield peer
+    finally:
+        peer.prompt_images = None
 
 
 def peer_intermediate_size(draft_parameters: int, text_config, hidden: int | None = None) -> int:
@@ -65,7 +105,7 @@ def new_peer(target, intermediate_size: int | None = None, seed: int = 0):
     text.num_hidden_layers = 1
     text.intermediate_size = intermediate_size or base
     config.name_or_path = "specvlm-toy-assisted-peer"
-    peer = target.__class__(config).to(next(target.parameters()).dtype).eval()
+    peer = SpecVLMToyPeer(config).to(next(target.parameters()).dtype).eval()
     peer.generation_config = copy.deepcopy(target.generation_config)
     peer.model.vision_tower.load_state_dict(target.model.vision_tower.state_dict())
     peer.model.multi_modal_projector.load_state_dict(target.model.multi_modal_projector.state_dict())
@@ -193,7 +233,7 @@ def load_or_train_peer(
     path = peer_cache_path(label, intermediate_size, budget, seed, cache_dir)
     if (path / "config.json").exists():
         log(f"loading cached assisted peer {path}")
-        peer = target.__class__.from_pretrained(path).eval()
+        peer = SpecVLMToyPeer.from_pretrained(path).eval()
         peer.requires_grad_(False)
         return peer, path
     log(
@@ -227,4 +267,8 @@ def widen_peer(peer, big_target):
     }
     wide = widen_toy_target(peer, dims=dims)
     wide.config.name_or_path = "specvlm-toy-assisted-peer-wide"
-    return wide.to(next(big_target.parameters()).dtype).eval()
+    out = SpecVLMToyPeer(wide.config)
+    out.load_state_dict(wide.state_dict())
+    out.generation_config = wide.generation_config
+    out.requires_grad_(False)
+    return out.to(next(big_target.parameters()).dtype).eval()
