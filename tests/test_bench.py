@@ -54,7 +54,10 @@ def test_benchmark_records_and_files(setup, tmp_path):
         else:  # a measured check, not a label
             assert r["sampling_tokens"] == 6 and 0.0 <= r["sampling_p_value"] <= 1.0
             assert r["lossless"] is (r["sampling_p_value"] >= bench.SAMPLING_ALPHA) or r["method"] == "plain"
-        if r["method"] == "plain":
+        plain = next(p for p in records if p["method"] == "plain" and p["temperature"] == r["temperature"])
+        # c(1) is plain's decode time per token: total minus the prefill estimate (a busy machine can leave none)
+        c1_known = plain["total_time_s"] > plain["prefill_estimate_s"]
+        if r["method"] == "plain" or not c1_known:
             assert r["bound_speedup"] is None
         else:  # every speculative method: its bound, and the fraction of it reached
             assert r["bound_speedup"] > 0, r["method"]
@@ -66,6 +69,8 @@ def test_benchmark_records_and_files(setup, tmp_path):
     for name in ("assisted", "assisted_peer"):  # timed by hooks on the assistant and the target
         r = next(r for r in records if r["method"] == name and r["temperature"] == 0)
         assert r["draft_ms_per_step"] > 0 and r["target_ms_per_step"] > 0 and r["tokens_per_step"] >= 1
+        if r["bound_speedup"] is None:
+            continue
         c1 = r["target_forward_ms"]
         expected = r["tokens_per_step"] * c1 / (r["verify_ms_per_step"] + r["draft_ms_per_step"])
         assert abs(r["bound_speedup"] - expected) < 1e-9
