@@ -40,7 +40,8 @@ Definitions (per method and temperature, summed over prompts):
   ``tokens_per_step`` (assisted, prompt lookup), c(1) = plain's decode time per token (``target_forward_ms``),
   c(verify) = ``verify_ms_per_step``, draft = ``draft_ms_per_step`` (prompt lookup: its n-gram lookup is not timed
   and counts as 0, so its bound is an upper bound); the decode-only speedup a method would reach with no other
-  per-step cost. ``bound_fraction`` = ``speedup_decode`` / ``bound_speedup``;
+  per-step cost. ``bound_fraction`` = ``speedup_decode`` / ``bound_speedup`` (the decode-only speed counts the
+  prefill's token too, so on very short runs the fraction can exceed 1 by about 1 / (verify steps * tau));
 * ``lossless``: greedy: ``True`` when token-identical to plain for every prompt; ``"numerical-tie"`` when every
   difference starts at a numerical tie (`first_divergence`: at the first differing position the target itself,
   recomputed over the plain prefix in one forward, scores both tokens within rounding of its top logit -- in
