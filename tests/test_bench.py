@@ -21,8 +21,11 @@ def setup():
 
 def test_benchmark_records_and_files(setup, tmp_path):
     vlm, drafts, prompts = setup
+    from specvlm_hf.toy.peer import new_peer
+
     assistant = make_tiny_target("llava", seed=1)  # same vocabulary, independent weights
-    methods = bench.default_methods(drafts, assistant=assistant)
+    peer = new_peer(vlm, 48)
+    methods = bench.default_methods(drafts, assistant=assistant, peer=peer)
     methods = [m for m in methods if not (m.draft is drafts["select"] and m.decoding_mode == "chain")]
     records = bench.run_benchmark(
         vlm, prompts, methods, (0.0, 1.0), max_new_tokens=6, warmup=0, progress=False
@@ -31,6 +34,7 @@ def test_benchmark_records_and_files(setup, tmp_path):
     assert {
         "plain",
         "assisted",
+        "assisted_peer",
         "prompt_lookup",
         "eagle_chain",
         "eagle_tree",
@@ -41,21 +45,44 @@ def test_benchmark_records_and_files(setup, tmp_path):
         for key in bench.REQUIRED_KEYS:
             assert key in r, (r["method"], key)
         assert r["status"] == "ok", r
+        assert r["dtype"] == "float32"
         assert r["tokens_per_second"] > 0 and r["speedup"] > 0
         assert r["mean_accepted_length"] >= 1.0
         if r["temperature"] == 0:
             assert r["lossless"] is True, r["method"]
-        elif r["method"] != "plain":
-            assert r["lossless"] == "distribution"
+            assert "sampling_p_value" not in r
+        else:  # a measured check, not a label
+            assert r["sampling_tokens"] == 6 and 0.0 <= r["sampling_p_value"] <= 1.0
+            assert r["lossless"] is (r["sampling_p_value"] >= bench.SAMPLING_ALPHA) or r["method"] == "plain"
+        plain = next(p for p in records if p["method"] == "plain" and p["temperature"] == r["temperature"])
+        # c(1) is plain's decode time per token: total minus the prefill estimate (a busy machine can leave none)
+        c1_known = plain["total_time_s"] > plain["prefill_estimate_s"]
+        if r["method"] == "plain" or not c1_known:
+            assert r["bound_speedup"] is None
+        else:  # every speculative method: its bound, and the fraction of it reached
+            assert r["bound_speedup"] > 0, r["method"]
+            # decode-only speed needs a positive time after subtracting the prefill (a tiny model may not have one)
+            assert (r["bound_fraction"] > 0) if r["speedup_decode"] else r["bound_fraction"] is None
+            assert r["verify_ms_per_step"] > 0, r["method"]
     tree = next(r for r in records if r["method"] == "eagle_tree" and r["temperature"] == 0)
     assert tree["draft_time_s"] > 0 and tree["verify_time_s"] > 0
+    for name in ("assisted", "assisted_peer"):  # timed by hooks on the assistant and the target
+        r = next(r for r in records if r["method"] == name and r["temperature"] == 0)
+        assert r["draft_ms_per_step"] > 0 and r["target_ms_per_step"] > 0 and r["tokens_per_step"] >= 1
+        if r["bound_speedup"] is None:
+            continue
+        c1 = r["target_forward_ms"]
+        expected = r["tokens_per_step"] * c1 / (r["verify_ms_per_step"] + r["draft_ms_per_step"])
+        assert abs(r["bound_speedup"] - expected) < 1e-9
+        if r["speedup_decode"]:
+            assert abs(r["bound_fraction"] - r["speedup_decode"] / r["bound_speedup"]) < 1e-9
 
     paths = bench.write_results(records, tmp_path, meta={"target": "tiny-llava"})
     loaded = json.loads(paths["json"].read_text())
     assert isinstance(loaded, list) and len(loaded) == len(records)
     assert set(bench.REQUIRED_KEYS) <= set(loaded[0])
     table = paths["md"].read_text()
-    assert "| method |" in table and "eagle_tree" in table
+    assert "| method |" in table and "eagle_tree" in table and "| bound | of bound |" in table
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -142,3 +169,132 @@ def test_tune_breaks_ties_towards_the_cheaper_step():
     assert tuning.pick_budget([deep, lean, slow]) is lean  # 1% apart: tied, the cheaper step wins
     assert tuning.pick_budget([deep, lean, slow], tie=0.0) is deep
     assert tuning.pick_budget([deep, slow]) is deep  # 10% apart: the faster one, however costly
+
+
+def test_write_results_without_matplotlib(monkeypatch, tmp_path, capsys):
+    """No matplotlib: json and md are written, the plot is skipped with a one-line note (no crash at the end)."""
+    import sys
+
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    records = [{"method": "plain", "temperature": 0.0, "status": "ok", "speedup": 1.0, "lossless": True}]
+    paths = bench.write_results(records, tmp_path)
+    assert set(paths) == {"json", "md"} and not (tmp_path / "results.png").exists()
+    assert json.loads(paths["json"].read_text())[0]["method"] == "plain"
+    notes = [line for line in capsys.readouterr().out.splitlines() if "matplotlib" in line]
+    assert len(notes) == 1 and "skipped" in notes[0]
+
+
+def test_sweep_methods_pass_explicit_budgets_and_are_summarised(setup):
+    vlm, drafts, prompts = setup
+    sweep = methods.sweep_methods({"eagle": drafts["eagle"]})
+    assert len(sweep) == len(methods.SWEEP_CHAIN_LENGTHS) * len(methods.SWEEP_CONFIDENCE) + len(
+        methods.SWEEP_TREES
+    )
+    chain = next(m for m in sweep if m.name == "eagle_chain@k4/c0.4")
+    assert chain.gen_kwargs == {"num_draft_tokens": 4, "draft_confidence_threshold": 0.4}
+    tree = next(m for m in sweep if m.name == "eagle_tree@16/8/2")
+    assert tree.gen_kwargs == {"tree_total_tokens": 16, "tree_depth": 8, "tree_top_k": 2} and tree.budget
+    # --methods selects a method together with its sweep
+    picked = bench.default_methods({"eagle": drafts["eagle"]}, only=["eagle_tree"], sweep=True)
+    assert [m.name for m in picked] == ["plain", "eagle_tree"] + [
+        f"eagle_tree@{t}/{d}/{k}" for t, d, k in methods.SWEEP_TREES
+    ]
+    run = [picked[0], picked[1], picked[2], next(m for m in sweep if m.name == "eagle_chain@k2/c0")]
+    records = bench.run_benchmark(vlm, prompts, run, (0.0,), max_new_tokens=5, warmup=0, progress=False)
+    by_name = {r["method"]: r for r in records}
+    small = by_name["eagle_tree@6/4/2"]
+    assert (
+        small["budget"] == "tree 6/4/2" and small["tree"]["total_tokens"] == 6 and small["lossless"] is True
+    )
+    assert by_name["eagle_chain@k2/c0"]["chain"] == {"num_draft_tokens": 2, "confidence_threshold": 0.0}
+    (line,) = bench.sweep_summary(records)
+    assert line.startswith("sweep float32 T=0 eagle: default eagle_tree") and "best fixed budget" in line
+    fake_peer = {"method": "assisted_peer", "kind": "assisted", "status": "ok", "speedup": 0.5}
+    (line,) = bench.sweep_summary(records + [{**fake_peer, "dtype": "float32", "temperature": 0.0}])
+    assert "default / assisted_peer" in line
+    assert bench.sweep_summary([r for r in records if not r.get("budget")]) == []
+
+
+def test_lossless_failures_excuse_low_precision_ties_only():
+    def rec(lossless, dtype="bfloat16", t=0.0):
+        return {"method": "m", "status": "ok", "temperature": t, "lossless": lossless, "dtype": dtype}
+
+    assert bench.lossless_failures([rec(True), rec("numerical-tie"), rec(False, t=1.0)]) == []
+    assert len(bench.lossless_failures([rec(False)])) == 1
+    assert len(bench.lossless_failures([rec("numerical-tie", dtype="float32")])) == 1
+
+
+def test_sampling_check_accepts_the_target_and_catches_a_biased_sampler():
+    """Randomized PIT + KS: uniform p-values for exact samples, tiny ones for a sampler leaning to the argmax."""
+    import torch
+
+    from specvlm_hf.toy.sampling_check import ks_uniform_p_value, sampling_check
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, 3.0])
+
+    def model(**inputs):  # every position scores the same distribution
+        n = inputs["input_ids"].shape[1]
+        return type("Out", (), {"logits": logits.expand(1, n, -1)})()
+
+    inputs = {"input_ids": torch.tensor([[7, 8]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    p = torch.softmax(logits, -1)
+    exact = [torch.multinomial(p, 40, replacement=True, generator=gen).tolist() for _ in range(20)]
+    ok = sampling_check(model, [inputs] * 20, exact, 1.0, seed=1)
+    assert ok["sampling_tokens"] == 800 and ok["sampling_p_value"] > bench.SAMPLING_ALPHA
+    biased = 0.5 * p + 0.5 * torch.nn.functional.one_hot(p.argmax(), 6)  # TV 0.22 towards the argmax
+    draws = [torch.multinomial(biased, 40, replacement=True, generator=gen).tolist() for _ in range(20)]
+    assert sampling_check(model, [inputs] * 20, draws, 1.0, seed=1)["sampling_p_value"] < 1e-6
+    # the same draws are exact for the temperature that produced them, not for another one
+    hot = torch.softmax(logits / 2.0, -1)
+    draws = [torch.multinomial(hot, 40, replacement=True, generator=gen).tolist() for _ in range(20)]
+    assert sampling_check(model, [inputs] * 20, draws, 2.0, seed=1)["sampling_p_value"] > bench.SAMPLING_ALPHA
+    assert sampling_check(model, [inputs] * 20, draws, 1.0, seed=1)["sampling_p_value"] < 1e-3
+    # KS p-values of uniform samples are themselves roughly uniform: about 5% under 0.05
+    hits = sum(ks_uniform_p_value(torch.rand(200, generator=gen))[1] < 0.05 for _ in range(400))
+    assert 5 <= hits <= 40
+
+
+def _toy_cached() -> bool:
+    from specvlm_hf.toy.demo import cache_root
+
+    return any(cache_root().glob("toy-llava-tiny-*/config.json"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _toy_cached(), reason="toy target not cached yet (run `specvlm demo --quick` once)")
+@pytest.mark.parametrize("break_greedy", [False, True])
+def test_bench_cli_two_dtypes_peer_and_exit_status(break_greedy, monkeypatch, tmp_path):
+    """`specvlm bench` on the cached tiny toy target: a record set per dtype, the trained peer, exit status 1 when a
+    greedy output differs (the greedy check forced to report a real difference)."""
+    from specvlm_hf import cli
+    from specvlm_hf.toy.demo import cache_root
+
+    for toy in cache_root().glob("toy-llava-tiny-*"):
+        if (toy / "config.json").exists():
+            (tmp_path / toy.name).symlink_to(toy, target_is_directory=True)
+    if break_greedy:
+        monkeypatch.setattr(bench, "greedy_check", lambda *a: {"lossless": False, "lossless_differences": []})
+    argv = [
+        "bench",
+        "--toy-size",
+        "tiny",
+        "--cache-dir",
+        str(tmp_path),
+        "--train-steps",
+        "4",
+        "--prompts",
+        "1",
+    ]
+    argv += ["--max-new-tokens", "6", "--methods", "plain,assisted_peer,eagle_tree", "--temperatures", "0"]
+    argv += ["--dtype", "float32,bfloat16", "--output-dir", str(tmp_path / "out"), "--warmup", "0"]
+    assert cli.main(argv) == (1 if break_greedy else 0)
+    records = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert {(r["method"], r["dtype"]) for r in records} == {
+        (m, d) for m in ("plain", "assisted_peer", "eagle_tree") for d in ("float32", "bfloat16")
+    }
+    assert any(
+        p.name.startswith("toy-llava-tiny-seed0__assisted-peer") for p in (tmp_path / "drafts").iterdir()
+    )

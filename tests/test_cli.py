@@ -112,3 +112,22 @@ def test_demo_quick_runs(tmp_path):
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "identical outputs: yes" in out.stdout
     assert any((tmp_path / "drafts").iterdir())
+
+
+def test_bench_dtype_list_and_sweep_flags():
+    from specvlm_hf.toy.bench import bench_dtypes
+
+    args = cli.build_parser().parse_args(["bench"])
+    assert args.dtype is None and not args.sweep
+    assert bench_dtypes(args.dtype, toy_medium=True) == [torch_dtype("bfloat16"), torch_dtype("float32")]
+    assert bench_dtypes(None, toy_medium=False) == [None]
+    args = cli.build_parser().parse_args(["bench", "--dtype", "float32, bfloat16,float32", "--sweep"])
+    assert args.sweep and bench_dtypes(args.dtype, True) == [torch_dtype("float32"), torch_dtype("bfloat16")]
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "--dtype", "float64"])
+
+
+def torch_dtype(name):
+    import torch
+
+    return getattr(torch, name)

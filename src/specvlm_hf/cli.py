@@ -81,6 +81,19 @@ def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
     )
 
 
+DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+
+
+def _dtype_list(value: str) -> str:
+    names = [name.strip() for name in value.split(",") if name.strip()]
+    bad = [name for name in names if name not in DTYPE_CHOICES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(
+            f"invalid dtype list {value!r}; comma-separated names from {DTYPE_CHOICES}"
+        )
+    return ",".join(names)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="specvlm",
@@ -195,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--methods",
         default=None,
-        help="comma-separated subset of: plain,assisted,prompt_lookup,eagle_chain,eagle_tree,specvlm_chain,specvlm_tree",
+        help="comma-separated subset of: plain,assisted,assisted_peer,prompt_lookup,eagle_chain,eagle_tree,"
+        "specvlm_chain,specvlm_tree (a method's --sweep budgets come with it)",
     )
     bench.add_argument(
         "--output-dir", default=None, help="write results.json, results.md and results.png here."
@@ -216,8 +230,21 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="measure verify cost vs tree size, pick the tree budget with the best estimated tokens/s, save it in the draft config.",
     )
+    bench.add_argument(
+        "--sweep",
+        action="store_true",
+        help="also run every draft at fixed budgets, interleaved with the default-settings methods: chain lengths "
+        "2,3,4,6,8 x confidence cut-offs 0,0.4 and trees (total/depth/top-k) 6/4/2, 8/5/2, 12/6/2, 16/8/2; prints "
+        "default speedup / best fixed budget's and default / assisted_peer.",
+    )
     _add_train_budget_args(bench, 4000)
-    _add_dtype_arg(bench)
+    bench.add_argument(
+        "--dtype",
+        type=_dtype_list,
+        default=None,
+        help="comma-separated dtypes to time in, each a full set of records with its own plain reference (auto, "
+        "float32, bfloat16). Default: bfloat16,float32 for the medium toy target; the target as loaded otherwise.",
+    )
     bench.add_argument(
         "--tree-top-k",
         type=int,

@@ -5,7 +5,9 @@ Shared by `bench.py` (the side-by-side benchmark) and `tuning.py` (budget search
 
 from __future__ import annotations
 
+import itertools
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,6 +30,10 @@ class Method:
     gen_kwargs: dict = field(default_factory=dict)
     sampling_kwargs: dict = field(default_factory=dict)  # extra generate() kwargs at temperature > 0 only
     note: str = ""
+    budget: str | None = None  # an explicit decoding budget (`--sweep`), e.g. "chain k=4 conf=0.4"
+    assistant_sees_images: bool = (
+        False  # give the assistant the prompt's pixel values (`assistant_sees_images`)
+    )
 
 
 def spec_methods(drafts: dict[str, Any], modes=("chain", "tree")) -> list[Method]:
@@ -44,15 +50,74 @@ def spec_methods(drafts: dict[str, Any], modes=("chain", "tree")) -> list[Method
     return methods
 
 
+# `specvlm bench --sweep`: fixed budgets, each passed explicitly per call
+SWEEP_CHAIN_LENGTHS = (2, 3, 4, 6, 8)
+SWEEP_CONFIDENCE = (0.0, 0.4)
+SWEEP_TREES = ((6, 4, 2), (8, 5, 2), (12, 6, 2), (16, 8, 2))  # (tree_total_tokens, tree_depth, tree_top_k)
+
+
+def sweep_methods(drafts: dict[str, Any]) -> list[Method]:
+    """Every draft's chain and tree methods at fixed budgets (explicit per-call overrides), named ``base@budget``."""
+    methods = []
+    for base in spec_methods(drafts):
+        if base.decoding_mode == "chain":
+            for k, conf in itertools.product(SWEEP_CHAIN_LENGTHS, SWEEP_CONFIDENCE):
+                methods.append(
+                    Method(
+                        f"{base.name}@k{k}/c{conf:g}",
+                        "spec",
+                        draft=base.draft,
+                        decoding_mode="chain",
+                        gen_kwargs={"num_draft_tokens": k, "draft_confidence_threshold": conf},
+                        budget=f"chain k={k} conf={conf:g}",
+                    )
+                )
+        else:
+            for total, depth, top_k in SWEEP_TREES:
+                methods.append(
+                    Method(
+                        f"{base.name}@{total}/{depth}/{top_k}",
+                        "spec",
+                        draft=base.draft,
+                        decoding_mode="tree",
+                        gen_kwargs={"tree_total_tokens": total, "tree_depth": depth, "tree_top_k": top_k},
+                        budget=f"tree {total}/{depth}/{top_k}",
+                    )
+                )
+    return methods
+
+
+def base_name(name: str) -> str:
+    """``specvlm_tree[pool]@16/8/2`` -> ``specvlm_tree`` (what ``--methods`` selects)."""
+    return name.split("@")[0].split("[")[0].split("(")[0]
+
+
 def default_methods(
-    drafts: dict[str, Any], assistant=None, prompt_lookup_num_tokens: int = 10, only=None
+    drafts: dict[str, Any],
+    assistant=None,
+    prompt_lookup_num_tokens: int = 10,
+    only=None,
+    peer=None,
+    sweep: bool = False,
 ) -> list[Method]:
+    """plain, assisted, assisted_peer (when given), prompt_lookup, the drafts' chain and tree methods at their
+    default settings and, with ``sweep``, at every fixed budget of `sweep_methods` (interleaved in one run)."""
     methods = [Method("plain", "plain")]
     if assistant is not None:
         methods.append(Method("assisted", "assisted", assistant=assistant))
     else:
         methods.append(
             Method("assisted", "skip", note="no independent small draft with the target's tokenizer")
+        )
+    if peer is not None:
+        methods.append(
+            Method(
+                "assisted_peer",
+                "assisted",
+                assistant=peer,
+                assistant_sees_images=True,
+                note="1-layer target-initialised LLaVA distilled like our draft; sees the image",
+            )
         )
     methods.append(
         Method(
@@ -63,9 +128,11 @@ def default_methods(
         )
     )
     methods += spec_methods(drafts)
+    if sweep:
+        methods += sweep_methods(drafts)
     if only:
         wanted = set(only) | {"plain"}
-        methods = [m for m in methods if m.name.split("[")[0].split("(")[0] in wanted]
+        methods = [m for m in methods if base_name(m.name) in wanted]
     return methods
 
 
@@ -73,17 +140,41 @@ def default_methods(
 
 
 class _ForwardCounter:
-    """Counts forwards of the target (a forward pre-hook)."""
+    """Counts and times the forwards of a model (forward pre/post hooks) since the last `reset`.
+
+    ``time_s``: wall time inside its forwards; ``first_s``: that of the first one (the prefill in a `generate`)."""
 
     def __init__(self, model):
-        self.count = 0
-        self._handle = model.register_forward_pre_hook(self._hook)
+        self.reset()
+        self._handles = [model.register_forward_pre_hook(self._pre), model.register_forward_hook(self._post)]
 
-    def _hook(self, module, args):
+    def reset(self) -> None:
+        self.count, self.time_s, self.first_s, self._start = 0, 0.0, 0.0, None
+
+    def _pre(self, module, args):
         self.count += 1
+        self._start = time.perf_counter()
+
+    def _post(self, module, args, output):
+        if self._start is None:
+            return
+        elapsed, self._start = time.perf_counter() - self._start, None
+        self.time_s += elapsed
+        if self.count == 1:
+            self.first_s = elapsed
 
     def remove(self) -> None:
-        self._handle.remove()
+        for handle in self._handles:
+            handle.remove()
+
+
+@contextmanager
+def _counting(model):
+    counter = _ForwardCounter(model)
+    try:
+        yield counter
+    finally:
+        counter.remove()
 
 
 def _image_token_ids(model) -> list[int]:
@@ -136,6 +227,11 @@ def _generate(model, method: Method, inputs: dict, max_new_tokens: int, temperat
     if method.kind == "prompt_lookup":
         with prompt_lookup_without_placeholders(model, _image_token_ids(model)):
             return model.generate(**inputs, **kwargs)
+    if method.assistant_sees_images:
+        from .peer import prompt_images
+
+        with prompt_images(method.assistant, inputs):
+            return model.generate(**inputs, **kwargs)
     return model.generate(**inputs, **kwargs)
 
 
@@ -158,17 +254,22 @@ class _MethodRun:
         self.accepted: list[int] = []
         self.have_verify = True
         self.error: str | None = None
+        # from forward hooks, prefill forwards excluded: target / assistant time per later target forward
+        self.steps = self.step_tokens = 0
+        self.target_step_s = self.assistant_step_s = 0.0
 
     def call(
         self, model, inputs, max_new_tokens: int, temperature: float, counter, warm: bool = False
     ) -> None:
         if self.method.kind == "skip" or self.error is not None:
             return
+        assistant = self.method.assistant if self.method.kind == "assisted" else None
         try:
-            counter.count = 0
-            t0 = time.perf_counter()
-            out = _generate(model, self.method, inputs, max_new_tokens, temperature)
-            wall = time.perf_counter() - t0
+            counter.reset()
+            with _counting(assistant) if assistant is not None else _no_counter() as assistant_counter:
+                t0 = time.perf_counter()
+                out = _generate(model, self.method, inputs, max_new_tokens, temperature)
+                wall = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - a failing method is a result, not a crash of the benchmark
             self.error = f"{type(exc).__name__}: {exc}"[:500]
             return
@@ -179,6 +280,12 @@ class _MethodRun:
         generated = out[0, inputs["input_ids"].shape[1] :].tolist()
         self.tokens.append(generated)
         self.new += len(generated)
+        if counter.count > 1:  # the first target forward is the prefill (it gives the first token)
+            self.steps += counter.count - 1
+            self.step_tokens += len(generated) - 1
+            self.target_step_s += counter.time_s - counter.first_s
+            if assistant_counter is not None:  # the assistant's first forward is its pass over the prompt
+                self.assistant_step_s += assistant_counter.time_s - assistant_counter.first_s
         if self.method.kind == "spec":
             stats = self.method.draft.last_generation_stats
             self.accepted += list(stats.accepted_lengths)
@@ -192,23 +299,42 @@ class _MethodRun:
         method = self.method
         record: dict[str, Any] = {
             "method": method.name,
+            "kind": method.kind,
             "temperature": float(temperature),
             "status": "ok",
             "note": method.note,
             "prompts": n_prompts,
             "max_new_tokens": max_new_tokens,
+            "budget": method.budget,
         }
         if method.draft is not None:
             record["compressor_mode"] = method.draft.config.compressor_mode
             record["decoding_mode"] = method.decoding_mode
+            overrides = {
+                k: v for k, v in method.gen_kwargs.items() if k in DecodingSettings.__dataclass_fields__
+            }
+            overrides.pop("decoding_mode", None)
+            if temperature > 0:
+                overrides.update(method.sampling_kwargs)
+            if method.decoding_mode == "chain":
+                settings = DecodingSettings.from_config(method.draft.config, **overrides)
+                record["chain"] = {
+                    "num_draft_tokens": settings.num_draft_tokens,
+                    "confidence_threshold": settings.draft_confidence_threshold,
+                }
             if method.decoding_mode == "tree":
-                overrides = method.sampling_kwargs if temperature > 0 else {}
                 settings = DecodingSettings.from_config(method.draft.config, **overrides)
                 record["tree"] = {
                     "total_tokens": settings.tree_total_tokens,
                     "depth": settings.tree_depth,
                     "top_k": settings.tree_top_k,
-                    "shape": "sampled spine + siblings" if temperature > 0 else "greedy dynamic tree",
+                    "shape": (
+                        "greedy dynamic tree"
+                        if temperature <= 0
+                        else "sampled spine + siblings"
+                        if method.sampling_kwargs
+                        else "sampled tree"
+                    ),
                 }
         if method.kind == "skip":
             record.update(status="skipped", lossless=None, speedup=None, mean_accepted_length=None)
@@ -249,4 +375,19 @@ class _MethodRun:
                 record["draft_time_s"] = 0.0
         mal = record["mean_accepted_length"]
         record["mean_accepted_length_no_bonus"] = mal - 1 if mal is not None else None
+        if self.steps:
+            # timed by hooks on the target (and the assistant): per target forward after the prefill
+            record["tokens_per_step"] = self.step_tokens / self.steps
+            record["target_ms_per_step"] = 1000 * self.target_step_s / self.steps
+            if method.kind in ("assisted", "prompt_lookup") or (
+                method.kind == "spec" and record.get("verify_ms_per_step") is None
+            ):
+                record["verify_ms_per_step"] = record["target_ms_per_step"]  # chain mode: not in the stats
+            if method.kind == "assisted":
+                record["draft_ms_per_step"] = 1000 * self.assistant_step_s / self.steps
         return record
+
+
+@contextmanager
+def _no_counter():
+    yield None

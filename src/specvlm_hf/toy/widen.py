@@ -18,7 +18,9 @@ MEDIUM_DIMS = {"hidden": 1024, "intermediate": 2816, "heads": 32, "layers": 12}
 def widen_toy_target(tiny, size: str = "medium", dims: dict | None = None):
     """A bigger ``LlavaForConditionalGeneration`` computing the tiny target's function (see `specvlm_hf.toy.world`).
 
-    ``dims`` (keys hidden, intermediate, heads, layers) overrides the sizes of ``size``.
+    ``dims`` (keys hidden, intermediate, heads, layers; optional kv_heads, default heads) overrides the sizes of
+    ``size``. Heads and MLP units beyond the tiny model's are zero; ``heads * head_dim`` may stay below the hidden
+    size (a lean layer: only the residual width grows, as `widen_draft` does for drafts).
     """
     from transformers import LlavaForConditionalGeneration
 
@@ -28,13 +30,20 @@ def widen_toy_target(tiny, size: str = "medium", dims: dict | None = None):
     tiny_text = tiny.config.text_config
     d, dd = tiny_text.hidden_size, dims["hidden"]
     n_tiny, n_big = tiny_text.num_hidden_layers, dims["layers"]
-    if dd % d or n_big % n_tiny or dd // tiny_text.head_dim != dims["heads"]:
-        raise ValueError(f"cannot widen hidden {d} -> {dd} / layers {n_tiny} -> {n_big}")
+    kv_heads = dims.get("kv_heads", dims["heads"])
+    if (
+        dd % d
+        or n_big % n_tiny
+        or dims["heads"] < tiny_text.num_attention_heads
+        or kv_heads < tiny_text.num_key_value_heads
+        or dims["intermediate"] < tiny_text.intermediate_size
+    ):
+        raise ValueError(f"cannot widen hidden {d} -> {dd} / layers {n_tiny} -> {n_big} / dims {dims}")
     norm_scale = math.sqrt(d / dd)
     config = tiny.config.__class__.from_dict(tiny.config.to_dict())
     text = config.text_config
     text.hidden_size, text.intermediate_size = dd, dims["intermediate"]
-    text.num_attention_heads = text.num_key_value_heads = dims["heads"]
+    text.num_attention_heads, text.num_key_value_heads = dims["heads"], kv_heads
     text.num_hidden_layers = n_big
     text.rms_norm_eps = tiny_text.rms_norm_eps * d / dd
     config.name_or_path = f"specvlm-toy-llava-{size}"
