@@ -90,9 +90,6 @@ METHOD_NAMES = (
     "specvlm_chain",
     "specvlm_tree",
 )
-# (tree_total_tokens, tree_depth, tree_top_k) for the toy drafts on a CPU: greedy tree, sampled tree (a spine)
-TOY_CPU_TREE = (12, 6, 2)
-TOY_CPU_SAMPLED_TREE = (16, 16, 1)
 REQUIRED_KEYS = ("method", "temperature", "speedup", "mean_accepted_length", "tokens_per_second", "lossless")
 SAMPLING_ALPHA = 1e-3  # a sampled record fails its check below this p-value (false-alarm rate per record)
 LOW_PRECISION = ("bfloat16", "float16")  # dtypes whose greedy ties are excused
@@ -599,23 +596,13 @@ def run_bench_cli(args) -> int:
 
 
 def _resolve_tree_budgets(args, drafts: dict[str, Any]) -> None:
-    """The default greedy / sampled tree budgets on ``args``, and the greedy one written into every draft's config.
-
-    The toy drafts: the budget `--tune` stored in the EagleVLM draft's config, else a CPU-sized default (verifying
-    many tokens is not free on a CPU); sampled trees do best as a deep spine of first draws
-    (generation.tree.build_sampled_tree). A budget given on the command line holds for every draft.
-    """
+    """The tree budgets a run uses: none by default (each draft's automatic budget, `generation/budget.py`,
+    chooses per step from measured costs); a budget given on the command line holds for every draft, greedy and
+    sampled (``--sampling-tree-*`` for sampling only); a budget `--tune` stored in a draft's config is its own."""
     keys = ("tree_total_tokens", "tree_depth", "tree_top_k")
-    if not args.draft and not args.tune:
-        tuned = tuple(getattr(drafts["eagle"].config, key) for key in keys) if "eagle" in drafts else None
-        untuned = tuple(getattr(type(drafts["eagle"].config)(), key) for key in keys) if tuned else None
-        greedy_tree = tuned if tuned is not None and tuned != untuned else TOY_CPU_TREE
-        for key, greedy, sampled in zip(keys, greedy_tree, TOY_CPU_SAMPLED_TREE):
-            if getattr(args, key, None) is None:
-                setattr(args, key, greedy)
-            if getattr(args, f"sampling_{key}", None) is None:
-                setattr(args, f"sampling_{key}", sampled)
     for draft in drafts.values():
         for key in keys:
             if getattr(args, key, None) is not None:
                 setattr(draft.config, key, getattr(args, key))
+
+
