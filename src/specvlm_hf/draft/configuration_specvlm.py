@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from packaging import version
 from transformers import PretrainedConfig
 
 from .._version import __version__
@@ -21,6 +22,21 @@ DEFAULT_CHAIN_TOKENS = 5  # chain length of a fixed budget when only the tree is
 COMPRESSOR_MODES = (None, "select", "weighted", "concat", "prune", "pool", "conv", "resampler", "text_only")
 COMPRESSOR_PRIMITIVES = ("prune", "pool", "conv", "resampler", "text_only")
 PRUNE_SCORES = ("norm", "question", "random")
+
+
+# what specvlm_hf < 0.2.0 wrote into every config as its default budget (tree_top_k, tree_depth, tree_total_tokens,
+# num_draft_tokens); such a config loads with the automatic budget that replaced those defaults
+LEGACY_DEFAULT_BUDGET = (10, 7, 60, 5)
+AUTOMATIC_BUDGET_SINCE = "0.2.0"
+
+
+def _legacy_default_budget(written_by: str | None, *budget) -> bool:
+    if written_by is None or tuple(budget) != LEGACY_DEFAULT_BUDGET:
+        return False
+    try:
+        return version.parse(written_by) < version.parse(AUTOMATIC_BUDGET_SINCE)
+    except version.InvalidVersion:
+        return False
 
 
 class SpecVLMDraftConfig(PretrainedConfig):
@@ -124,6 +140,10 @@ class SpecVLMDraftConfig(PretrainedConfig):
         self.target_model_type = target_model_type
         self.target_family = target_family
         self.decoding_mode = decoding_mode
+        if _legacy_default_budget(
+            specvlm_hf_version, tree_top_k, tree_depth, tree_total_tokens, num_draft_tokens
+        ):
+            tree_top_k = tree_depth = tree_total_tokens = num_draft_tokens = None
         self.tree_top_k = tree_top_k
         self.tree_depth = tree_depth
         self.tree_total_tokens = tree_total_tokens

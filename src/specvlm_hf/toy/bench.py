@@ -604,5 +604,3 @@ def _resolve_tree_budgets(args, drafts: dict[str, Any]) -> None:
         for key in keys:
             if getattr(args, key, None) is not None:
                 setattr(draft.config, key, getattr(args, key))
-
-

@@ -26,6 +26,11 @@ QUICK_TOKENS = 24
 # ---------------------------------------------------------------------------------------------- targets
 
 
+# cached toy drafts are keyed by the training recipe they were made with (bump it when training changes what a
+# draft learns), not by the library version
+TRAINING_RECIPE = "0.1.0"
+
+
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """``cache_dir``, else ``$SPECVLM_HF_CACHE``, else ``~/.cache/specvlm_hf`` (as the toy target uses)."""
     if cache_dir is not None:
@@ -228,9 +233,7 @@ def load_draft(path: str | os.PathLike, target):
 def draft_cache_path(
     label: str, compressor_mode: str | None, budget: TrainBudget, seed: int, cache_dir=None
 ) -> Path:
-    from .._version import __version__
-
-    name = f"{label}__{compressor_mode or 'eagle'}__s{budget.steps}-b{budget.batch_size}-seed{seed}-v{__version__}"
+    name = f"{label}__{compressor_mode or 'eagle'}__s{budget.steps}-b{budget.batch_size}-seed{seed}-v{TRAINING_RECIPE}"
     return cache_root(cache_dir) / "drafts" / name
 
 

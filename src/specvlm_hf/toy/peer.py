@@ -209,10 +209,9 @@ def toy_batches(processor, rows, batch_size: int, seed: int = 0):
 
 
 def peer_cache_path(label: str, intermediate_size: int, budget, seed: int, cache_dir=None) -> Path:
-    from .._version import __version__
-    from .demo import cache_root
+    from .demo import TRAINING_RECIPE, cache_root
 
-    name = f"{label}__assisted-peer-i{intermediate_size}__s{budget.steps}-b{budget.batch_size}-seed{seed}-v{__version__}"
+    name = f"{label}__assisted-peer-i{intermediate_size}__s{budget.steps}-b{budget.batch_size}-seed{seed}-v{TRAINING_RECIPE}"
     return cache_root(cache_dir) / "drafts" / name
 
 
