@@ -379,3 +379,22 @@ def test_draft_layer_matches_a_llama_layer_in_training_and_decoding_paths():
         got_decode = ours(x, cos, sin, causal, None)
     torch.testing.assert_close(got_train, expect, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(got_decode, expect, rtol=1e-4, atol=1e-4)
+
+
+def test_a_deep_copy_of_a_bound_target_routes_its_own_generate():
+    """`copy.deepcopy(vlm)` after `draft.bind(vlm)`: the copy's generate runs the copy (it used to run the
+    original through the routing closure), and refuses the draft bound to the original with a clear error."""
+    import copy
+
+    target = make_tiny_target("llava")
+    draft = SpecVLMDraftModel(SpecVLMDraftConfig.from_target(target)).bind(target)
+    twin = copy.deepcopy(target)
+    with torch.no_grad():
+        twin.lm_head.weight.mul_(-1.0)  # the twin now answers differently
+    inputs = make_inputs("llava", target)
+    assert not torch.equal(
+        twin.generate(**inputs, max_new_tokens=4, do_sample=False),
+        target.generate(**inputs, max_new_tokens=4, do_sample=False),
+    )
+    with pytest.raises(ValueError, match="bound to a different model"):
+        twin.generate(**inputs, max_new_tokens=4, assistant_model=draft)

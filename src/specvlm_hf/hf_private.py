@@ -56,6 +56,34 @@ def check_transformers(target) -> None:
         )
 
 
+class _Routed:
+    """An instance attribute standing in for a method of the target's class: a callable object, not a closure, so
+    that `copy.deepcopy(target)` gives the copy its own routing (a closure would keep calling the original)."""
+
+    def __init__(self, target, method: str, is_ours: Callable[[Any], bool], ours: Callable):
+        self.target, self.method, self.is_ours, self.ours = target, method, is_ours, ours
+        functools.update_wrapper(self, getattr(type(target), method))
+
+    def __call__(self, *args, **kwargs):
+        draft = kwargs.get("assistant_model")
+        if not self.is_ours(draft):
+            return getattr(type(self.target), self.method)(self.target, *args, **kwargs)
+        return self.ours(self.target, draft, *args, **kwargs)
+
+
+def _routed_candidate_generator(candidate_generator: Callable):
+    def make(target, draft, *args, **kwargs):
+        return candidate_generator(
+            target,
+            draft,
+            generation_config=kwargs["generation_config"],
+            logits_processor=kwargs["logits_processor"],
+            model_kwargs=kwargs["model_kwargs"],
+        )
+
+    return make
+
+
 def install_routing(
     target,
     is_ours: Callable[[Any], bool],
@@ -68,29 +96,10 @@ def install_routing(
     if getattr(target, "_specvlm_routing_installed", False):
         return
     check_transformers(target)
-    cls = type(target)
-
-    @functools.wraps(cls.generate)
-    def generate(*args, **kwargs):
-        draft = kwargs.get("assistant_model")
-        if not is_ours(draft):
-            return cls.generate(target, *args, **kwargs)
-        return generate_with(target, draft, args, kwargs)
-
-    def _get_candidate_generator(*args, **kwargs):
-        draft = kwargs.get("assistant_model")
-        if is_ours(draft):
-            return candidate_generator(
-                target,
-                draft,
-                generation_config=kwargs["generation_config"],
-                logits_processor=kwargs["logits_processor"],
-                model_kwargs=kwargs["model_kwargs"],
-            )
-        return cls._get_candidate_generator(target, *args, **kwargs)
-
-    target.generate = generate
-    target._get_candidate_generator = _get_candidate_generator
+    target.generate = _Routed(target, "generate", is_ours, lambda t, d, *a, **k: generate_with(t, d, a, k))
+    target._get_candidate_generator = _Routed(
+        target, "_get_candidate_generator", is_ours, _routed_candidate_generator(candidate_generator)
+    )
     target._specvlm_routing_installed = True
 
 

@@ -23,7 +23,7 @@ from .. import hf_private
 from ..backends import draft_logits, draft_step
 from ..targets import families as targets
 from ..targets import features as target_features
-from .budget import AUTO_CHAIN_CONFIDENCE, AUTO_CHAIN_TOKENS
+from .budget import AUTO_CHAIN_CUMULATIVE, AUTO_CHAIN_TOKENS, BudgetPlanner, budget_state
 from .prefill import draft_prefill, draft_prompt_ids, uncached_length
 from .settings import GenerationStats, refuse_inexact_processors
 
@@ -122,15 +122,24 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
 
         # draft a chain
         length, threshold = self.settings.num_draft_tokens, self.settings.draft_confidence_threshold
-        if length is None:  # automatic: a long chain cut where the draft's confidence drops (budget.py)
-            length, threshold = AUTO_CHAIN_TOKENS, threshold or AUTO_CHAIN_CONFIDENCE
+        cumulative_cut = None
+        if (
+            length is None
+        ):  # automatic: a long chain cut where its cumulative probability stops paying (budget.py)
+            state = budget_state(draft, self.target, input_ids.device)
+            length = AUTO_CHAIN_TOKENS
+            cumulative_cut = BudgetPlanner(state).chain_cut() if state is not None else AUTO_CHAIN_CUMULATIVE
         budget = min(length, self.max_length - input_ids.shape[1] - 1)
         drafted, drafted_logits = [], []
         seq = input_ids
         position = self.row_position
+        cumulative = 1.0
         for step in range(max(budget, 0)):
             token, logits, top_prob = self._draft_token(seq, hidden[:, -1])
             if step > 0 and threshold > 0 and float(top_prob) < threshold:
+                break
+            cumulative *= float(top_prob)
+            if step > 0 and cumulative_cut is not None and cumulative < cumulative_cut:
                 break
             drafted.append(token)
             drafted_logits.append(logits)

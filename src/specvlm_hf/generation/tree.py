@@ -38,7 +38,7 @@ from .. import hf_private
 from ..backends import draft_step
 from ..targets import families as targets
 from ..targets import features as target_features
-from .budget import BudgetPlanner, BudgetState, measure_verify_costs
+from .budget import BudgetPlanner, BudgetState, budget_state, measure_verify_costs, store_budget_state
 from .prefill import draft_prefill, draft_prompt_ids, target_prefill
 from .settings import DecodingSettings, GenerationStats, Timer, refuse_inexact_processors
 from .tree_policy import DraftTree, build_sampled_tree, build_tree
@@ -273,7 +273,7 @@ def tree_decoding(
     try:
         planner = None
         if settings.auto_tree and not finished:
-            state = _budget_state(draft, model, input_ids.device, mask_dtype)
+            state = budget_state(draft, model, input_ids.device)
             if (
                 state is None
             ):  # first call for this target, device and dtype: time a few forwards on this cache
@@ -285,7 +285,7 @@ def tree_decoding(
                     hf_private.compact_cache(cache, n, depths[:0])  # undo: keep none of the n
 
                 state = BudgetState(measure_verify_costs(timed_forward, device=input_ids.device))
-                _budget_states(draft)[_budget_key(model, input_ids.device, mask_dtype)] = state
+                store_budget_state(draft, model, input_ids.device, state)
             planner = BudgetPlanner(state)
             stats.budget_costs_ms = {n: 1e3 * t for n, t in zip(state.costs.sizes, state.costs.seconds)}
             history_start = len(state.history)
@@ -421,19 +421,6 @@ def _feed(draft, draft_cache, tokens: list[int], feats: torch.Tensor, row_positi
         max_position=row_position + m - 1,
         past_key_values=draft_cache,
     )[None, -1:]
-
-
-def _budget_key(model, device, dtype) -> tuple:
-    return (id(targets.unwrap_target(model)), str(device), str(dtype))
-
-
-def _budget_states(draft) -> dict:
-    """The automatic budget's state, on the draft across generate calls (one per target, device and dtype)."""
-    return draft.__dict__.setdefault("_specvlm_budget_states", {})
-
-
-def _budget_state(draft, model, device, dtype) -> BudgetState | None:
-    return _budget_states(draft).get(_budget_key(model, device, dtype))
 
 
 def _append(input_ids, tokens: list[int], stopping_criteria, streamer, stats: GenerationStats):
