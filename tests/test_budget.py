@@ -111,3 +111,21 @@ def test_an_explicit_budget_is_obeyed(target):
         **inputs, max_new_tokens=8, do_sample=True, assistant_model=draft, tree_depth=3, tree_total_tokens=3
     )
     assert sampled.shape[1] == inputs["input_ids"].shape[1] + 8
+
+
+def test_an_automatic_chain_backs_off_with_an_untrained_draft(target, monkeypatch):
+    from specvlm_hf.generation import chain
+
+    inputs = make_inputs("llava", target, seed=3)
+    reference = target.generate(**inputs, max_new_tokens=40, do_sample=False)
+    torch.manual_seed(0)
+    draft = SpecVLMDraftModel(SpecVLMDraftConfig.from_target(target)).bind(target).eval()
+    forwards = []
+    original = chain.draft_step
+    monkeypatch.setattr(chain, "draft_step", lambda *a, **k: forwards.append(1) or original(*a, **k))
+    out = target.generate(
+        **inputs, max_new_tokens=40, do_sample=False, assistant_model=draft, decoding_mode="chain"
+    )
+    assert torch.equal(out, reference)
+    steps = len(draft.last_generation_stats.accepted_lengths)
+    assert steps >= 30 and len(forwards) < steps  # most steps drafted nothing; the draft caught up in batches

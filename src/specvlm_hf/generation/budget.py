@@ -44,6 +44,8 @@ MAX_SPINE = 16
 # chain mode without a budget: up to this many tokens, cut where the chain's cumulative draft probability no longer
 # pays for one more draft forward and verified token (`BudgetPlanner.chain_cut`; this when nothing is measured yet)
 AUTO_CHAIN_TOKENS, AUTO_CHAIN_CUMULATIVE = 8, 0.1
+# chain mode backs off when its running mean of accepted draft tokens per step falls below this
+CHAIN_BACKOFF_ACCEPTED = 0.3
 BACKOFF_START, BACKOFF_MAX = (
     4,
     64,

@@ -23,7 +23,15 @@ from .. import hf_private
 from ..backends import draft_logits, draft_step
 from ..targets import families as targets
 from ..targets import features as target_features
-from .budget import AUTO_CHAIN_CUMULATIVE, AUTO_CHAIN_TOKENS, BudgetPlanner, budget_state
+from .budget import (
+    AUTO_CHAIN_CUMULATIVE,
+    AUTO_CHAIN_TOKENS,
+    BACKOFF_MAX,
+    BACKOFF_START,
+    CHAIN_BACKOFF_ACCEPTED,
+    BudgetPlanner,
+    budget_state,
+)
 from .prefill import draft_prefill, draft_prompt_ids, uncached_length
 from .settings import GenerationStats, refuse_inexact_processors
 
@@ -50,6 +58,12 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self.prompt_len = None
         self._capture = None
         self._captured: list[torch.Tensor] = []
+        # automatic chains back off to plain steps when drafts are not accepted (`_back_off`); the tokens of those
+        # steps wait here, with their target features, until the draft consumes them
+        self.pending_tokens: list[torch.Tensor] = []
+        self.pending_feats: list[torch.Tensor] = []
+        self.last_was_spec, self.accepted_ema = False, 1.0
+        self.backoff, self.backoff_len = 0, BACKOFF_START
         self.stats = GenerationStats(decoding_mode="chain")
         self.stats.target_forwards = 0
         self._start = time.perf_counter()
@@ -107,17 +121,24 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             stats.new_tokens += n_last_matches + 1
             self.cache.crop(-(self.cache.get_seq_length() - self.context_len))
             m = n_last_matches + 1
-            new_tokens = input_ids[:, -m:]
-            positions = torch.arange(self.row_position, self.row_position + m, device=input_ids.device)[None]
+            self.pending_tokens.append(input_ids[0, -m:])
+            self.pending_feats.append(feats[0, :m])
+            if self._back_off(n_last_matches):  # a plain step: no drafting, the draft catches up later
+                stats.draft_time_s += time.perf_counter() - t0
+                return input_ids, None
+            tokens, rows = torch.cat(self.pending_tokens), torch.cat(self.pending_feats)
+            self.pending_tokens, self.pending_feats = [], []
+            k = tokens.shape[0]
+            positions = torch.arange(self.row_position, self.row_position + k, device=input_ids.device)[None]
             hidden = draft_step(
                 draft,
-                new_tokens[0],
-                feats[0, :m],
+                tokens,
+                rows,
                 position_ids=positions,
-                max_position=self.row_position + m - 1,
+                max_position=self.row_position + k - 1,
                 past_key_values=self.cache,
             )[None, -1:]
-            self.row_position += m
+            self.row_position += k
         self.context_len = self.cache.get_seq_length()
 
         # draft a chain
@@ -159,9 +180,28 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             position += 1
         stats.draft_time_s += time.perf_counter() - t0
         stats.total_time_s = time.perf_counter() - self._start
+        self.last_was_spec = bool(drafted)
         if not drafted:
             return input_ids, None
         return seq, torch.stack(drafted_logits, dim=1)  # (1, n, V)
+
+    def _back_off(self, accepted: int) -> bool:
+        """Automatic chains (no `num_draft_tokens`): after speculative steps that accept almost nothing (an untrained
+        or mismatched draft), run 4, 8, ... up to 64 plain steps without drafting before probing again."""
+        if not self.settings.auto_chain:
+            return False
+        if self.last_was_spec:
+            self.accepted_ema = 0.5 * self.accepted_ema + 0.5 * accepted
+            if self.accepted_ema < CHAIN_BACKOFF_ACCEPTED:
+                self.backoff, self.backoff_len = self.backoff_len, min(2 * self.backoff_len, BACKOFF_MAX)
+                self.accepted_ema = 1.0  # the probe after the back-off starts neutral
+            elif accepted >= 1:
+                self.backoff_len = BACKOFF_START
+        self.last_was_spec = False
+        if self.backoff > 0:
+            self.backoff -= 1
+            return True
+        return False
 
     def _draft_token(
         self, seq: torch.Tensor, hidden: torch.Tensor
