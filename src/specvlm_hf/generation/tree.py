@@ -260,7 +260,9 @@ def tree_decoding(
         n = tokens.shape[0]
         return dict(
             input_ids=tokens[None],
-            attention_mask=verify_mask(cache, ancestors, depths, layer_types, mask_dtype),
+            # a lone root (a plain step) attends to everything cached: the model's own causal mask, as in plain
+            # generate (cheaper than a 4-D mask over the whole cache)
+            attention_mask=None if n == 1 else verify_mask(cache, ancestors, depths, layer_types, mask_dtype),
             position_ids=last_pos + 1 + depths.view(*([1] * (last_pos.dim() - 1)), n),
             cache=cache,
             use_cache=True,
