@@ -1,7 +1,8 @@
 """Greedy speculative decoding equals plain generate, token for token, across a matrix of cases (issue #15).
 
 Axes: every tiny family x {tree, chain} x {sdpa, eager} x prompt (short / long / video where the family takes
-one) x random tree and chain budgets per call x draft (untrained: few tokens accepted; forced: copies the
+one) x random tree and chain budgets per call, or none (the automatic budget, with its plain back-off steps) x
+a stop string (a real tokenizer over the tiny vocabulary) x draft (untrained: few tokens accepted; forced: copies the
 target's greedy continuation except at chosen positions, so trees are accepted deep) x ending (max_new_tokens
 landing anywhere, an EOS token inside the continuation) x a second turn on the returned cache. Targets are
 `sharp_models` ones (positions and masks change their output); every case also checks that shifting the decode
@@ -16,6 +17,10 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+from transformers import PreTrainedTokenizerFast
 
 from forced_draft import make_forced_draft
 from sharp_models import make_sharp_target, shifted_generate
@@ -40,13 +45,15 @@ class Case:
     depth: int
     total: int
     chain_k: int
+    auto_budget: bool = False  # no budget passed: the automatic one (measured costs, back-off to plain steps)
+    stop_at: int | None = None  # index in the continuation whose token's text becomes a stop string
 
     @property
     def id(self) -> str:
         return (
             f"{self.family}-{self.mode}-{self.attention}-{self.prompt}-s{self.seed}-n{self.max_new_tokens}-"
             f"{self.draft}-eos{self.eos_at}-mt{int(self.multi_turn)}-k{self.top_k}d{self.depth}t{self.total}"
-            f"c{self.chain_k}"
+            f"c{self.chain_k}{'-auto' if self.auto_budget else ''}-stop{self.stop_at}"
         )
 
 
@@ -68,6 +75,8 @@ def _case(rng: random.Random, family: str, mode: str, attention: str, index: int
         depth=depth,
         total=rng.randint(depth, 40),
         chain_k=rng.randint(1, 8),
+        auto_budget=rng.random() < 0.3,
+        stop_at=rng.randint(1, 12) if rng.random() < 0.2 else None,
     )
 
 
@@ -97,6 +106,17 @@ def _target(family: str, attention: str):
     return model
 
 
+def _word_tokenizer(model) -> PreTrainedTokenizerFast:
+    """A real fast tokenizer whose token i is the word 'w{i}' (words joined by spaces), for stop strings."""
+    size = model.config.get_text_config().vocab_size
+    vocab = {f"w{i}": i for i in range(size)}
+    vocab["abcdef"] = size  # transformers' stop-string matcher tokenizes this probe word
+    backend = Tokenizer(WordLevel(vocab, unk_token="w0"))
+    backend.pre_tokenizer = Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##")
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="w0")
+
+
 def _inputs(case: Case, model) -> dict:
     if case.prompt == "video":
         return make_video_inputs(case.family, model, seed=case.seed)
@@ -111,13 +131,20 @@ def run_case(case: Case) -> None:
     if case.eos_at is not None:  # a token of the continuation ends generation (possibly inside a tree)
         probe = model.generate(**inputs, **opts)
         opts["eos_token_id"] = int(probe[0, prompt_len + min(case.eos_at, probe.shape[1] - prompt_len - 1)])
-    budgets = {
-        "decoding_mode": case.mode,
-        "tree_top_k": case.top_k,
-        "tree_depth": case.depth,
-        "tree_total_tokens": case.total,
-        "num_draft_tokens": case.chain_k,
-    }
+    if (
+        case.stop_at is not None and case.eos_at is None
+    ):  # a stop string (needs the tokenizer), possibly mid-tree
+        probe = model.generate(**inputs, **opts)
+        token = int(probe[0, prompt_len + min(case.stop_at, probe.shape[1] - prompt_len - 1)])
+        opts.update(stop_strings=[f"w{token}"], tokenizer=_word_tokenizer(model))
+    budgets = {"decoding_mode": case.mode}
+    if not case.auto_budget:
+        budgets.update(
+            tree_top_k=case.top_k,
+            tree_depth=case.depth,
+            tree_total_tokens=case.total,
+            num_draft_tokens=case.chain_k,
+        )
     plain = model.generate(**inputs, **opts, return_dict_in_generate=case.multi_turn)
     reference = plain.sequences if case.multi_turn else plain
     _SENSITIVE.append(not torch.equal(shifted_generate(model, inputs, case.max_new_tokens), reference))
@@ -179,3 +206,6 @@ def test_matrix_sizes():
     assert len(SLOW_CASES) >= 1000
     assert {(c.family, c.mode) for c in CI_CASES} == {(f, m) for f in FAMILIES for m in ("tree", "chain")}
     assert {c.draft for c in CI_CASES} == {"random", "forced"} and any(c.multi_turn for c in CI_CASES)
+    assert any(c.auto_budget for c in CI_CASES) and any(
+        c.stop_at is not None and c.eos_at is None for c in CI_CASES
+    )
