@@ -146,14 +146,17 @@ def start_past_recording(cache) -> Callable[[], None]:
 
 
 def compact_cache(cache, n_tail: int, keep: torch.Tensor) -> None:
-    """Keep, of the last `n_tail` cached positions, only those at `keep` (indices into the tail), in place."""
+    """Keep, of the last `n_tail` cached positions, only those at `keep` (indices into the tail, ascending), in
+    place. Keeping all of them (a plain step, a fully accepted chain) copies nothing."""
+    keep_all = keep.numel() == n_tail  # ascending distinct indices into n_tail positions: all of them, in order
     for layer in cache.layers:
         if layer.keys is None or layer.keys.numel() == 0:
             continue
-        head_k, tail_k = layer.keys[:, :, :-n_tail], layer.keys[:, :, -n_tail:]
-        head_v, tail_v = layer.values[:, :, :-n_tail], layer.values[:, :, -n_tail:]
-        layer.keys = torch.cat([head_k, tail_k.index_select(2, keep)], dim=2)
-        layer.values = torch.cat([head_v, tail_v.index_select(2, keep)], dim=2)
+        if not keep_all:
+            head_k, tail_k = layer.keys[:, :, :-n_tail], layer.keys[:, :, -n_tail:]
+            head_v, tail_v = layer.values[:, :, :-n_tail], layer.values[:, :, -n_tail:]
+            layer.keys = torch.cat([head_k, tail_k.index_select(2, keep)], dim=2)
+            layer.values = torch.cat([head_v, tail_v.index_select(2, keep)], dim=2)
         if hasattr(layer, "cumulative_length"):
             layer.cumulative_length -= n_tail - keep.numel()
             window = layer.sliding_window
