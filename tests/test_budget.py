@@ -64,16 +64,16 @@ def test_back_off_when_speculation_does_not_pay_and_probe_again():
     step = dict(levels=3, predicted=2.0, drafted=3, accepted=0, emitted=1, forward_s=150.0, overhead_s=5.0)
     for _ in range(2):  # a draft that is never right: one token per (slower) step
         planner.observe(n=8, draft_s=20.0, **step)
-    assert planner.state.backoff == BACKOFF_START
+    assert planner.state.backoff.left == BACKOFF_START
     plain = [planner.plain_step() for _ in range(BACKOFF_START + 1)]
     assert plain == [True] * BACKOFF_START + [False]  # then a probe
     planner.observe(n=8, draft_s=20.0, **step)
-    assert planner.state.backoff == 2 * BACKOFF_START  # still bad: longer back-off
+    assert planner.state.backoff.left == 2 * BACKOFF_START  # still bad: longer back-off
     good = dict(step, accepted=6, emitted=7)
     for _ in range(BACKOFF_START * 2):
         planner.plain_step()
     planner.observe(n=8, draft_s=20.0, **good)
-    assert planner.state.backoff == 0 and planner.state.calibration > 0
+    assert planner.state.backoff.left == 0 and planner.state.calibration > 0
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,7 @@ def test_an_explicit_budget_is_obeyed(target):
 
 
 def test_an_automatic_chain_backs_off_with_an_untrained_draft(target, monkeypatch):
-    from specvlm_hf.generation import chain
+    from specvlm_hf.generation import chain, prefill
 
     inputs = make_inputs("llava", target, seed=3)
     reference = target.generate(**inputs, max_new_tokens=40, do_sample=False)
@@ -122,7 +122,8 @@ def test_an_automatic_chain_backs_off_with_an_untrained_draft(target, monkeypatc
     draft = SpecVLMDraftModel(SpecVLMDraftConfig.from_target(target)).bind(target).eval()
     forwards = []
     original = chain.draft_step
-    monkeypatch.setattr(chain, "draft_step", lambda *a, **k: forwards.append(1) or original(*a, **k))
+    for module in (chain, prefill):  # drafting, and consuming the verified tokens
+        monkeypatch.setattr(module, "draft_step", lambda *a, **k: forwards.append(1) or original(*a, **k))
     out = target.generate(
         **inputs, max_new_tokens=40, do_sample=False, assistant_model=draft, decoding_mode="chain"
     )

@@ -69,7 +69,7 @@ def test_the_graph_sees_the_edges_it_must():
     assert (
         "specvlm_hf.generation.routing" in GRAPH["specvlm_hf.draft.modeling_specvlm"]
     )  # bind() routes generate
-    assert "specvlm_hf.backends" in GRAPH["specvlm_hf.generation.tree"]
+    assert "specvlm_hf.backends" in GRAPH["specvlm_hf.generation.prefill"]
 
 
 def test_no_import_cycles():

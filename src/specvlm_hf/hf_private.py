@@ -148,7 +148,8 @@ def start_past_recording(cache) -> Callable[[], None]:
 def compact_cache(cache, n_tail: int, keep: torch.Tensor) -> None:
     """Keep, of the last `n_tail` cached positions, only those at `keep` (indices into the tail, ascending), in
     place. Keeping all of them (a plain step, a fully accepted chain) copies nothing."""
-    keep_all = keep.numel() == n_tail  # ascending distinct indices into n_tail positions: all of them, in order
+    # ascending distinct indices into n_tail positions: all of them, in order
+    keep_all = keep.numel() == n_tail
     for layer in cache.layers:
         if layer.keys is None or layer.keys.numel() == 0:
             continue

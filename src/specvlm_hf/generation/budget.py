@@ -46,10 +46,8 @@ MAX_SPINE = 16
 AUTO_CHAIN_TOKENS, AUTO_CHAIN_CUMULATIVE = 8, 0.1
 # chain mode backs off when its running mean of accepted draft tokens per step falls below this
 CHAIN_BACKOFF_ACCEPTED = 0.3
-BACKOFF_START, BACKOFF_MAX = (
-    4,
-    64,
-)  # plain steps before the next probe, doubling while speculation does not pay
+# plain steps before the next probe, doubling while speculation does not pay
+BACKOFF_START, BACKOFF_MAX = 4, 64
 DECAY = 0.9  # weight of the past in the running estimates (calibration, acceptance, draft level time)
 
 
@@ -105,6 +103,29 @@ def measure_verify_costs(forward, sizes=COST_SIZES, repeats: int = 3, device=Non
 
 
 @dataclass
+class BackOff:
+    """Plain steps to run before the next probe: 4, then 8, ... up to 64 while probes keep not paying (tree and
+    chain mode alike)."""
+
+    left: int = 0
+    length: int = BACKOFF_START
+
+    def start(self) -> None:
+        self.left, self.length = self.length, min(2 * self.length, BACKOFF_MAX)
+
+    def paid(self) -> None:
+        """Speculation paid: the next back-off starts short again."""
+        self.length = BACKOFF_START
+
+    def take(self) -> bool:
+        """Whether this step is a plain one (consumes it)."""
+        if self.left > 0:
+            self.left -= 1
+            return True
+        return False
+
+
+@dataclass
 class BudgetState:
     """What the planner learns, kept on the draft across `generate` calls (per target, device and dtype)."""
 
@@ -118,9 +139,12 @@ class BudgetState:
     # running measured speed-up of speculative steps over 1 / c(1); starts optimistic so that one bad first step
     # alone does not back off
     speedup: float = 1.3
-    backoff: int = 0  # plain steps to run before the next probe
-    backoff_len: int = BACKOFF_START
-    history: list = field(default_factory=list)  # per step (kind, n): what the planner chose (stats)
+    backoff: BackOff = field(default_factory=BackOff)
+
+    @property
+    def level_time(self) -> float:
+        """One draft level's time, measured; a tenth of a one-token target forward before any measurement."""
+        return self.level_s if self.level_s is not None else 0.1 * self.costs(1)
 
     @property
     def calibration(self) -> float:
@@ -138,12 +162,12 @@ class BudgetPlanner:
 
     def __init__(self, state: BudgetState):
         self.state = state
+        self.steps: list[tuple[str, int]] = []  # this call's choices per step: ("spec", n) or ("plain", 0)
 
     # --------------------------------------------------------------------------------------------- cost
     def step_time(self, n: int, levels: int) -> float:
         s = self.state
-        level = s.level_s if s.level_s is not None else 0.1 * s.costs(1)
-        return s.costs(n + 1) + s.overhead_s + (levels + 1) * level
+        return s.costs(n + 1) + s.overhead_s + (levels + 1) * s.level_time
 
     def plain_rate(self) -> float:
         return 1.0 / (self.state.costs(1) + self.state.overhead_s)
@@ -174,8 +198,7 @@ class BudgetPlanner:
         a = self.state.calibration
         n, rate = self.best_size(probs, levels)
         gain = a * sum(sorted(level_probs, reverse=True)[: max(MAX_TREE_TOKENS - n, 0)])
-        level = self.state.level_s if self.state.level_s is not None else 0.1 * self.state.costs(1)
-        extra = self.state.costs(n + 1 + len(level_probs)) - self.state.costs(n + 1) + level
+        extra = self.state.costs(n + 1 + len(level_probs)) - self.state.costs(n + 1) + self.state.level_time
         # (E + gain) / (T + extra) > E / T  <=>  gain / extra > E / T = rate
         return gain > rate * extra
 
@@ -183,8 +206,7 @@ class BudgetPlanner:
         """The cumulative draft probability below which one more chain token does not pay: its expected value
         (probability x the plain step it saves) against its cost (a draft forward and one more verified token)."""
         costs = self.state.costs
-        level = self.state.level_s if self.state.level_s is not None else 0.1 * costs(1)
-        marginal = level + (costs(AUTO_CHAIN_TOKENS + 1) - costs(1)) / AUTO_CHAIN_TOKENS
+        marginal = self.state.level_time + (costs(AUTO_CHAIN_TOKENS + 1) - costs(1)) / AUTO_CHAIN_TOKENS
         return min(max(marginal / (costs(1) + self.state.overhead_s), 0.01), 0.5)
 
     # --------------------------------------------------------------------------------------------- sampling
@@ -202,9 +224,8 @@ class BudgetPlanner:
     # --------------------------------------------------------------------------------------------- back-off
     def plain_step(self) -> bool:
         """Whether this step should be a plain decoding step (no drafting)."""
-        if self.state.backoff > 0:
-            self.state.backoff -= 1
-            self.state.history.append(("plain", 0))
+        if self.state.backoff.take():
+            self.steps.append(("plain", 0))
             return True
         return False
 
@@ -227,7 +248,7 @@ class BudgetPlanner:
         predicted: the summed cumulative draft probabilities of the verified nodes (greedy trees); drafted: draft
         tokens offered along the accepted path's spine (sampled trees); accepted: draft tokens accepted."""
         s = self.state
-        s.history.append(("spec", n))
+        self.steps.append(("spec", n))
         s.costs.observe(n + 1, forward_s)
         s.overhead_s = DECAY * s.overhead_s + (1 - DECAY) * overhead_s if s.overhead_s else overhead_s
         if levels > 0:
@@ -243,11 +264,10 @@ class BudgetPlanner:
         speedup = emitted / step_s / self.plain_rate()
         s.speedup = 0.7 * s.speedup + 0.3 * speedup
         if s.speedup < 1.0:
-            s.backoff = s.backoff_len
-            s.backoff_len = min(2 * s.backoff_len, BACKOFF_MAX)
+            s.backoff.start()
             s.speedup = 1.0  # the probe after the back-off starts from a neutral estimate
         elif speedup >= 1.0:
-            s.backoff_len = BACKOFF_START
+            s.backoff.paid()
 
 
 def _key(target, device) -> tuple:

@@ -26,13 +26,12 @@ from ..targets import features as target_features
 from .budget import (
     AUTO_CHAIN_CUMULATIVE,
     AUTO_CHAIN_TOKENS,
-    BACKOFF_MAX,
-    BACKOFF_START,
     CHAIN_BACKOFF_ACCEPTED,
+    BackOff,
     BudgetPlanner,
     budget_state,
 )
-from .prefill import draft_prefill, draft_prompt_ids, uncached_length
+from .prefill import draft_prefill, draft_prompt_ids, feed_draft, uncached_length
 from .settings import GenerationStats, refuse_inexact_processors
 
 
@@ -63,7 +62,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self.pending_tokens: list[torch.Tensor] = []
         self.pending_feats: list[torch.Tensor] = []
         self.last_was_spec, self.accepted_ema = False, 1.0
-        self.backoff, self.backoff_len = 0, BACKOFF_START
+        self.backoff = BackOff()
         self.stats = GenerationStats(decoding_mode="chain")
         self.stats.target_forwards = 0
         self._start = time.perf_counter()
@@ -128,17 +127,8 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
                 return input_ids, None
             tokens, rows = torch.cat(self.pending_tokens), torch.cat(self.pending_feats)
             self.pending_tokens, self.pending_feats = [], []
-            k = tokens.shape[0]
-            positions = torch.arange(self.row_position, self.row_position + k, device=input_ids.device)[None]
-            hidden = draft_step(
-                draft,
-                tokens,
-                rows,
-                position_ids=positions,
-                max_position=self.row_position + k - 1,
-                past_key_values=self.cache,
-            )[None, -1:]
-            self.row_position += k
+            hidden = feed_draft(draft, self.cache, tokens, rows, self.row_position)
+            self.row_position += tokens.shape[0]
         self.context_len = self.cache.get_seq_length()
 
         # draft a chain
@@ -193,15 +183,12 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         if self.last_was_spec:
             self.accepted_ema = 0.5 * self.accepted_ema + 0.5 * accepted
             if self.accepted_ema < CHAIN_BACKOFF_ACCEPTED:
-                self.backoff, self.backoff_len = self.backoff_len, min(2 * self.backoff_len, BACKOFF_MAX)
+                self.backoff.start()
                 self.accepted_ema = 1.0  # the probe after the back-off starts neutral
             elif accepted >= 1:
-                self.backoff_len = BACKOFF_START
+                self.backoff.paid()
         self.last_was_spec = False
-        if self.backoff > 0:
-            self.backoff -= 1
-            return True
-        return False
+        return self.backoff.take()
 
     def _draft_token(
         self, seq: torch.Tensor, hidden: torch.Tensor

@@ -1,9 +1,11 @@
-"""The prompt: the target's prefill as plain generate runs it, and the draft's pass over the prompt's features."""
+"""The draft's context: the target's prefill as plain generate runs it, the draft's pass over the prompt's features,
+and the draft consuming verified tokens (`feed_draft`)."""
 
 from __future__ import annotations
 
 import torch
 
+from ..backends import draft_step
 from ..targets import features as target_features
 from .settings import GenerationStats
 
@@ -77,3 +79,18 @@ def draft_prefill(
     stats.compressor_choice = ctx.choices[0] if ctx.choices else None
     out = draft(fused_inputs=ctx.fused, position_ids=ctx.position_ids, past_key_values=cache)
     return out.last_hidden_state[:, -1:]
+
+
+def feed_draft(draft, draft_cache, tokens, feats: torch.Tensor, row_position: int) -> torch.Tensor:
+    """The draft consumes verified tokens (m,), each paired with the target feature before it (m, n*h), at draft
+    positions row_position.. ; returns the draft output of the last row (1, 1, h): the root of the next draft."""
+    tokens = torch.as_tensor(tokens, device=feats.device)
+    m = tokens.shape[0]
+    return draft_step(
+        draft,
+        tokens,
+        feats,
+        position_ids=torch.arange(row_position, row_position + m, device=feats.device)[None],
+        max_position=row_position + m - 1,
+        past_key_values=draft_cache,
+    )[None, -1:]

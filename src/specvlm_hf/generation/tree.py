@@ -35,11 +35,10 @@ from transformers.cache_utils import DynamicCache
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .. import hf_private
-from ..backends import draft_step
 from ..targets import families as targets
 from ..targets import features as target_features
 from .budget import BudgetPlanner, BudgetState, budget_state, measure_verify_costs, store_budget_state
-from .prefill import draft_prefill, draft_prompt_ids, target_prefill
+from .prefill import draft_prefill, draft_prompt_ids, feed_draft, target_prefill
 from .settings import DecodingSettings, GenerationStats, Timer, refuse_inexact_processors
 from .tree_policy import DraftTree, build_sampled_tree, build_tree
 
@@ -290,7 +289,6 @@ def tree_decoding(
                 store_budget_state(draft, model, input_ids.device, state)
             planner = BudgetPlanner(state)
             stats.budget_costs_ms = {n: 1e3 * t for n, t in zip(state.costs.sizes, state.costs.seconds)}
-            history_start = len(state.history)
 
         # accepted tokens the draft has not consumed yet, each with the target feature it pairs with (plain steps)
         pending_tokens: list[int] = []
@@ -306,7 +304,7 @@ def tree_decoding(
                     )
                 else:
                     if pending_tokens:  # catch up on the tokens of the plain steps before
-                        root_hidden = _feed(
+                        root_hidden = feed_draft(
                             draft, draft_cache, pending_tokens, torch.cat(pending_feats), row_position
                         )
                         row_position += len(pending_tokens)
@@ -379,11 +377,12 @@ def tree_decoding(
                     pending_feats.append(feats)
                 else:
                     draft_cache.crop(-(draft_cache.get_seq_length() - draft_prefix))
-                    root_hidden = _feed(draft, draft_cache, emitted, feats, row_position)
+                    root_hidden = feed_draft(draft, draft_cache, emitted, feats, row_position)
                     row_position += len(emitted)
                 root_t = torch.tensor(emitted[-1:], device=input_ids.device)
             if planner is not None and not plain:
-                step_s = time.perf_counter() - step_start
+                now = time.perf_counter()
+                feed_s, step_s = now - feed_start, now - step_start
                 planner.observe(
                     n=n - 1,
                     levels=tree.levels,
@@ -392,13 +391,13 @@ def tree_decoding(
                     accepted=len(path) - 1,
                     emitted=len(emitted),
                     forward_s=forward_s,
-                    overhead_s=step_s - forward_s - draft_s - (time.perf_counter() - feed_start),
-                    draft_s=draft_s + time.perf_counter() - feed_start,
+                    overhead_s=step_s - forward_s - draft_s - feed_s,
+                    draft_s=draft_s + feed_s,
                     spine=tree.child_q is not None,
                 )
 
         if planner is not None:
-            stats.budget_steps = list(planner.state.history[history_start:])
+            stats.budget_steps = planner.steps
             stats.budget_calibration = planner.state.calibration
     finally:
         restore_attention()
@@ -409,20 +408,6 @@ def tree_decoding(
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=input_ids, cache=cache)
     return input_ids
-
-
-def _feed(draft, draft_cache, tokens: list[int], feats: torch.Tensor, row_position: int) -> torch.Tensor:
-    """The draft consumes accepted tokens, each paired with the target feature before it; returns the draft output
-    of the last row (1, 1, h): the root of the next tree."""
-    m = len(tokens)
-    return draft_step(
-        draft,
-        torch.tensor(tokens, device=feats.device),
-        feats,
-        position_ids=torch.arange(row_position, row_position + m, device=feats.device)[None],
-        max_position=row_position + m - 1,
-        past_key_values=draft_cache,
-    )[None, -1:]
 
 
 def _append(input_ids, tokens: list[int], stopping_criteria, streamer, stats: GenerationStats):

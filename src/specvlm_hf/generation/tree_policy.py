@@ -84,7 +84,7 @@ def build_tree(
     probs: list[float] = []  # planner: every candidate's cumulative draft probability so far
     for level in range(1, depth):
         if planner is not None:
-            probs += torch.cat(cand_scores[-1:]).exp().tolist()
+            probs += cand_scores[-1].exp().tolist()
             if not planner.keep_growing(sorted(probs, reverse=True), row_scores.exp().tolist(), level - 1):
                 break
         lo, hi = (level - 1) * k, level * k  # this level's rows
