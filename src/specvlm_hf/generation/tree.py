@@ -38,50 +38,13 @@ from .. import hf_private
 from ..targets import families as targets
 from ..targets import features as target_features
 from .budget import BudgetPlanner, BudgetState, budget_state, measure_verify_costs, store_budget_state
+from .masks import verify_mask
 from .prefill import draft_prefill, draft_prompt_ids, feed_draft, target_prefill
 from .settings import DecodingSettings, GenerationStats, Timer, refuse_inexact_processors
 from .tree_policy import DraftTree, build_sampled_tree, build_tree
 
 if TYPE_CHECKING:
     from ..draft.modeling_specvlm import SpecVLMDraftModel
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean "may attend" mask -> additive float mask (0 where allowed, the dtype's minimum elsewhere)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
-
-
-def verify_mask(cache, ancestors: torch.Tensor, depths: torch.Tensor, layer_types, dtype: torch.dtype):
-    """Attention mask for verifying a tree of n nodes on top of `cache`, as the target's forward expects it.
-
-    Full-attention layers see the whole prefix; sliding-window layers (Gemma 3) see the prefix keys they hold,
-    minus those that fall out of each node's window. Returns a (1, 1, n, kv) tensor, or a dict keyed by layer
-    type when the target mixes both kinds.
-    """
-    n = ancestors.shape[0]
-    device = ancestors.device
-    past = cache.get_seq_length()
-    full = torch.ones(n, past + n, dtype=torch.bool, device=device)
-    full[:, past:] = ancestors
-    sliding_layers = [layer for layer in cache.layers if getattr(layer, "sliding_window", None)]
-    if not sliding_layers or layer_types is None:
-        return additive_mask(full, dtype)[None, None]
-    layer = sliding_layers[0]
-    window = layer.sliding_window
-    held = min(
-        layer.keys.shape[2] if layer.keys is not None else 0, window - 1
-    )  # prefix keys the layer returns
-    # prefix key j sits `held - j` tokens before the root; node i is depths[i] tokens after it
-    distance = (held - torch.arange(held, device=device))[None, :] + depths[:, None]
-    sliding = torch.ones(n, held + n, dtype=torch.bool, device=device)
-    sliding[:, :held] = distance < window
-    sliding[:, held:] = ancestors
-    return {
-        "full_attention": additive_mask(full, dtype)[None, None],
-        "sliding_attention": additive_mask(sliding, dtype)[None, None],
-    }
 
 
 class _Selector:
