@@ -72,6 +72,28 @@ class _Selector:
             return int(torch.multinomial(probs, 1))
         return int(scores.argmax(-1))
 
+    def for_row(self, row: int, batch_size: int) -> _Selector:
+        """The choice for row `row` of a batch of `batch_size` prompts, exactly as plain batched generate makes it."""
+        return _RowSelector(self.logits_processor, self.do_sample, row, batch_size)
+
+
+class _RowSelector(_Selector):
+    """One row of a batch. Processors may keep per-row state (a repetition penalty's per-row prompt length, a
+    prefix constraint's batch index), so they see the batch's shape with this row at its own index; the other rows
+    repeat it and are discarded."""
+
+    def __init__(self, logits_processor, do_sample: bool, row: int, batch_size: int):
+        super().__init__(logits_processor, do_sample)
+        self.row, self.batch_size = row, batch_size
+
+    def scores(self, prefix_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        scores = logits[None].float()
+        if len(self.logits_processor) == 0:
+            return scores
+        rows = self.batch_size
+        batch_scores = self.logits_processor(prefix_ids.expand(rows, -1), scores.expand(rows, -1).clone())
+        return batch_scores[self.row : self.row + 1]
+
 
 def accept_greedy(tree: DraftTree, logits: torch.Tensor, prefix: torch.Tensor, select) -> tuple[list, list]:
     """Greedy walk: descend while a child carries the target's choice y. Returns (path, emitted tokens)."""
@@ -389,11 +411,12 @@ def _append(input_ids, tokens: list[int], stopping_criteria, streamer, stats: Ge
     return input_ids, finished
 
 
-def _decode_extras(model_kwargs: dict, n: int) -> dict:
-    """Per-family inputs a decode-step forward needs besides ids, mask, positions and cache."""
+def _decode_extras(model_kwargs: dict, n: int, batch_size: int | None = None) -> dict:
+    """Per-family inputs a decode-step forward over n tokens per sequence needs besides ids, mask, positions and
+    cache (batch_size: the sequences it runs, when fewer than the prompts')."""
     extras = {}
     for key in ("token_type_ids", "mm_token_type_ids"):
         value = model_kwargs.get(key)
         if value is not None:
-            extras[key] = value.new_zeros(value.shape[0], n)
+            extras[key] = value.new_zeros(batch_size or value.shape[0], n)
     return extras

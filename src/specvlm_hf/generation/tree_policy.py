@@ -87,7 +87,7 @@ def build_trees(
     if planner is None:
         k, depth, total = settings.tree_top_k, settings.tree_depth, settings.tree_total_tokens
     else:
-        k, depth, total = planner.top_k(), MAX_DEPTH, None
+        k, depth, total = settings.tree_top_k or planner.top_k(), MAX_DEPTH, None  # (chains: top_k 1)
     device = root_hidden.device
     bsz, h = root_hidden.shape
     prefix_len = draft_cache.get_seq_length()
@@ -269,7 +269,8 @@ def build_sampled_trees(
     spine, the others are leaves (`sibling_counts`: the remaining budget, shallow levels first, at most
     tree_top_k - 1 per level). Only spine rows go through the draft, one per level.
 
-    process: `(prefix (1, L), logits (V,)) -> scores (1, V)`, the logits processors the target's tokens are
+    process: `(prefix (1, L), logits (V,)) -> scores (1, V)` (or one per sequence), the logits processors the
+    target's tokens are
     chosen with (temperature, top-k, top-p, repetition penalty, ...); given, q = softmax(process(prefix, draft
     logits on the target's vocabulary)) with prefix_ids[b] (1, L_b) ending at sequence b's root, plus the spine
     drawn so far. Any q keeps rejection sampling exact (the verifier reads `child_q`); one shaped like the target's
@@ -303,7 +304,8 @@ def build_sampled_trees(
             for b in range(bsz):
                 drawn_so_far = [t[:1].view(1, 1) for t in trees[b][0][1:]]
                 prefix = torch.cat([prefix_ids[b], *drawn_so_far], dim=1)
-                rows.append(process(prefix, full[b]).view(-1))
+                row_process = process[b] if isinstance(process, list) else process
+                rows.append(row_process(prefix, full[b]).view(-1))
             logp = torch.log_softmax(torch.stack(rows), dim=-1, dtype=torch.float32)
         n_children = min(1 + siblings[level - 1], logp.shape[-1])
         firsts = []
