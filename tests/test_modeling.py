@@ -296,6 +296,8 @@ def test_batch_of_two_runs_and_what_it_cannot_take_is_refused(mode, targets_cach
             input_ids=input_ids, attention_mask=right_padded, assistant_model=draft, decoding_mode=mode
         )
     embeds = model.get_input_embeddings()(input_ids)
+    with pytest.raises(ValueError, match=r"needs input_ids"):
+        model.generate(inputs_embeds=embeds, assistant_model=draft, max_new_tokens=3, decoding_mode=mode)
     with pytest.raises(ValueError, match=r"needs input_ids and no inputs_embeds"):
         model.generate(
             input_ids=input_ids,

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import DynamicCache
+from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .. import hf_private
@@ -70,6 +71,12 @@ class _Rows:
         self.sticky = not any(hasattr(c, "eos_token_id") for c in stopping_criteria)
         self.stop_len: list[int | None] = [None] * len(self.ids)
         self.stats = stats
+        # sticky rows: nothing past the max-length criterion's length is ever output (every row stops there)
+        caps = [c.max_length for c in stopping_criteria if isinstance(c, MaxLengthCriteria)]
+        self.cap = min(caps) if caps else None
+
+    def _capped(self, b: int) -> bool:
+        return self.cap is not None and self.ids[b].shape[1] >= self.cap
 
     def append(self, b: int, tokens: list[int]) -> int:
         """Append tokens to row b one at a time, stopping where plain generate would. Returns how many went in."""
@@ -83,7 +90,11 @@ class _Rows:
                     self.stop_len[b] = length
                     if not self.sticky:
                         break
-            if self.sticky and self.stop_len[b] is not None and self.all_stopped and length >= self.end:
+            if (
+                self.sticky
+                and self.stop_len[b] is not None
+                and (self._capped(b) or (self.all_stopped and length >= self.end))
+            ):
                 break
         return added
 
@@ -99,7 +110,7 @@ class _Rows:
     def done(self, b: int) -> bool:
         if self.stop_len[b] is None:
             return False
-        return not self.sticky or (self.all_stopped and self.ids[b].shape[1] >= self.end)
+        return not self.sticky or self._capped(b) or (self.all_stopped and self.ids[b].shape[1] >= self.end)
 
     @property
     def output_length(self) -> int:
@@ -278,12 +289,29 @@ def batch_decoding(
         restore_recording()
     for b, row in enumerate(stats.rows):
         row.new_tokens = min(rows.ids[b].shape[1], rows.output_length) - prompt_len
+        _trim_steps(row)
     stats.new_tokens = sum(row.new_tokens for row in stats.rows)
+    stats.accepted_lengths = [n for row in stats.rows for n in row.accepted_lengths]
     stats.total_time_s = time.perf_counter() - start_time
     sequences = rows.output(pad_token_id(generation_config))
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=sequences)
     return sequences
+
+
+def _trim_steps(row: GenerationStats) -> None:
+    """A row that ran past the length it is cut to (rows without an EOS criterion run until every row stopped):
+    its steps count only the tokens it keeps."""
+    excess = sum(row.accepted_lengths) + 1 - row.new_tokens
+    while excess > 0 and row.accepted_lengths:
+        last = row.accepted_lengths[-1]
+        if last <= excess:
+            row.accepted_lengths.pop()
+            row.target_forwards -= 1
+            excess -= last
+        else:
+            row.accepted_lengths[-1] -= excess
+            excess = 0
 
 
 class _BatchLoop:
@@ -335,18 +363,25 @@ class _BatchLoop:
             return x.gather(1, index[..., None].expand(-1, -1, x.shape[-1]))
 
         compressed = draft.compressor is not None
+        embeds = aligned(prompt_embeds)
+        next_embeds = draft.embed_tokens(self.roots[:, None]).to(embeds.dtype)  # (R, 1, h)
+        row_len = lengths.index_select(0, rows)
+        short = (row_len < length).nonzero().flatten()  # rows whose root lands inside the padded width
+        embeds[short, row_len[short]] = next_embeds[short, 0]
         ctx = draft.prepare_context(
             ids,
-            aligned(prompt_embeds),
+            embeds,
             aligned(prompt_feats),
-            next_embeds=draft.embed_tokens(self.roots[:, None]),
+            next_embeds=next_embeds,
             spans=[spans[b] for b in self.active] if compressed else None,
             valid=real,
         )
+        for b, row in enumerate(stats.rows):
+            row.visual_tokens = row.draft_visual_tokens = sum(s.length for s in spans[b])
         for i, b in enumerate(self.active):
             row = stats.rows[b]
-            row.visual_tokens = sum(s.length for s in spans[b])
-            row.draft_visual_tokens = ctx.kept_visual_tokens[i] if compressed else row.visual_tokens
+            if compressed:
+                row.draft_visual_tokens = ctx.kept_visual_tokens[i]
             row.compressor_choice = ctx.choices[i] if ctx.choices else None
         stats.visual_tokens = sum(row.visual_tokens for row in stats.rows)
         stats.draft_visual_tokens = sum(row.draft_visual_tokens for row in stats.rows)
@@ -489,10 +524,18 @@ class _BatchLoop:
                 stats.target_forwards += 1
                 with Timer(stats, "accept_time_s"):
                     walks = []
+                    # greedy without processors: every node's choice in one transfer for the whole batch
+                    argmax = None
+                    if self.draft_temperature is None and not self.processing:
+                        argmax = out.logits.argmax(-1).tolist()
                     for i, (b, tree) in enumerate(zip(self.active, trees)):
                         size = tree.tokens.shape[0]
-                        accept = accept_greedy if tree.child_q is None else accept_sampled
-                        walks.append(accept(tree, out.logits[i, :size], rows.ids[b], self.selectors[b]))
+                        logits, select = out.logits[i, :size], self.selectors[b]
+                        if tree.child_q is not None:
+                            walks.append(accept_sampled(tree, logits, rows.ids[b], select))
+                        else:
+                            choices = argmax[i][:size] if argmax is not None else None
+                            walks.append(accept_greedy(tree, logits, rows.ids[b], select, choices))
             n = tokens.shape[1]
             kept, emitted_all = [], []
             for b, (path, emitted) in zip(self.active, walks):

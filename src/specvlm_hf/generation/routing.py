@@ -117,7 +117,12 @@ def _batch_size(args, kwargs) -> int:
         input_ids = kwargs.get("inputs")
     if input_ids is None or not hasattr(input_ids, "shape") or input_ids.dim() != 2:
         embeds = kwargs.get("inputs_embeds")
-        return 1 if embeds is None else embeds.shape[0]
+        if embeds is not None and embeds.shape[0] > 1:
+            raise ValueError(
+                f"SpecVLM speculative decoding on a batch ({embeds.shape[0]} prompts) needs input_ids: the draft "
+                "reads each row's tokens. Pass input_ids, or generate one prompt at a time."
+            )
+        return 1
     size = input_ids.shape[0]
     if size == 1:
         return 1

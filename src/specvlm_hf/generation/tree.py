@@ -26,12 +26,15 @@ One decoding step, given the verified tokens x_0..x_n (x_n, the "root", not yet 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import DynamicCache
+from transformers.generation import logits_process
+from transformers.generation.logits_process import LogitsProcessorList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .. import hf_private
@@ -77,33 +80,90 @@ class _Selector:
         return _RowSelector(self.logits_processor, self.do_sample, row, batch_size)
 
 
+# transformers' processors that treat every row of a batch alike (a function of that row's ids and scores), given
+# the row's slice of any per-row state they hold (`_row_processors`)
+_ROW_INDEPENDENT = tuple(
+    getattr(logits_process, name)
+    for name in (
+        "TemperatureLogitsWarper",
+        "TopKLogitsWarper",
+        "TopPLogitsWarper",
+        "MinPLogitsWarper",
+        "TypicalLogitsWarper",
+        "EpsilonLogitsWarper",
+        "EtaLogitsWarper",
+        "TopHLogitsWarper",
+        "RepetitionPenaltyLogitsProcessor",
+        "NoRepeatNGramLogitsProcessor",
+        "MinLengthLogitsProcessor",
+        "MinNewTokensLengthLogitsProcessor",
+        "SuppressTokensLogitsProcessor",
+        "SuppressTokensAtBeginLogitsProcessor",
+        "NoBadWordsLogitsProcessor",
+        "SequenceBiasLogitsProcessor",
+        "ForcedBOSTokenLogitsProcessor",
+        "ForcedEOSTokenLogitsProcessor",
+        "ExponentialDecayLengthPenalty",
+        "InfNanRemoveLogitsProcessor",
+        "LogitNormalization",
+    )
+    if hasattr(logits_process, name)
+)
+
+
+def _row_processors(logits_processor, row: int) -> LogitsProcessorList | None:
+    """The processors for row `row` of a batch run on that row alone, or None when one of them may depend on the
+    row's index or hold state we cannot slice (a prefix constraint's batch index, a custom processor)."""
+    out = []
+    for processor in logits_processor:
+        if type(processor) not in _ROW_INDEPENDENT:
+            return None
+        ignore = getattr(processor, "prompt_ignore_length", None)
+        if isinstance(ignore, torch.Tensor):  # a repetition penalty's per-row prompt length
+            processor = copy.copy(processor)
+            processor.prompt_ignore_length = ignore[row : row + 1]
+        out.append(processor)
+    return LogitsProcessorList(out)
+
+
 class _RowSelector(_Selector):
-    """One row of a batch. Processors may keep per-row state (a repetition penalty's per-row prompt length, a
-    prefix constraint's batch index), so they see the batch's shape with this row at its own index; the other rows
-    repeat it and are discarded."""
+    """One row of a batch. Row-independent processors run on the row alone; otherwise (a prefix constraint's batch
+    index, a custom processor) the processors see the batch's shape with this row at its own index, the other rows
+    repeating it and discarded."""
 
     def __init__(self, logits_processor, do_sample: bool, row: int, batch_size: int):
         super().__init__(logits_processor, do_sample)
         self.row, self.batch_size = row, batch_size
+        self.row_processors = _row_processors(logits_processor, row)
 
     def scores(self, prefix_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         scores = logits[None].float()
         if len(self.logits_processor) == 0:
             return scores
+        if self.row_processors is not None:
+            return self.row_processors(prefix_ids, scores)
         rows = self.batch_size
         batch_scores = self.logits_processor(prefix_ids.expand(rows, -1), scores.expand(rows, -1).clone())
         return batch_scores[self.row : self.row + 1]
 
 
-def accept_greedy(tree: DraftTree, logits: torch.Tensor, prefix: torch.Tensor, select) -> tuple[list, list]:
-    """Greedy walk: descend while a child carries the target's choice y. Returns (path, emitted tokens)."""
+def accept_greedy(
+    tree: DraftTree, logits: torch.Tensor, prefix: torch.Tensor, select, choices: list[int] | None = None
+) -> tuple[list, list]:
+    """Greedy walk: descend while a child carries the target's choice y. Returns (path, emitted tokens).
+
+    choices: every node's argmax when the caller has them (no logits processors); else each visited node's choice
+    is made by `select`, which applies the processors to the prefix so far. Without processors all are read in one
+    transfer here."""
     children: dict[tuple[int, int], int] = {}
     tree_tokens = tree.tokens.tolist()
     for i in range(1, len(tree_tokens)):
         children.setdefault((tree.parents[i], tree_tokens[i]), i)
+    if choices is None and len(select.logits_processor) == 0:
+        choices = logits.argmax(-1).tolist()
     path, emitted, node = [0], [], 0
     while True:
-        token = select(prefix, logits[node])
+        token = select(prefix, logits[node]) if choices is None else choices[node]
         emitted.append(token)
         child = children.get((node, token))
         if child is None:

@@ -165,9 +165,16 @@ def build_trees(
         total, _ = planner.best_size(ranked, len(cand_cols) - 1)
         predicted = sum(ranked[:total])
     keep = _best_candidates(scores, depths, total)
+    kept: list[list[int]] = [[] for _ in range(bsz)]
+    for (
+        b,
+        c,
+    ) in keep.nonzero().tolist():  # the layouts are worked out on the host: two transfers for the batch
+        kept[b].append(c)
+    parent_lists = parents.tolist()
     trees = []
     for b in range(bsz):
-        tree = _select_tree(root_tokens[b], tokens[b], scores[b], parents[b], depths, keep[b])
+        tree = _select_tree(root_tokens[b], tokens[b], parent_lists[b], depths, kept[b])
         tree.levels, tree.predicted = len(cand_cols) - 1, predicted
         trees.append(tree)
     return trees
@@ -368,14 +375,14 @@ def _best_candidates(scores, depths, total: int) -> torch.Tensor:
     return keep
 
 
-def _select_tree(root_token, tokens, scores, parents, depths, keep: torch.Tensor) -> DraftTree:
-    """Lay the kept candidates (`keep`, bool over candidates; closed under ancestry here) out as the tree.
+def _select_tree(root_token, tokens, parent_list: list[int], depths, kept_list: list[int]) -> DraftTree:
+    """Lay the kept candidates (`kept_list`, candidate ids; closed under ancestry here) out as the tree, given each
+    candidate's parent (`parent_list`, -1 for the root's children).
 
     A tree holds tens of nodes: its layout is worked out on the host from two short lists, in a handful of kernels
     instead of one pass per depth."""
     device = tokens.device
-    parent_list = parents.tolist()
-    kept = set(keep.nonzero().flatten().tolist())
+    kept = set(kept_list)
     for c in list(kept):  # close under ancestry (only exact score ties leave a kept node's parent out)
         p = parent_list[c]
         while p >= 0 and p not in kept:
