@@ -168,12 +168,20 @@ def test_unrolled_training_and_compressor(llava, tmp_path):
     assert "eval_loss" in metrics and "eval_top1_agreement" in metrics
 
 
-def test_unroll_needs_single_layer_features(llava):
-    target, _ = llava
-    with pytest.raises(ValueError, match="target_layers"):
-        SpecVLMDistillationTrainer(
-            make_draft(target, target_layers=[1, -1]), target, data_collator=collate_tensors, unroll_steps=2
-        )
+def test_unrolled_training_with_several_layers_default_architecture(llava, tmp_path):
+    """ "eagle" with several target layers: `feature_proj` makes the slot h wide, the draft's outputs go there."""
+    target, rows = llava
+    draft = make_draft(target, target_layers=[1, -1])
+    slot = draft.feature_slot(torch.randn(2, 5, 2 * draft.config.hidden_size))
+    assert slot.shape == (2, 5, draft.config.hidden_size)
+    args = training_args(tmp_path, max_steps=2, logging_steps=1)
+    trainer = SpecVLMDistillationTrainer(
+        draft, target, args, data_collator=collate_tensors, train_dataset=rows, unroll_steps=3
+    )
+    trainer.train()
+    log = [h for h in trainer.state.log_history if "loss" in h][-1]
+    assert {"top1_agreement_step1", "top1_agreement_step3"} <= set(log)
+    assert torch.isfinite(torch.tensor(log["loss"]))
 
 
 def test_peft_lora_target(tmp_path):

@@ -200,6 +200,8 @@ def distill_draft(
         for key in ("loss", "ce", "feature", "top1_agreement", "accepted_length_estimate"):
             if key in logs[-1]:
                 metrics[key] = logs[-1][key]
+        for key in sorted(k for k in logs[-1] if k.startswith("top1_agreement_step")):  # unrolled training
+            metrics[key] = logs[-1][key]
     return metrics
 
 

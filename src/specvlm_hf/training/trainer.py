@@ -143,7 +143,8 @@ class SpecVLMDistillationTrainer(Trainer):
             rows of those tokens. The head is trained on the target's distribution restricted to that vocabulary.
         unroll_steps: k > 1 enables the EAGLE-3 "training-time test": step j feeds the draft its own step-(j-1)
             feature predictions (f_hat_{r} at row r, same tokens) and adds the loss of every step (mean over steps).
-            Needs one target layer (`target_layers == [i]`, e.g. [-1]). Default 1 (plain teacher forcing).
+            With several target layers the fed-back rows go straight into the h-wide feature slot (`fc` of
+            "eagle3", `feature_proj` of "eagle" project the target's), as in decoding. Default 1 (teacher forcing).
         The other arguments are `transformers.Trainer`'s.
 
     Logged metrics (train and eval): `ce`, `feature`, `gate_cost`, `top1_agreement` (draft argmax == target
@@ -175,11 +176,6 @@ class SpecVLMDistillationTrainer(Trainer):
             raise ValueError("SpecVLMDistillationTrainer needs the frozen target: pass target_model=vlm.")
         if unroll_steps < 1:
             raise ValueError(f"invalid unroll_steps={unroll_steps!r}; expected an integer >= 1.")
-        if unroll_steps > 1 and len(model.config.target_layers) != 1:
-            raise ValueError(
-                f"unroll_steps={unroll_steps} feeds the draft's own outputs back as features, which needs "
-                f"one target layer (e.g. [-1]); this draft fuses target_layers={model.config.target_layers}."
-            )
         if feature_noise_std < 0:
             raise ValueError(f"invalid feature_noise_std={feature_noise_std!r}; expected a number >= 0.")
         if args is None:
@@ -372,12 +368,15 @@ class SpecVLMDistillationTrainer(Trainer):
                 kept_ratio = sum(ctx.kept_visual_tokens) / sum(ctx.visual_tokens)
 
             if step + 1 < self.unroll_steps:
-                # next step: row r reads the draft's prediction of f_r (its output at row r-1) instead of f_r
+                # next step: row r reads the draft's prediction of f_r (its output at row r-1) instead of f_r.
+                # The feature slot is h wide: several target layers are projected first (`fc` / `feature_proj`),
+                # as decoding does when it puts the draft's own h-wide outputs there; rows without a prediction
+                # (the first one, rows after dropped or padding rows) keep the projected target feature.
                 real = (rows >= 0) & ctx.valid
                 rb, rt = real.nonzero(as_tuple=True)
                 pred_pos = rows[rb, rt] + 1
                 inside = pred_pos < seq_len
-                feats_next = feats_in.detach().clone()
+                feats_next = draft.feature_slot(feats_in).clone()  # (B, L, h)
                 feats_next[rb[inside], pred_pos[inside]] = hidden[rb[inside], rt[inside]].to(feats_next.dtype)
                 feats_in = feats_next
 
