@@ -497,3 +497,20 @@ def test_batch_visual_spans_splits_per_image_tensors():
     for row, spans in zip(rows, per_row):
         own = targets.visual_spans(target, row["input_ids"], {"image_grid_thw": row["image_grid_thw"]})
         assert spans == own and spans and all(s.grid is not None for s in spans)
+
+
+def test_unrolled_mask_follows_decoding():
+    """Step j's row q continues the chain decoding starts at row q - j: step 0's rows <= q - j (not padding), then
+    one row of each later step (q - j + i of step i)."""
+    from specvlm_hf.training.trainer import unrolled_mask
+
+    valid = torch.tensor([[True, True, True, True, True], [True, True, True, False, False]])
+    allowed = unrolled_mask(5, 2, valid, dtype=torch.float32)[:, 0] == 0  # (B, 5, 15)
+    assert allowed.shape == (2, 5, 15)
+    step0, step1, step2 = allowed[..., :5], allowed[..., 5:10], allowed[..., 10:]
+    assert step0[0, 4].tolist() == [True, True, True, False, False]  # rows <= 4 - 2
+    assert step1[0, 4].tolist() == [False, False, False, True, False]  # row 3 of step 1
+    assert step2[0, 4].tolist() == [False, False, False, False, True]  # itself
+    assert not step0[0, 1].any() and step1[0, 1, 0] and step2[0, 1, 1]  # a chain from before row 0
+    assert step0[1, 4].tolist() == [True, True, True, False, False] and not step0[1, :, 3:].any()
+    assert bool((allowed.sum(-1) >= 1).all())  # every query sees at least itself
