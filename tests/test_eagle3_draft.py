@@ -261,3 +261,26 @@ def test_unrolled_training_with_one_target_layer(targets_cache, tmp_path):
     trainer.train()
     log = [h for h in trainer.state.log_history if "loss" in h][-1]
     assert "top1_agreement_step2" in log and torch.isfinite(torch.tensor(log["loss"]))
+
+
+def test_unrolled_training_with_several_target_layers(targets_cache, tmp_path):
+    """The training-time test with three fused layers: step 1 reads fc(target layers), later steps the draft's
+    own h-wide outputs in the same slot; every step's agreement is logged and the loss falls."""
+    target = targets_cache("llava")
+    draft = eagle3_draft(target, target_layers=[0, 1, -1])
+    fc_before = draft.fc.weight.detach().clone()
+    args = training_args(tmp_path, max_steps=24, logging_steps=3)
+    trainer = SpecVLMDistillationTrainer(
+        draft,
+        target,
+        args,
+        data_collator=collate_tensors,
+        train_dataset=family_rows("llava", target) * 20,
+        unroll_steps=3,
+    )
+    trainer.train()
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert logs[-1]["loss"] < 0.95 * logs[0]["loss"], logs
+    assert {f"top1_agreement_step{j}" for j in (1, 2, 3)} <= set(logs[-1])
+    assert logs[-1]["top1_agreement_step3"] >= logs[0]["top1_agreement_step3"]
+    assert not torch.equal(draft.fc.weight.detach(), fc_before)  # fc is trained through the projected rows

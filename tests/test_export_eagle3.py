@@ -303,3 +303,29 @@ def test_specvlm_train_servable_makes_an_exportable_draft(target, tmp_path):
     assert config["eagle_aux_hidden_state_layer_ids"] == [0, 1]
     with pytest.raises(ValueError, match="draft_architecture='eagle3'"):
         export_draft(new_draft(target), tmp_path / "eagle")  # the default "eagle" draft
+
+
+@pytest.mark.parametrize(
+    "flags,unroll",
+    [(["--servable"], 3), ([], 1), (["--servable", "--unroll-steps", "1"], 1), (["--unroll-steps", "2"], 2)],
+)
+def test_specvlm_train_unrolls_servable_drafts(target, tmp_path, monkeypatch, flags, unroll):
+    """`specvlm train --servable` trains with the training-time test (3 steps) unless --unroll-steps says otherwise;
+    the default draft keeps teacher forcing."""
+    from specvlm_hf.cli import build_parser
+    from specvlm_hf.toy import demo
+
+    seen = {}
+
+    def fake_distill(draft, *args, **kwargs):
+        seen.update(kwargs, architecture=draft.config.draft_architecture)
+        return {}
+
+    monkeypatch.setattr(demo, "load_target", lambda *a, **k: (target, None, "tiny"))
+    monkeypatch.setattr(demo, "load_rows", lambda *a, **k: [])
+    monkeypatch.setattr(demo, "distill_draft", fake_distill)
+    args = build_parser().parse_args(["train", "--output-dir", str(tmp_path), *flags])
+    assert demo.run_train(args) == 0
+    assert seen["unroll_steps"] == unroll
+    assert seen["architecture"] == ("eagle3" if "--servable" in flags else "eagle")
+    assert json.loads((tmp_path / "training_metrics.json").read_text())["unroll_steps"] == unroll

@@ -168,12 +168,20 @@ def test_unrolled_training_and_compressor(llava, tmp_path):
     assert "eval_loss" in metrics and "eval_top1_agreement" in metrics
 
 
-def test_unroll_needs_single_layer_features(llava):
-    target, _ = llava
-    with pytest.raises(ValueError, match="target_layers"):
-        SpecVLMDistillationTrainer(
-            make_draft(target, target_layers=[1, -1]), target, data_collator=collate_tensors, unroll_steps=2
-        )
+def test_unrolled_training_with_several_layers_default_architecture(llava, tmp_path):
+    """ "eagle" with several target layers: `feature_proj` makes the slot h wide, the draft's outputs go there."""
+    target, rows = llava
+    draft = make_draft(target, target_layers=[1, -1])
+    slot = draft.feature_slot(torch.randn(2, 5, 2 * draft.config.hidden_size))
+    assert slot.shape == (2, 5, draft.config.hidden_size)
+    args = training_args(tmp_path, max_steps=2, logging_steps=1)
+    trainer = SpecVLMDistillationTrainer(
+        draft, target, args, data_collator=collate_tensors, train_dataset=rows, unroll_steps=3
+    )
+    trainer.train()
+    log = [h for h in trainer.state.log_history if "loss" in h][-1]
+    assert {"top1_agreement_step1", "top1_agreement_step3"} <= set(log)
+    assert torch.isfinite(torch.tensor(log["loss"]))
 
 
 def test_peft_lora_target(tmp_path):
@@ -489,3 +497,20 @@ def test_batch_visual_spans_splits_per_image_tensors():
     for row, spans in zip(rows, per_row):
         own = targets.visual_spans(target, row["input_ids"], {"image_grid_thw": row["image_grid_thw"]})
         assert spans == own and spans and all(s.grid is not None for s in spans)
+
+
+def test_unrolled_mask_follows_decoding():
+    """Step j's row q continues the chain decoding starts at row q - j: step 0's rows <= q - j (not padding), then
+    one row of each later step (q - j + i of step i)."""
+    from specvlm_hf.training.trainer import unrolled_mask
+
+    valid = torch.tensor([[True, True, True, True, True], [True, True, True, False, False]])
+    allowed = unrolled_mask(5, 2, valid, dtype=torch.float32)[:, 0] == 0  # (B, 5, 15)
+    assert allowed.shape == (2, 5, 15)
+    step0, step1, step2 = allowed[..., :5], allowed[..., 5:10], allowed[..., 10:]
+    assert step0[0, 4].tolist() == [True, True, True, False, False]  # rows <= 4 - 2
+    assert step1[0, 4].tolist() == [False, False, False, True, False]  # row 3 of step 1
+    assert step2[0, 4].tolist() == [False, False, False, False, True]  # itself
+    assert not step0[0, 1].any() and step1[0, 1, 0] and step2[0, 1, 1]  # a chain from before row 0
+    assert step0[1, 4].tolist() == [True, True, True, False, False] and not step0[1, :, 3:].any()
+    assert bool((allowed.sum(-1) >= 1).all())  # every query sees at least itself

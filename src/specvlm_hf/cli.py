@@ -185,7 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train a draft that vLLM serves exactly: draft_architecture='eagle3' with target layers below the "
         "target's layer count (export.servable_target_layers); export it with "
-        "`export_draft(draft, dir, format='speculators')` (docs/serving.md).",
+        "`export_draft(draft, dir, format='speculators')` (docs/serving.md). Trained with --unroll-steps 3 "
+        "unless told otherwise.",
+    )
+    train.add_argument(
+        "--unroll-steps",
+        type=int,
+        default=None,
+        help="EAGLE-3 training-time test: step j of the loss feeds the draft its own step j-1 outputs (default: 3 "
+        "with --servable, whose multi-layer draft otherwise learns only its first drafted token; 1 = teacher "
+        "forcing otherwise, the default draft's best recipe on the toy target, docs/training.md).",
     )
     train.set_defaults(func=_run_train)
 

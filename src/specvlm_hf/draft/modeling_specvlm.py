@@ -449,6 +449,18 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
         return self._bound
 
     # ------------------------------------------------------------------ forward
+    def feature_slot(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """What the fused row's feature slot holds: (.., n*h) target features -> (.., h); h-wide rows unchanged.
+
+        Several fused target layers go through `fc` ("eagle3", g_t) or `feature_proj` ("eagle"); one target layer
+        and the draft's own outputs are already h wide. `fuse` does the same; the trainer's unrolled steps call
+        this to mix the draft's outputs with projected target features in one (.., h) tensor.
+        """
+        proj = self.fc if self.is_eagle3 else self.feature_proj
+        if proj is None or hidden_states.shape[-1] == self.config.hidden_size:
+            return hidden_states
+        return proj(hidden_states.to(proj.weight.dtype))
+
     def fuse(self, inputs_embeds: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """[embed(x_{t+1}) ; f_t] -> fused draft input rows. (B, T, h) + (B, T, n*h or h) -> (B, T, fused_size).
 
@@ -458,14 +470,10 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
         """
         if self.is_eagle3:
             dtype = self.norm.weight.dtype
-            hidden_states = hidden_states.to(dtype)
-            if self.fc is not None and hidden_states.shape[-1] != self.config.hidden_size:
-                hidden_states = self.fc(hidden_states)  # g_t = fc([f^1_t ; ... ; f^n_t])
-            return torch.cat([inputs_embeds.to(dtype), hidden_states], dim=-1)
+            g = self.feature_slot(hidden_states.to(dtype))  # g_t = fc([f^1_t ; ... ; f^n_t])
+            return torch.cat([inputs_embeds.to(dtype), g], dim=-1)
         dtype = self.fc.weight.dtype
-        hidden_states = hidden_states.to(dtype)
-        if self.feature_proj is not None and hidden_states.shape[-1] != self.config.hidden_size:
-            hidden_states = self.feature_proj(hidden_states)
+        hidden_states = self.feature_slot(hidden_states.to(dtype))
         x = torch.cat([inputs_embeds.to(dtype), hidden_states], dim=-1)
         return self.input_norm(self.fc(x))
 

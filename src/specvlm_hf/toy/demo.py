@@ -29,6 +29,10 @@ QUICK_TOKENS = 24
 # cached toy drafts are keyed by the training recipe they were made with (bump it when training changes what a
 # draft learns), not by the library version
 TRAINING_RECIPE = "0.1.0"
+# `specvlm train --servable`: an "eagle3" draft on several target layers trained with teacher forcing alone almost
+# never has its second drafted token accepted; unrolled 3 steps it drafts as deep as the default draft (toy target,
+# docs/training.md "Which recipe")
+SERVABLE_UNROLL_STEPS = 3
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -200,6 +204,8 @@ def distill_draft(
         for key in ("loss", "ce", "feature", "top1_agreement", "accepted_length_estimate"):
             if key in logs[-1]:
                 metrics[key] = logs[-1][key]
+        for key in sorted(k for k in logs[-1] if k.startswith("top1_agreement_step")):  # unrolled training
+            metrics[key] = logs[-1][key]
     return metrics
 
 
@@ -599,15 +605,26 @@ def run_train(args) -> int:
     vlm, processor, label = load_target(args.target, args.toy_size, args.cache_dir, args.seed)
     servable = getattr(args, "servable", False)
     draft = new_draft(vlm, args.compressor, num_layers=args.num_layers, seed=args.seed, servable=servable)
+    unroll_steps = getattr(args, "unroll_steps", None)
+    if unroll_steps is None:  # the servable (multi-layer eagle3) draft needs the training-time test
+        unroll_steps = SERVABLE_UNROLL_STEPS if servable else 1
     dataset = load_rows(args.dataset, args.num_examples, args.seed, split=args.dataset_split)
     arch = f", eagle3 target_layers={draft.config.target_layers} (servable)" if servable else ""
     print(
         f"training a draft for {label}: {len(dataset)} rows, {args.train_steps} steps, "
-        f"compressor={args.compressor}{arch}"
+        f"compressor={args.compressor}{arch}, unroll_steps={unroll_steps}"
     )
     metrics = distill_draft(
-        draft, vlm, processor, dataset, _budget(args), seed=args.seed, max_length=args.max_length
+        draft,
+        vlm,
+        processor,
+        dataset,
+        _budget(args),
+        seed=args.seed,
+        max_length=args.max_length,
+        unroll_steps=unroll_steps,
     )
+    metrics["unroll_steps"] = unroll_steps
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     draft.save_pretrained(out)

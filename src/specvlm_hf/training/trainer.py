@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import DynamicCache, Trainer, TrainingArguments
 
 from ..draft.configuration_specvlm import DEFAULT_CHAIN_TOKENS
-from ..draft.modeling_specvlm import SpecVLMDraftModel, causal_mask
+from ..draft.modeling_specvlm import SpecVLMDraftModel, additive_mask, causal_mask
 from ..targets import families as targets
 from ..targets import features as target_features
 from .collator import SpecVLMDataCollator
@@ -125,6 +125,20 @@ def select_draft_vocab(counts: torch.Tensor, draft_vocab_size: int) -> torch.Ten
     return order[:draft_vocab_size].sort().values
 
 
+def unrolled_mask(n: int, step: int, valid: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor:
+    """Additive mask (B, 1, n, (step + 1) * n) of unrolled step `step` over the keys of steps 0..step.
+
+    Row q of step j continues a chain that decoding starts at row q - j (the last row with a target feature): it
+    sees step 0's rows k <= q - j (padding excluded) and, of each later step i, the chain's row q - j + i.
+    valid: (B, n) bool, False on padding.
+    """
+    q = torch.arange(n, device=valid.device)[:, None]
+    k = torch.arange(n, device=valid.device)[None, :]
+    blocks = [((k <= q - step)[None] & valid[:, None, :])]  # (B, n, n)
+    blocks += [(k == q - step + i)[None].expand(valid.shape[0], -1, -1) for i in range(1, step + 1)]
+    return additive_mask(torch.cat(blocks, dim=-1)[:, None], dtype)
+
+
 class SpecVLMDistillationTrainer(Trainer):
     """Train a [`SpecVLMDraftModel`] by online distillation from its frozen target.
 
@@ -143,7 +157,10 @@ class SpecVLMDistillationTrainer(Trainer):
             rows of those tokens. The head is trained on the target's distribution restricted to that vocabulary.
         unroll_steps: k > 1 enables the EAGLE-3 "training-time test": step j feeds the draft its own step-(j-1)
             feature predictions (f_hat_{r} at row r, same tokens) and adds the loss of every step (mean over steps).
-            Needs one target layer (`target_layers == [i]`, e.g. [-1]). Default 1 (plain teacher forcing).
+            With several target layers the fed-back rows go straight into the h-wide feature slot (`fc` of
+            "eagle3", `feature_proj` of "eagle" project the target's), as in decoding. Step j's row r attends as
+            decoding would after j drafted tokens (`unrolled_mask`: step 0's rows up to r - j, then the chain's
+            rows of steps 1..j); with a compressor, to its own step's rows. Default 1 (teacher forcing).
         The other arguments are `transformers.Trainer`'s.
 
     Logged metrics (train and eval): `ce`, `feature`, `gate_cost`, `top1_agreement` (draft argmax == target
@@ -175,11 +192,6 @@ class SpecVLMDistillationTrainer(Trainer):
             raise ValueError("SpecVLMDistillationTrainer needs the frozen target: pass target_model=vlm.")
         if unroll_steps < 1:
             raise ValueError(f"invalid unroll_steps={unroll_steps!r}; expected an integer >= 1.")
-        if unroll_steps > 1 and len(model.config.target_layers) != 1:
-            raise ValueError(
-                f"unroll_steps={unroll_steps} feeds the draft's own outputs back as features, which needs "
-                f"one target layer (e.g. [-1]); this draft fuses target_layers={model.config.target_layers}."
-            )
         if feature_noise_std < 0:
             raise ValueError(f"invalid feature_noise_std={feature_noise_std!r}; expected a number >= 0.")
         if args is None:
@@ -328,16 +340,25 @@ class SpecVLMDistillationTrainer(Trainer):
         totals: dict[str, torch.Tensor] = {}
         agreements = []
         kept_ratio = None
+        # unrolled steps attend as decoding does (EAGLE-3): to the target-fed rows of step 0 before the chain's
+        # start and to the chain's own rows of the later steps, kept in a cache. With a compressor (its row layout
+        # may change between steps) a step attends to its own rows only.
+        cache = DynamicCache() if self.unroll_steps > 1 and draft.compressor is None else None
         for step in range(self.unroll_steps):
             ctx = draft.prepare_context(input_ids, inputs_embeds, feats_in, None, spans, valid)
             mask4d = None
-            if not bool(ctx.valid.all()):
-                n = ctx.fused.shape[1]
+            n = ctx.fused.shape[1]
+            if cache is not None and step > 0:
+                mask4d = unrolled_mask(n, step, ctx.valid, dtype=ctx.fused.dtype)
+            elif not bool(ctx.valid.all()):
                 mask4d = causal_mask(
                     n, n, dtype=ctx.fused.dtype, device=ctx.fused.device, key_padding=ctx.valid
                 )
             hidden = model(
-                fused_inputs=ctx.fused, position_ids=ctx.position_ids, attention_mask=mask4d
+                fused_inputs=ctx.fused,
+                position_ids=ctx.position_ids,
+                attention_mask=mask4d,
+                past_key_values=cache,
             ).last_hidden_state  # (B, L', h): d_r predicts f_{r+1}
 
             # rows with a target: real (not compressed/padding) rows r whose input token x_{r+1} is a response token
@@ -372,12 +393,15 @@ class SpecVLMDistillationTrainer(Trainer):
                 kept_ratio = sum(ctx.kept_visual_tokens) / sum(ctx.visual_tokens)
 
             if step + 1 < self.unroll_steps:
-                # next step: row r reads the draft's prediction of f_r (its output at row r-1) instead of f_r
+                # next step: row r reads the draft's prediction of f_r (its output at row r-1) instead of f_r.
+                # The feature slot is h wide: several target layers are projected first (`fc` / `feature_proj`),
+                # as decoding does when it puts the draft's own h-wide outputs there; rows without a prediction
+                # (the first one, rows after dropped or padding rows) keep the projected target feature.
                 real = (rows >= 0) & ctx.valid
                 rb, rt = real.nonzero(as_tuple=True)
                 pred_pos = rows[rb, rt] + 1
                 inside = pred_pos < seq_len
-                feats_next = feats_in.detach().clone()
+                feats_next = draft.feature_slot(feats_in).clone()  # (B, L, h)
                 feats_next[rb[inside], pred_pos[inside]] = hidden[rb[inside], rt[inside]].to(feats_next.dtype)
                 feats_in = feats_next
 
