@@ -239,7 +239,8 @@ def run_case(case: Case) -> None:
     assert len(stats.rows) == case.batch_size, case.id
     assert [r.new_tokens for r in stats.rows] == [len(r) for r in rows], case.id
     assert stats.new_tokens == sum(len(r) for r in rows), case.id
-    if case.draft == "forced":  # deep, ragged acceptance really happened
+    if case.draft == "forced" and not case.auto_budget:  # deep, ragged acceptance really happened
+        # (the automatic budget may rightly back off to plain steps on a CPU, where verifying costs more)
         assert _mean_row_accepted(stats) > 1.5, (case.id, [r.accepted_lengths for r in stats.rows])
 
 
