@@ -239,6 +239,10 @@ def run_case(case: Case) -> None:
     assert len(stats.rows) == case.batch_size, case.id
     assert [r.new_tokens for r in stats.rows] == [len(r) for r in rows], case.id
     assert stats.new_tokens == sum(len(r) for r in rows), case.id
+    for b, row in enumerate(stats.rows):
+        assert sum(row.accepted_lengths) == row.new_tokens - 1, (case.id, b, row.accepted_lengths)
+        assert row.target_forwards == len(row.accepted_lengths) + 1, (case.id, b)
+    assert stats.target_forwards == max(row.target_forwards for row in stats.rows), case.id
     if case.draft == "forced" and not case.auto_budget:  # deep, ragged acceptance really happened
         # (the automatic budget may rightly back off to plain steps on a CPU, where verifying costs more)
         assert _mean_row_accepted(stats) > 1.5, (case.id, [r.accepted_lengths for r in stats.rows])
