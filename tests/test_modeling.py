@@ -274,20 +274,30 @@ def test_draft_bound_to_another_model(targets_cache):
 
 
 @pytest.mark.parametrize("mode", ["tree", "chain"])
-def test_batch_of_two_is_rejected(mode, targets_cache):
+def test_batch_of_two_runs_and_what_it_cannot_take_is_refused(mode, targets_cache):
     model = targets_cache("llama")
     draft = SpecVLMDraftModel(SpecVLMDraftConfig.from_target(model)).bind(model)
     input_ids = make_inputs("llama", model)["input_ids"].repeat(2, 1)
-    with pytest.raises(ValueError, match=r"one sequence at a time, got a batch of 2"):
+    plain = model.generate(input_ids, max_new_tokens=3, do_sample=False)
+    spec = model.generate(
+        input_ids, assistant_model=draft, max_new_tokens=3, decoding_mode=mode, do_sample=False
+    )
+    assert torch.equal(spec, plain)  # positional input_ids too
+    assert len(draft.last_generation_stats.rows) == 2
+    first = model.generate(input_ids, max_new_tokens=2, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match=r"batch \(2 prompts\) cannot continue from a filled cache"):
+        model.generate(
+            first.sequences, cache=first.cache, assistant_model=draft, max_new_tokens=3, decoding_mode=mode
+        )
+    embeds = model.get_input_embeddings()(input_ids)
+    with pytest.raises(ValueError, match=r"needs input_ids and no inputs_embeds"):
         model.generate(
             input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
+            inputs_embeds=embeds,
             assistant_model=draft,
             max_new_tokens=3,
             decoding_mode=mode,
         )
-    with pytest.raises(ValueError, match=r"got a batch of 2"):  # positional input_ids too
-        model.generate(input_ids, assistant_model=draft, max_new_tokens=3, decoding_mode=mode)
 
 
 def test_bind_leaves_target_save_pretrained_unchanged(tmp_path):

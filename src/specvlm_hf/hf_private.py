@@ -8,7 +8,7 @@ scattered subset of positions. What specvlm_hf relies on beyond the public API i
   picks candidate generators in `_get_candidate_generator`, a fixed if-chain);
 * `assisted_decoding`: the model class's `_assisted_decoding` loop;
 * `wrap_candidate_generator`: a temporary wrapper around the candidate generator a `generate` call builds;
-* `compact_cache`, `start_past_recording`: cache layer internals (`keys`, `values`, sliding-window bookkeeping);
+* `compact_cache`, `realign_cache`, `start_past_recording`: cache layer internals (`keys`, `values`, sliding-window bookkeeping);
 * `record_decoder_inputs`: a forward pre-hook on the target's text decoder reading the `inputs_embeds` it is
   called with (the projected visual features at placeholders);
 * `use_mask_attention`: switching the text decoder's attention implementation for the tree verify (public
@@ -160,6 +160,39 @@ def compact_cache(cache, n_tail: int, keep: torch.Tensor) -> None:
             layer.values = torch.cat([head_v, tail_v.index_select(2, keep)], dim=2)
         if hasattr(layer, "cumulative_length"):
             layer.cumulative_length -= n_tail - keep.numel()
+            window = layer.sliding_window
+            if layer.keys.shape[2] > window - 1:
+                layer.keys, layer.values = layer.keys[:, :, -window + 1 :], layer.values[:, :, -window + 1 :]
+
+
+def realign_cache(
+    cache, rows: torch.Tensor | None, n_tail: int, keep: torch.Tensor, kept: torch.Tensor
+) -> None:
+    """Batched `compact_cache`, in place: keep only the batch rows `rows` ((R,) indices; None: all), and of each
+    one's last `n_tail` cached positions only those at keep[r, :kept[r]] (indices into the tail, ascending; keep is
+    (R, m) right-padded, m = kept.max()). Row r becomes `m - kept[r]` filler positions (copies of position 0, for
+    the caller to mask) + its head + its kept positions: every row ends with its newest token at the same index
+    and holes only ever sit on the left, like a left-padded batch. Sliding-window layers then keep their window."""
+    m = keep.shape[1]
+    device = keep.device
+    offset = (m - kept)[:, None]  # (R, 1) fillers per row
+    for layer in cache.layers:
+        if layer.keys is None or layer.keys.numel() == 0:
+            continue
+        keys, values = layer.keys, layer.values
+        if rows is not None:
+            keys, values = keys.index_select(0, rows), values.index_select(0, rows)
+        head = keys.shape[2] - n_tail
+        j = torch.arange(head + m, device=device)[None] - offset  # (R, head + m): index into head + kept
+        if m:
+            tail = keep.gather(1, (j - head).clamp(0, m - 1))
+            index = torch.where(j < 0, 0, torch.where(j < head, j, head + tail))
+        else:  # keep no tail position: drop the tail
+            index = j
+        index = index[:, None, :, None].expand(-1, keys.shape[1], -1, keys.shape[3])
+        layer.keys, layer.values = keys.gather(2, index), values.gather(2, index)
+        if hasattr(layer, "cumulative_length"):
+            layer.cumulative_length += m - n_tail
             window = layer.sliding_window
             if layer.keys.shape[2] > window - 1:
                 layer.keys, layer.values = layer.keys[:, :, -window + 1 :], layer.values[:, :, -window + 1 :]

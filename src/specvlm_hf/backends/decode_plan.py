@@ -198,7 +198,8 @@ class DecodePlan:
         past_key_values=None,
         max_position: int | None = None,
     ) -> torch.Tensor:
-        """`SpecVLMDraftModel.decode_step`: token_ids (T,), hidden_states (T, n*h or h) -> last_hidden_state (T, h)."""
+        """`SpecVLMDraftModel.decode_step`: token_ids (T,), hidden_states (T, n*h or h) -> last_hidden_state (T, h);
+        or a batch: (B, T), (B, T, n*h or h) -> (B, T, h)."""
         h = self.hidden_size
         features = hidden_states.to(self.dtype)
         if self.token_table is not None and features.shape[-1] == h:
@@ -211,7 +212,10 @@ class DecodePlan:
             fused = torch.cat([self.embed(token_ids).to(self.dtype), features], dim=-1)
             if not self.eagle3:
                 fused = self.fc(fused)
-        x = (fused if self.eagle3 else self.input_norm(fused))[None]
+        batched = token_ids.dim() == 2
+        x = fused if self.eagle3 else self.input_norm(fused)
+        if not batched:
+            x = x[None]
         if position_ids is None:
             start = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(start, start + x.shape[1], device=x.device)[None]
@@ -220,7 +224,8 @@ class DecodePlan:
             attention_mask = attention_mask.to(x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, attention_mask, past_key_values)
-        return (x if self.eagle3 else self.norm(x))[0]
+        x = x if self.eagle3 else self.norm(x)
+        return x if batched else x[0]
 
     def draft_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`SpecVLMDraftModel.draft_logits`: (logits (..., Vd), target id of each column or None)."""

@@ -521,11 +521,15 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
     ) -> torch.Tensor:
         """One decoding forward over rows: row i pairs token_ids[i] (its embedding) with hidden_states[i].
 
-        token_ids: (T,) target token ids; hidden_states: (T, n*h) target features or (T, h) the draft's own outputs.
+        token_ids: (T,) target token ids, or (B, T) for a batch of sequences; hidden_states: (T, n*h) / (B, T, n*h)
+        target features or (T, h) / (B, T, h) the draft's own outputs.
         decoder_kwargs: `decode_rows`'s position_ids, attention_mask, past_key_values, max_position.
-        Returns the draft's last_hidden_state (T, h). The decoding loops reach this through
+        Returns the draft's last_hidden_state (T, h) / (B, T, h). The decoding loops reach this through
         `specvlm_hf.backends.draft_step`, which may run an equivalent faster implementation instead.
         """
+        if token_ids.dim() == 2:
+            rows = self.fuse(self.embed_tokens(token_ids), hidden_states)
+            return self.decode_rows(rows, **decoder_kwargs)
         rows = self.fuse(self.embed_tokens(token_ids)[None], hidden_states[None])
         return self.decode_rows(rows, **decoder_kwargs)[0]
 

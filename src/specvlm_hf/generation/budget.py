@@ -270,15 +270,16 @@ class BudgetPlanner:
             s.backoff.paid()
 
 
-def _key(target, device) -> tuple:
+def _key(target, device, batch_size: int) -> tuple:
     model = families.unwrap_target(target)
-    return (id(model), str(device), str(next(model.parameters()).dtype))
+    return (id(model), str(device), str(next(model.parameters()).dtype), batch_size)
 
 
-def budget_state(draft, target, device) -> BudgetState | None:
-    """What the planner learned for this target, device and dtype, kept on the draft across generate calls."""
-    return draft.__dict__.get("_specvlm_budget_states", {}).get(_key(target, device))
+def budget_state(draft, target, device, batch_size: int = 1) -> BudgetState | None:
+    """What the planner learned for this target, device, dtype and batch size, kept on the draft across generate
+    calls."""
+    return draft.__dict__.get("_specvlm_budget_states", {}).get(_key(target, device, batch_size))
 
 
-def store_budget_state(draft, target, device, state: BudgetState) -> None:
-    draft.__dict__.setdefault("_specvlm_budget_states", {})[_key(target, device)] = state
+def store_budget_state(draft, target, device, state: BudgetState, batch_size: int = 1) -> None:
+    draft.__dict__.setdefault("_specvlm_budget_states", {})[_key(target, device, batch_size)] = state

@@ -18,6 +18,7 @@ from transformers.generation.stopping_criteria import StoppingCriteriaList, Stop
 
 from .. import backends, hf_private
 from ..targets.families import unwrap_target
+from .batch import batch_decoding
 from .chain import SpecVLMChainCandidateGenerator, chain_decoding
 from .settings import DecodingSettings
 from .tree import tree_decoding
@@ -59,14 +60,17 @@ def _generate_with_draft(target, draft, args, kwargs):
         raise ValueError("`custom_generate` cannot be combined with a SpecVLM `assistant_model`.")
     options = {name: kwargs.pop(name) for name in DRAFT_GENERATE_KWARGS if name in kwargs}
     settings = draft.decoding_settings(**options)
-    _check_batch(args, kwargs)
+    batched = _batch_size(args, kwargs) > 1
     _move_stop_strings_to_criteria(target, kwargs)
     # A callable `custom_generate` only receives generate's prepared inputs, not the draft or the streamer.
     routed = {"assistant_model": draft, "streamer": kwargs.get("streamer"), "settings": settings}
     # generate() consumes the image-encoder arguments (image_sizes, ...) before the decoding loop; keep the ones
     # that describe the visual layout for the draft's compressor and stats
     draft._layout_kwargs = {key: kwargs[key] for key in LAYOUT_KWARGS if kwargs.get(key) is not None}
-    if settings.decoding_mode == "tree":
+    if batched:  # both modes: our own loop (transformers' assisted loop runs one sequence)
+        hf_private.check_mask_attention(target)
+        decoding = functools.partial(batch_decoding, **routed)
+    elif settings.decoding_mode == "tree":
         hf_private.check_mask_attention(target)
         decoding = functools.partial(tree_decoding, **routed)
     else:
@@ -106,17 +110,27 @@ def _move_stop_strings_to_criteria(target, kwargs) -> None:
     kwargs["stopping_criteria"] = criteria
 
 
-def _check_batch(args, kwargs) -> None:
+def _batch_size(args, kwargs) -> int:
+    """The number of prompts; refuses (before any work) what batched speculative decoding cannot take."""
     input_ids = kwargs.get("input_ids", args[0] if args else None)
     if input_ids is None:
         input_ids = kwargs.get("inputs")
-    if (
-        input_ids is not None
-        and hasattr(input_ids, "shape")
-        and input_ids.dim() == 2
-        and input_ids.shape[0] > 1
-    ):
+    if input_ids is None or not hasattr(input_ids, "shape") or input_ids.dim() != 2:
+        embeds = kwargs.get("inputs_embeds")
+        return 1 if embeds is None else embeds.shape[0]
+    size = input_ids.shape[0]
+    if size == 1:
+        return 1
+    if kwargs.get("inputs_embeds") is not None:
         raise ValueError(
-            f"SpecVLM speculative decoding runs one sequence at a time, got a batch of {input_ids.shape[0]}. "
-            "Call generate once per prompt (batched trees are not supported yet)."
+            f"SpecVLM speculative decoding on a batch ({size} prompts) needs input_ids and no inputs_embeds: the "
+            "draft reads each row's tokens. Pass input_ids, or generate one prompt at a time."
         )
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+        raise ValueError(
+            f"SpecVLM speculative decoding on a batch ({size} prompts) cannot continue from a filled cache "
+            "(multi-turn cache reuse runs one sequence at a time). Generate each conversation on its own, or pass "
+            "the whole batch without `cache`."
+        )
+    return size

@@ -88,6 +88,9 @@ class GenerationStats:
     visual_tokens: int = 0  # visual tokens in the prompt
     draft_visual_tokens: int = 0  # visual tokens the draft kept after compression
     compressor_choice: str | None = None
+    # a batch (generate on B > 1 prompts): these fields hold the totals (`new_tokens` summed over rows,
+    # `target_forwards` the batched forwards, `accepted_lengths` every row's steps) and `rows` each row's own
+    rows: list[GenerationStats] = field(default_factory=list)
 
     @property
     def mean_accepted_length(self) -> float:

@@ -38,50 +38,13 @@ from .. import hf_private
 from ..targets import families as targets
 from ..targets import features as target_features
 from .budget import BudgetPlanner, BudgetState, budget_state, measure_verify_costs, store_budget_state
+from .masks import verify_mask
 from .prefill import draft_prefill, draft_prompt_ids, feed_draft, target_prefill
 from .settings import DecodingSettings, GenerationStats, Timer, refuse_inexact_processors
 from .tree_policy import DraftTree, build_sampled_tree, build_tree
 
 if TYPE_CHECKING:
     from ..draft.modeling_specvlm import SpecVLMDraftModel
-
-
-def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Boolean "may attend" mask -> additive float mask (0 where allowed, the dtype's minimum elsewhere)."""
-    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
-        ~allowed, torch.finfo(dtype).min
-    )
-
-
-def verify_mask(cache, ancestors: torch.Tensor, depths: torch.Tensor, layer_types, dtype: torch.dtype):
-    """Attention mask for verifying a tree of n nodes on top of `cache`, as the target's forward expects it.
-
-    Full-attention layers see the whole prefix; sliding-window layers (Gemma 3) see the prefix keys they hold,
-    minus those that fall out of each node's window. Returns a (1, 1, n, kv) tensor, or a dict keyed by layer
-    type when the target mixes both kinds.
-    """
-    n = ancestors.shape[0]
-    device = ancestors.device
-    past = cache.get_seq_length()
-    full = torch.ones(n, past + n, dtype=torch.bool, device=device)
-    full[:, past:] = ancestors
-    sliding_layers = [layer for layer in cache.layers if getattr(layer, "sliding_window", None)]
-    if not sliding_layers or layer_types is None:
-        return additive_mask(full, dtype)[None, None]
-    layer = sliding_layers[0]
-    window = layer.sliding_window
-    held = min(
-        layer.keys.shape[2] if layer.keys is not None else 0, window - 1
-    )  # prefix keys the layer returns
-    # prefix key j sits `held - j` tokens before the root; node i is depths[i] tokens after it
-    distance = (held - torch.arange(held, device=device))[None, :] + depths[:, None]
-    sliding = torch.ones(n, held + n, dtype=torch.bool, device=device)
-    sliding[:, :held] = distance < window
-    sliding[:, held:] = ancestors
-    return {
-        "full_attention": additive_mask(full, dtype)[None, None],
-        "sliding_attention": additive_mask(sliding, dtype)[None, None],
-    }
 
 
 class _Selector:
@@ -108,6 +71,28 @@ class _Selector:
             probs = torch.softmax(scores, dim=-1)  # p: the target's processed distribution
             return int(torch.multinomial(probs, 1))
         return int(scores.argmax(-1))
+
+    def for_row(self, row: int, batch_size: int) -> _Selector:
+        """The choice for row `row` of a batch of `batch_size` prompts, exactly as plain batched generate makes it."""
+        return _RowSelector(self.logits_processor, self.do_sample, row, batch_size)
+
+
+class _RowSelector(_Selector):
+    """One row of a batch. Processors may keep per-row state (a repetition penalty's per-row prompt length, a
+    prefix constraint's batch index), so they see the batch's shape with this row at its own index; the other rows
+    repeat it and are discarded."""
+
+    def __init__(self, logits_processor, do_sample: bool, row: int, batch_size: int):
+        super().__init__(logits_processor, do_sample)
+        self.row, self.batch_size = row, batch_size
+
+    def scores(self, prefix_ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        scores = logits[None].float()
+        if len(self.logits_processor) == 0:
+            return scores
+        rows = self.batch_size
+        batch_scores = self.logits_processor(prefix_ids.expand(rows, -1), scores.expand(rows, -1).clone())
+        return batch_scores[self.row : self.row + 1]
 
 
 def accept_greedy(tree: DraftTree, logits: torch.Tensor, prefix: torch.Tensor, select) -> tuple[list, list]:
@@ -426,11 +411,12 @@ def _append(input_ids, tokens: list[int], stopping_criteria, streamer, stats: Ge
     return input_ids, finished
 
 
-def _decode_extras(model_kwargs: dict, n: int) -> dict:
-    """Per-family inputs a decode-step forward needs besides ids, mask, positions and cache."""
+def _decode_extras(model_kwargs: dict, n: int, batch_size: int | None = None) -> dict:
+    """Per-family inputs a decode-step forward over n tokens per sequence needs besides ids, mask, positions and
+    cache (batch_size: the sequences it runs, when fewer than the prompts')."""
     extras = {}
     for key in ("token_type_ids", "mm_token_type_ids"):
         value = model_kwargs.get(key)
         if value is not None:
-            extras[key] = value.new_zeros(value.shape[0], n)
+            extras[key] = value.new_zeros(batch_size or value.shape[0], n)
     return extras

@@ -20,6 +20,7 @@ import torch
 
 from ..backends import draft_logits, draft_step
 from .budget import MAX_DEPTH, BudgetPlanner
+from .masks import additive_mask
 from .settings import DecodingSettings
 
 if TYPE_CHECKING:
@@ -52,85 +53,130 @@ def build_tree(
     settings: DecodingSettings,
     planner: BudgetPlanner | None = None,
 ) -> DraftTree:
-    """Grow the EAGLE-2 dynamic tree (greedy decoding) from the root row's draft output.
+    """Grow the EAGLE-2 dynamic tree (greedy decoding) from the root row's draft output: `build_trees` for one
+    sequence. root_hidden: (1, 1, h) draft output of the row that consumed the root token; row_position: draft
+    position of level-1 rows."""
+    position = torch.tensor([row_position], device=root_hidden.device)
+    return build_trees(
+        draft, draft_cache, root_hidden[:, -1], root_token.view(1), position, settings, planner, row_position
+    )[0]
 
-    root_hidden: (1, 1, h) draft output of the row that consumed the root token.
-    row_position: draft position of level-1 rows. The tree rows are appended to `draft_cache`; the caller crops.
+
+@torch.no_grad()
+def build_trees(
+    draft: SpecVLMDraftModel,
+    draft_cache: DynamicCache,
+    root_hidden: torch.Tensor,
+    root_tokens: torch.Tensor,
+    row_positions: torch.Tensor,
+    settings: DecodingSettings,
+    planner: BudgetPlanner | None = None,
+    max_row_position: int | None = None,
+    cache_valid: torch.Tensor | None = None,
+) -> list[DraftTree]:
+    """Grow one EAGLE-2 dynamic tree per sequence of a batch, every level of every tree in ONE draft forward.
+
+    root_hidden: (B, h) draft output of the row that consumed each sequence's root token; root_tokens: (B,).
+    row_positions: (B,) draft position of each sequence's level-1 rows (`max_row_position`: their maximum, when the
+    caller knows it). cache_valid: (B, P) bool, False on `draft_cache` rows a sequence must not see (padding and
+    holes of a batch; None: all visible). The tree rows are appended to `draft_cache`; the caller crops.
     planner: with no explicit budget, decides top_k, how deep to grow and how many candidates to keep
-    (`budget.BudgetPlanner`); `settings`' tree budget is used otherwise.
+    (`budget.BudgetPlanner`, on the batch's mean per-sequence probabilities); `settings`' tree budget otherwise.
+    Every tree keeps the same number of candidates (ancestor closure may add a node on exact score ties).
     """
     if planner is None:
         k, depth, total = settings.tree_top_k, settings.tree_depth, settings.tree_total_tokens
     else:
-        k, depth, total = planner.top_k(), MAX_DEPTH, None
+        k, depth, total = settings.tree_top_k or planner.top_k(), MAX_DEPTH, None  # (chains: top_k 1)
     device = root_hidden.device
+    bsz, h = root_hidden.shape
     prefix_len = draft_cache.get_seq_length()
+    if max_row_position is None:
+        max_row_position = int(row_positions.max())
     # draft distribution over its own vocabulary (Vd columns; ids maps a column to its target token, None = same)
-    logits, vocab_ids = draft_logits(draft, root_hidden[0, -1])
-    logp = _draft_logp(logits, None)  # (Vd,)
+    logits, vocab_ids = draft_logits(draft, root_hidden)
+    logp = _draft_logp(logits, None)  # (B, Vd)
     k = min(k, logp.shape[-1])
-    row_scores, row_cols = logp.topk(k)  # level-1 candidates, (k,), most likely first
+    row_scores, row_cols = logp.topk(k)  # level-1 candidates, (B, k), most likely first
     cand_cols, cand_scores, row_cands = [row_cols], [row_scores], []
-    row_cand = torch.arange(k, device=device)  # candidate id of each row at the current level
-    parent_hidden = root_hidden[0, -1].expand(k, -1)  # (k, h)
+    row_cand = torch.arange(k, device=device).expand(bsz, k)  # candidate id of each row at the current level
+    parent_hidden = root_hidden[:, None].expand(bsz, k, h)
     n_rows = k * max(depth - 1, 0)
-    # additive attention mask of every tree row the draft may run: the prefix is visible, and among the tree rows
-    # each row sees itself from the start; a new level's rows copy their parents' view of the levels above
+    # additive attention mask of every tree row the draft may run: the prefix is visible (where valid), and among
+    # the tree rows each row sees itself from the start; a new level's rows copy their parents' view of the levels
+    # above
     dtype = root_hidden.dtype  # the draft's
     tree_part = torch.full((n_rows, n_rows), torch.finfo(dtype).min, dtype=dtype, device=device)
-    mask = torch.cat([tree_part.new_zeros(n_rows, prefix_len), tree_part.fill_diagonal_(0.0)], dim=1)
-    level_positions = torch.arange(row_position, row_position + depth, device=device)[:, None].expand(-1, k)
+    tree_part = tree_part.fill_diagonal_(0.0).expand(bsz, n_rows, n_rows)
+    if cache_valid is None:
+        prefix_part = tree_part.new_zeros(bsz, n_rows, prefix_len)
+    else:
+        prefix_part = additive_mask(cache_valid, dtype)[:, None].expand(bsz, n_rows, prefix_len)
+    mask = torch.cat([prefix_part, tree_part], dim=2)  # (B, n_rows, prefix + n_rows)
+    level_positions = row_positions[:, None].expand(bsz, k)
     n_cands = k
-    probs: list[float] = []  # planner: every candidate's cumulative draft probability so far
+    probs: list[float] = []  # planner: every candidate's cumulative draft probability so far (batch mean)
     for level in range(1, depth):
         if planner is not None:
-            probs += cand_scores[-1].exp().tolist()
-            if not planner.keep_growing(sorted(probs, reverse=True), row_scores.exp().tolist(), level - 1):
+            probs += _mean_sorted(cand_scores[-1])
+            if not planner.keep_growing(sorted(probs, reverse=True), _mean_sorted(row_scores), level - 1):
                 break
         lo, hi = (level - 1) * k, level * k  # this level's rows
         hidden = draft_step(
             draft,
             row_cols if vocab_ids is None else vocab_ids[row_cols],  # draft column -> target token id
             parent_hidden,
-            position_ids=level_positions[level - 1 : level],
-            max_position=row_position + level - 1,
-            attention_mask=mask[None, None, lo:hi, : prefix_len + hi],
+            position_ids=level_positions + (level - 1),
+            max_position=max_row_position + level - 1,
+            attention_mask=mask[:, None, lo:hi, : prefix_len + hi],
             past_key_values=draft_cache,
-        )  # (k, h)
-        logp = _draft_logp(draft_logits(draft, hidden)[0], None)  # (k, Vd)
-        child_lp, child_cols = logp.topk(k, dim=-1)  # (k, k)
-        child_scores = (row_scores[:, None] + child_lp).flatten()  # cumulative log-prob of each child
-        child_cols = child_cols.flatten()
+        )  # (B, k, h)
+        logp = _draft_logp(draft_logits(draft, hidden)[0], None)  # (B, k, Vd)
+        child_lp, child_cols = logp.topk(k, dim=-1)  # (B, k, k)
+        child_scores = (row_scores[..., None] + child_lp).flatten(1)  # cumulative log-prob of each child
+        child_cols = child_cols.flatten(1)
         cand_cols.append(child_cols)
         cand_scores.append(child_scores)
         row_cands.append(row_cand)  # the parents of this level's k children each
         if level == depth - 1:
             break
-        best = child_scores.topk(k).indices  # the k best children become the next level's rows
+        best = child_scores.topk(k).indices  # (B, k): the k best children become the next level's rows
         parent_row = best // k
-        row_cols, row_scores = child_cols[best], child_scores[best]
+        row_cols, row_scores = child_cols.gather(1, best), child_scores.gather(1, best)
         row_cand = best + n_cands
-        parent_hidden = hidden[parent_row]
-        mask[hi : hi + k, prefix_len : prefix_len + hi] = mask[lo:hi, prefix_len : prefix_len + hi][
-            parent_row
-        ]
+        parent_hidden = hidden.gather(1, parent_row[..., None].expand(bsz, k, h))
+        seen = mask[:, lo:hi, prefix_len : prefix_len + hi]  # (B, k, hi): this level's rows' view of the tree
+        mask[:, hi : hi + k, prefix_len : prefix_len + hi] = seen.gather(
+            1, parent_row[..., None].expand(bsz, k, hi)
+        )
         n_cands += k * k
 
-    cols = torch.cat(cand_cols)
+    cols = torch.cat(cand_cols, dim=1)  # (B, C)
     tokens = cols if vocab_ids is None else vocab_ids[cols]  # tokens outside the draft vocabulary never enter
-    scores = torch.cat(cand_scores)
-    parents = torch.full((k,), -1, dtype=torch.long, device=device)  # level 1: the root's children
+    scores = torch.cat(cand_scores, dim=1)
+    parents = torch.full((bsz, k), -1, dtype=torch.long, device=device)  # level 1: the root's children
     if row_cands:
-        parents = torch.cat([parents, torch.stack(row_cands)[:, :, None].expand(-1, -1, k).flatten()])
+        children = torch.stack(row_cands, dim=1)[..., None].expand(-1, -1, -1, k).flatten(1)  # (B, C - k)
+        parents = torch.cat([parents, children], dim=1)
     depths = _candidate_depths(k, len(cand_cols), device)
     predicted = None
     if planner is not None:
-        ranked = scores.exp().sort(descending=True).values.tolist()
+        ranked = _mean_sorted(scores)
         total, _ = planner.best_size(ranked, len(cand_cols) - 1)
         predicted = sum(ranked[:total])
-    tree = _select_tree(root_token, tokens, scores, parents, depths, _best_candidates(scores, depths, total))
-    tree.levels, tree.predicted = len(cand_cols) - 1, predicted
-    return tree
+    keep = _best_candidates(scores, depths, total)
+    trees = []
+    for b in range(bsz):
+        tree = _select_tree(root_tokens[b], tokens[b], scores[b], parents[b], depths, keep[b])
+        tree.levels, tree.predicted = len(cand_cols) - 1, predicted
+        trees.append(tree)
+    return trees
+
+
+def _mean_sorted(scores: torch.Tensor) -> list[float]:
+    """Cumulative log-probabilities (B, C) -> the batch's mean of each sequence's probabilities sorted best first
+    (for one sequence: its probabilities, best first)."""
+    return scores.exp().sort(dim=-1, descending=True).values.mean(dim=0).tolist()
 
 
 _DEPTHS: dict = {}
@@ -183,64 +229,124 @@ def build_sampled_tree(
     process=None,
     prefix_ids: torch.Tensor | None = None,
 ) -> DraftTree:
-    """Draw the tree for sampling: a spine of first draws with sibling leaves (module docstring, step 4).
+    """Draw the tree for sampling from the root row's draft output (1, 1, h): `build_sampled_trees` for one
+    sequence; prefix_ids (1, L) ends at the root."""
+    position = torch.tensor([row_position], device=root_hidden.device)
+    return build_sampled_trees(
+        draft,
+        draft_cache,
+        root_hidden[:, -1],
+        root_token.view(1),
+        position,
+        settings,
+        temperature,
+        process,
+        None if prefix_ids is None else [prefix_ids],
+        row_position,
+    )[0]
 
+
+@torch.no_grad()
+def build_sampled_trees(
+    draft: SpecVLMDraftModel,
+    draft_cache: DynamicCache,
+    root_hidden: torch.Tensor,
+    root_tokens: torch.Tensor,
+    row_positions: torch.Tensor,
+    settings: DecodingSettings,
+    temperature: float | None,
+    process=None,
+    prefix_ids: list[torch.Tensor] | None = None,
+    max_row_position: int | None = None,
+    cache_valid: torch.Tensor | None = None,
+) -> list[DraftTree]:
+    """Draw one tree per sequence for sampling: a spine of first draws with sibling leaves (module docstring of
+    `tree.py`, step 4), every sequence's spine level in one draft forward.
+
+    root_hidden: (B, h); root_tokens: (B,); row_positions, max_row_position, cache_valid as in `build_trees`.
     The spine has min(tree_depth, tree_total_tokens) levels; every spine node's children are drawn without
     replacement from q = softmax(draft logits / temperature) (Gumbel-top-k), the first drawn child continues the
     spine, the others are leaves (`sibling_counts`: the remaining budget, shallow levels first, at most
     tree_top_k - 1 per level). Only spine rows go through the draft, one per level.
 
-    process: `(prefix (1, L), logits (1, V)) -> scores (1, V)`, the logits processors the target's tokens are
+    process: `(prefix (1, L), logits (V,)) -> scores (1, V)` (or one per sequence), the logits processors the
+    target's tokens are
     chosen with (temperature, top-k, top-p, repetition penalty, ...); given, q = softmax(process(prefix, draft
-    logits on the target's vocabulary)) with prefix_ids (1, L) ending at the root plus the spine drawn so far. Any
-    q keeps rejection sampling exact (the verifier reads `child_q`); one shaped like the target's p accepts more.
+    logits on the target's vocabulary)) with prefix_ids[b] (1, L_b) ending at sequence b's root, plus the spine
+    drawn so far. Any q keeps rejection sampling exact (the verifier reads `child_q`); one shaped like the target's
+    p accepts more.
     """
     device = root_hidden.device
+    bsz = root_hidden.shape[0]
+    if max_row_position is None:
+        max_row_position = int(row_positions.max())
     spine = min(settings.tree_depth, settings.tree_total_tokens)
     siblings = sibling_counts(spine, settings.tree_total_tokens - spine, settings.tree_top_k - 1)
-    logits, vocab_ids = draft_logits(draft, root_hidden[0, -1])
-    hidden = root_hidden[0, -1:]  # (1, h)
-    tokens, parents, depths, child_q = [root_token.view(1)], [-1], [0], {}
-    node = 0  # tree index of the current spine node
+    logits, vocab_ids = draft_logits(draft, root_hidden)  # (B, Vd)
+    hidden = root_hidden[:, None]  # (B, 1, h)
+    ids = vocab_ids
     if process is not None:  # q over the target's vocabulary: children are target ids
-        ids, vocab_ids = vocab_ids, None
+        vocab_ids = None
+    trees = [
+        ([root_tokens[b].view(1)], [-1], [0], {}) for b in range(bsz)
+    ]  # tokens, parents, depths, child_q
+    nodes = [0] * bsz  # tree index of each sequence's current spine node
+    spine_tokens = []  # (B,) per level: the first drawn child of every sequence
+    prefix_mask = None
+    if cache_valid is not None:
+        prefix_mask = additive_mask(cache_valid, hidden.dtype)[:, None, None]  # (B, 1, 1, P)
     for level in range(1, spine + 1):
         if process is None:
-            logp = _draft_logp(logits.view(-1), temperature)  # (Vd,) log q at the spine node
+            logp = _draft_logp(logits, temperature)  # (B, Vd) log q at the spine nodes
         else:
-            full = logits.view(-1) if ids is None else draft.full_vocab_logits(logits.view(-1), ids)
-            prefix = torch.cat([prefix_ids, *[t[:1].view(1, 1) for t in tokens[1:]]], dim=1)
-            logp = torch.log_softmax(process(prefix, full).view(-1), dim=-1, dtype=torch.float32)
+            full = logits if ids is None else draft.full_vocab_logits(logits, ids)
+            rows = []
+            for b in range(bsz):
+                drawn_so_far = [t[:1].view(1, 1) for t in trees[b][0][1:]]
+                prefix = torch.cat([prefix_ids[b], *drawn_so_far], dim=1)
+                row_process = process[b] if isinstance(process, list) else process
+                rows.append(row_process(prefix, full[b]).view(-1))
+            logp = torch.log_softmax(torch.stack(rows), dim=-1, dtype=torch.float32)
         n_children = min(1 + siblings[level - 1], logp.shape[-1])
-        drawn = draw_without_replacement(logp, n_children)
-        if drawn.numel() == 0:
-            break
-        child_q[node] = logp.exp()
-        first = len(parents)  # tree index of the first drawn child
-        tokens.append(drawn if vocab_ids is None else vocab_ids[drawn])
-        parents += [node] * drawn.numel()
-        depths += [level] * drawn.numel()
+        firsts = []
+        for b in range(bsz):
+            tokens, parents, depths, child_q = trees[b]
+            drawn = draw_without_replacement(logp[b], n_children)  # never empty: the largest key is finite
+            child_q[nodes[b]] = logp[b].exp()
+            first = len(parents)  # tree index of the first drawn child
+            tokens.append(drawn if vocab_ids is None else vocab_ids[drawn])
+            parents += [nodes[b]] * drawn.numel()
+            depths += [level] * drawn.numel()
+            nodes[b] = first
+            firsts.append(tokens[-1][:1])
         if level == spine:
             break
+        spine_tokens.append(torch.cat(firsts))
+        mask = None
+        if prefix_mask is not None:  # the prefix where valid, and the spine above (causal)
+            mask = torch.cat([prefix_mask, prefix_mask.new_zeros(bsz, 1, 1, level)], dim=-1)
         hidden = draft_step(
             draft,
-            tokens[-1][:1],  # the first drawn child continues the spine
+            spine_tokens[-1][:, None],  # the first drawn children continue the spines
             hidden,
-            position_ids=torch.full((1, 1), row_position + level - 1, dtype=torch.long, device=device),
-            max_position=row_position + level - 1,
-            past_key_values=draft_cache,  # one row: it sees the prefix and the spine above it (causal)
-        )  # (1, h)
-        logits = draft_logits(draft, hidden)[0]
-        node = first
-    return DraftTree(
-        torch.cat(tokens),
-        parents,
-        torch.tensor(depths, device=device),
-        _ancestor_mask(parents, device),  # the ancestry is known on the host: one scatter
-        child_q=child_q,
-        vocab_ids=vocab_ids,
-        levels=max(depths[-1] - 1, 0),
-    )
+            position_ids=(row_positions + level - 1)[:, None],
+            max_position=max_row_position + level - 1,
+            attention_mask=mask,
+            past_key_values=draft_cache,  # one row: it sees the prefix and the spine above it
+        )  # (B, 1, h)
+        logits = draft_logits(draft, hidden[:, 0])[0]
+    return [
+        DraftTree(
+            torch.cat(tokens),
+            parents,
+            torch.tensor(depths, device=device),
+            _ancestor_mask(parents, device),  # the ancestry is known on the host: one scatter
+            child_q=child_q,
+            vocab_ids=vocab_ids,
+            levels=max(depths[-1] - 1, 0),
+        )
+        for tokens, parents, depths, child_q in trees
+    ]
 
 
 def _draft_logp(logits: torch.Tensor, temperature: float | None) -> torch.Tensor:
@@ -251,13 +357,14 @@ def _draft_logp(logits: torch.Tensor, temperature: float | None) -> torch.Tensor
 
 
 def _best_candidates(scores, depths, total: int) -> torch.Tensor:
-    """Greedy tree: the `total` candidates with the best cumulative draft log-probability, ancestor-closed below."""
-    total = min(total, scores.shape[0])
+    """Greedy trees: per sequence, the `total` candidates (of scores (B, C)) with the best cumulative draft
+    log-probability, ancestor-closed below. Returns (B, C) bool."""
+    total = min(total, scores.shape[-1])
     # a child's cumulative score never exceeds its parent's; the depth term breaks ties towards ancestors
     rank = scores - 1e-4 * depths.to(scores.dtype)
     rank = torch.nan_to_num(rank, neginf=-1e30)
-    keep = torch.zeros(scores.shape[0], dtype=torch.bool, device=scores.device)
-    keep[rank.topk(total).indices] = True
+    keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    keep.scatter_(-1, rank.topk(total, dim=-1).indices, True)
     return keep
 
 
