@@ -334,6 +334,31 @@ def test_per_row_stats_and_exact_ragged_acceptance(family, mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_row_that_reaches_max_new_tokens_first_stops_taking_part(mode):
+    """No EOS: every row ends at max_new_tokens, but a row whose draft is always right gets there in fewer
+    forwards than one whose draft is often wrong; from then on it takes part in no forward and emits nothing."""
+    model = _target("llava")
+    seeds, lens = [21, 22], [6, 34]
+    batch = make_batch_inputs("llava", model, seeds, lens)
+    width, pad = batch["input_ids"].shape[1], pad_id(model)
+    n = 10
+    reference = _plain(model, batch, max_new_tokens=n)
+    rows = generated_rows(reference, width, pad)
+    starts = real_lengths(batch)
+    wrong = {starts[1] + w for w in (1, 2, 3, 5, 7)}  # row 0: never wrong; row 1: often
+    draft = make_batched_forced_draft(model, merged_reference(rows, starts), wrong)
+    out = model.generate(
+        **batch, max_new_tokens=n, do_sample=False, assistant_model=draft, decoding_mode=mode, **FIXED
+    )
+    assert torch.equal(out, reference)
+    fast, slow = draft.last_generation_stats.rows
+    assert fast.accepted_lengths == expected_accepted_lengths(starts[0], n, wrong, LOOKAHEAD) == [5, 4]
+    assert slow.accepted_lengths == expected_accepted_lengths(starts[1], n, wrong, LOOKAHEAD)
+    assert (fast.target_forwards, slow.target_forwards) == (3, len(slow.accepted_lengths) + 1)
+    assert draft.last_generation_stats.target_forwards == slow.target_forwards
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_batch_of_one_has_no_row_stats(mode):
     model = _target("llava")
     inputs = make_inputs("llava", model, seed=3)
