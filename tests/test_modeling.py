@@ -289,6 +289,12 @@ def test_batch_of_two_runs_and_what_it_cannot_take_is_refused(mode, targets_cach
         model.generate(
             first.sequences, cache=first.cache, assistant_model=draft, max_new_tokens=3, decoding_mode=mode
         )
+    right_padded = torch.ones_like(input_ids)
+    right_padded[0, -2:] = 0
+    with pytest.raises(ValueError, match=r"needs left padding"):
+        model.generate(
+            input_ids=input_ids, attention_mask=right_padded, assistant_model=draft, decoding_mode=mode
+        )
     embeds = model.get_input_embeddings()(input_ids)
     with pytest.raises(ValueError, match=r"needs input_ids and no inputs_embeds"):
         model.generate(

@@ -50,7 +50,7 @@ def _add_target_args(p: argparse.ArgumentParser, default_size: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0).")
 
 
-def _add_train_budget_args(p: argparse.ArgumentParser, steps: int) -> None:
+def _add_train_budget_args(p: argparse.ArgumentParser, steps: int, batch_flag: str = "--batch-size") -> None:
     p.add_argument(
         "--train-steps", type=int, default=steps, help=f"draft distillation steps (default: {steps})."
     )
@@ -60,8 +60,22 @@ def _add_train_budget_args(p: argparse.ArgumentParser, steps: int) -> None:
         default=None,
         help="stop draft training after this many seconds, whatever --train-steps says.",
     )
-    p.add_argument("--batch-size", type=int, default=8, help="training batch size (default: 8).")
+    p.add_argument(
+        batch_flag, dest="train_batch_size", type=int, default=8, help="training batch size (default: 8)."
+    )
     p.add_argument("--learning-rate", type=float, default=3e-3, help="learning rate (default: 3e-3).")
+
+
+def _int_list(value: str) -> list[int]:
+    try:
+        sizes = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated positive integers (e.g. 1,4,8), got {value!r}"
+        )
+    return sizes
 
 
 def _add_tree_args(p: argparse.ArgumentParser) -> None:
@@ -237,7 +251,15 @@ def build_parser() -> argparse.ArgumentParser:
         "2,3,4,6,8 x confidence cut-offs 0,0.4 and trees (total/depth/top-k) 6/4/2, 8/5/2, 12/6/2, 16/8/2; prints "
         "default speedup / best fixed budget's and default / assisted_peer.",
     )
-    _add_train_budget_args(bench, 4000)
+    _add_train_budget_args(bench, 4000, batch_flag="--train-batch-size")
+    bench.add_argument(
+        "--batch-size",
+        type=_int_list,
+        default=None,
+        help="comma-separated batch sizes (e.g. 1,4,8): instead of the per-method table, the throughput of plain "
+        "batched generate vs SpecVLM tree and chain decoding on the same left-padded batches (new tokens/s over "
+        "the whole batch), per batch size.",
+    )
     bench.add_argument(
         "--dtype",
         type=_dtype_list,

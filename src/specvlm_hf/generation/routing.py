@@ -126,6 +126,16 @@ def _batch_size(args, kwargs) -> int:
             f"SpecVLM speculative decoding on a batch ({size} prompts) needs input_ids and no inputs_embeds: the "
             "draft reads each row's tokens. Pass input_ids, or generate one prompt at a time."
         )
+    mask = kwargs.get("attention_mask")
+    if (
+        mask is not None
+        and mask.dim() == 2
+        and not (bool((mask.diff(dim=1) >= 0).all()) and bool(mask[:, -1].all()))
+    ):
+        raise ValueError(
+            f"SpecVLM speculative decoding on a batch ({size} prompts) needs left padding (each attention_mask row "
+            "zeros, then ones). Pad on the left: processor(..., padding=True, padding_side='left')."
+        )
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
         raise ValueError(

@@ -446,7 +446,7 @@ def run_bench_cli(args) -> int:
     else:
         base, processor, train_label = load_target(args.target, args.toy_size, args.cache_dir, args.seed)
         train_target = base
-    budget = TrainBudget(args.train_steps, args.train_seconds, args.batch_size, args.learning_rate)
+    budget = TrainBudget(args.train_steps, args.train_seconds, args.train_batch_size, args.learning_rate)
     trained: dict[str, Any] = {}  # drafts of the training target (tiny toy target for the medium one)
     draft_paths: dict[str, Path] = {}
     if args.draft:
@@ -485,6 +485,11 @@ def run_bench_cli(args) -> int:
     rows = load_rows(args.dataset, args.prompts, args.seed, eval_rows=True, stratified=stratified)
     device = next(vlm.parameters()).device
     prompts = [prompt_inputs(processor, row, device) for row in rows]
+
+    if getattr(args, "batch_size", None):
+        from .batch_bench import run_batch_bench_cli
+
+        return run_batch_bench_cli(args, vlm, label, drafts, build, dtypes, rows, processor, start)
 
     if args.tune:
         print(f"target: {label}")

@@ -438,7 +438,7 @@ def _budget(args) -> TrainBudget:
     return TrainBudget(
         steps=args.train_steps,
         seconds=args.train_seconds,
-        batch_size=args.batch_size,
+        batch_size=args.train_batch_size,
         learning_rate=args.learning_rate,
     )
 
