@@ -10,7 +10,9 @@
    `sharp_models` ones; every case also checks that ignoring the padding (an all-ones attention mask) changes
    plain's output, and the module asserts most cases could fail that way. The full matrix is `slow`;
    `CI_CASES` is a stratified subset.
-3. Per-row statistics (`GenerationStats.rows`) and the refusal of a batch with a filled cache.
+   Stop strings that end rows at different steps (plain extends a stopped row until all have stopped).
+3. Per-row statistics (`GenerationStats.rows`): exact ragged acceptance, a finished row (EOS or its length limit)
+   takes part in no more forwards; and the refusal of a batch with a filled cache.
 4. Sampling, B = 2, with temperature / top-k / top-p / repetition penalty: each row's first two tokens follow the
    exact law plain sampling gives that row (chi-square at significance 1e-3, `test_sampling_processors`' method;
    plain batched sampling passes the same test: p = 0.95 and 0.44 for the two rows, measured).
@@ -33,6 +35,7 @@ from batched_inputs import generated_rows, make_batch_inputs, pad_id, real_lengt
 from forced_draft import expected_accepted_lengths, make_batched_forced_draft, merged_reference
 from sharp_models import make_sharp_target
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
+from test_lossless_matrix import _word_tokenizer as word_tokenizer
 from test_sampling_processors import PROCESSING
 from test_sampling_processors import _chi_square_p_value as chi_square_p_value
 from test_sampling_processors import _exact_joint_law as exact_joint_law
@@ -280,6 +283,37 @@ def test_batched_case_sets():
             lens = sorted(case.prompt_lens())
             gaps = [b - a for a, b in zip(lens, lens[1:])]
             assert all(g > case.max_new_tokens + MAX_DEPTH + 2 for g in gaps), case.id
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "paligemma"])
+def test_batched_stop_string_ends_rows_as_plain(family, mode):
+    """Stop strings (no EOS) that the rows emit at different steps: plain batched generate keeps extending a row
+    that stopped until every row has stopped (no pad fill); speculative decoding must give the same tensor."""
+    model = _target(family)
+    seeds, lens = [31, 32, 33], [34, 90, 6]
+    batch = make_batch_inputs(family, model, seeds, lens)
+    width, pad = batch["input_ids"].shape[1], pad_id(model)
+    free = generated_rows(_plain(model, batch, max_new_tokens=12), width, pad)
+    stops = [f"w{free[b][step]}" for b, step in enumerate((6, 2, 4))]
+    opts = dict(max_new_tokens=12, stop_strings=stops, tokenizer=word_tokenizer(model))
+    reference = _plain(model, batch, **opts)
+    assert reference.shape[1] < width + 12  # every row stopped before the length limit
+    starts = real_lengths(batch)
+    wrong = {starts[0] + 2, starts[2] + 1, starts[2] + 6}
+    forced = make_batched_forced_draft(
+        model, merged_reference(generated_rows(reference, width, pad), starts), wrong
+    )
+    untrained = SpecVLMDraftModel(SpecVLMDraftConfig.from_target(model)).bind(model)
+    for draft in (forced, untrained):
+        out = model.generate(
+            **batch, **opts, do_sample=False, assistant_model=draft, decoding_mode=mode, **FIXED
+        )
+        assert torch.equal(out, reference), (
+            type(draft).__name__,
+            out[:, width:].tolist(),
+            reference[:, width:].tolist(),
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
