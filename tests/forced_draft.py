@@ -72,3 +72,55 @@ def expected_accepted_lengths(prompt_len: int, n_new: int, wrong_positions, look
         lengths.append(emitted)
         generated += emitted
     return lengths
+
+
+class BatchedForcedDraft(ForcedDraft):
+    """A ForcedDraft for a batch: the reference is a dict position -> token merged over the rows.
+
+    Positions are a row's real-token positions (left padding does not count). Rows whose decoding position ranges
+    are disjoint each get their own continuation proposed; a position with no entry gives a uniform (all-zero)
+    row of logits, as the batch-1 draft does past the end of its reference."""
+
+    def force_positions(self, reference: dict[int, int], wrong_positions: set[int]) -> BatchedForcedDraft:
+        self.reference_at = dict(reference)
+        self.wrong = set(wrong_positions)
+        return self
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        vocab = self.config.vocab_size
+        target_index = hidden[..., 0].round().long() + 2  # row t predicts x_{t+2}
+        flat = target_index.reshape(-1).tolist()
+        logits = torch.zeros(len(flat), vocab)
+        for row, index in enumerate(flat):
+            true = self.reference_at.get(index)
+            if true is None:
+                continue
+            if index in self.wrong:
+                logits[row, (true + 1) % vocab] = 30.0
+                logits[row, true] = float("-inf")
+            else:
+                logits[row, true] = 30.0
+        return logits.reshape(*target_index.shape, vocab).to(hidden.device)
+
+
+def merged_reference(rows: list[list[int]], starts: list[int]) -> dict[int, int]:
+    """position -> token over every row's continuation: row b's tokens sit at starts[b], starts[b] + 1, ...
+
+    Raises if two rows put different tokens at one position (their decoding ranges overlap)."""
+    merged: dict[int, int] = {}
+    for tokens, start in zip(rows, starts):
+        for offset, token in enumerate(tokens):
+            position = start + offset
+            if merged.setdefault(position, token) != token:
+                raise ValueError(f"rows overlap at position {position}: choose prompt lengths further apart")
+    return merged
+
+
+def make_batched_forced_draft(
+    target, reference: dict[int, int], wrong_positions=(), **config_overrides
+) -> BatchedForcedDraft:
+    """`make_forced_draft` for a batch (`merged_reference` builds `reference`); a fixed tree budget unless
+    `tree_top_k=None` is passed (then the automatic one)."""
+    config_overrides = {"tree_top_k": 10, **config_overrides}
+    config = SpecVLMDraftConfig.from_target(target, **config_overrides)
+    return BatchedForcedDraft(config).bind(target).force_positions(reference, set(wrong_positions))
