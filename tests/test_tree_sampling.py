@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import LogitsProcessorList
 
-from specvlm_hf.generation.tree import _Selector, accept_sampled
+from specvlm_hf.generation.acceptance import Selector, accept_sampled
 from specvlm_hf.generation.tree_policy import DraftTree, draw_without_replacement, sibling_counts
 
 V = 5
@@ -54,7 +54,7 @@ def _draw_tree(k: int) -> DraftTree:
 
 
 def _joint_counts(k: int, n_trials: int) -> torch.Tensor:
-    select = _Selector(LogitsProcessorList(), do_sample=True)
+    select = Selector(LogitsProcessorList(), do_sample=True)
     counts = torch.zeros(V, V + 1)  # first token x second token (column V: no second token drawn this step)
     prefix = torch.tensor([[0]])
     for _ in range(n_trials):

@@ -35,9 +35,9 @@ from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .. import hf_private
-from ..backends import draft_step
 from ..targets import families as targets
 from ..targets import features as target_features
+from .acceptance import Selector, accept_greedy, accept_sampled
 from .budget import (
     COST_SIZES,
     BudgetPlanner,
@@ -47,9 +47,9 @@ from .budget import (
     store_budget_state,
 )
 from .masks import additive_mask, verify_mask
-from .prefill import target_prefill
-from .settings import DecodingSettings, GenerationStats, Timer, refuse_inexact_processors
-from .tree import _decode_extras, _Selector, _unsupported_outputs, accept_greedy, accept_sampled
+from .prefill import batch_visual_spans, feed_rows, target_prefill
+from .settings import DecodingSettings, GenerationStats, Timer
+from .tree import decode_extras, refuse_unsupported
 from .tree_policy import DraftTree, build_sampled_trees, build_trees
 
 if TYPE_CHECKING:
@@ -138,52 +138,6 @@ def pad_token_id(generation_config) -> int:
     return int(pad) if pad is not None else 0
 
 
-def batch_visual_spans(model, input_ids: torch.Tensor, valid: torch.Tensor, layout: dict) -> list[list]:
-    """Each row's visual spans (in its unpadded token indices). The image tensors of a batch hold every row's
-    images in row order, so the spans are found once over the rows laid end to end (a separator between rows) and
-    handed back to their rows."""
-    rows = [input_ids[b][valid[b]].tolist() for b in range(input_ids.shape[0])]
-    joined, starts = [], []
-    for ids in rows:
-        starts.append(len(joined))
-        joined += ids + [-1]
-    spans = targets.visual_spans(model, torch.tensor([joined]), layout)
-    per_row: list[list] = [[] for _ in rows]
-    for span in spans:
-        b = max(i for i, start in enumerate(starts) if start <= span.start)
-        per_row[b].append(dataclasses.replace(span, start=span.start - starts[b]))
-    return per_row
-
-
-def feed_rows(
-    draft, draft_cache, cache_valid, tokens, feats, counts, row_positions
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sequence's draft consumes its verified tokens in one forward.
-
-    tokens (R, m), feats (R, m, n*h): row r's counts[r] tokens (each with the target feature before it) right-
-    aligned, padding on the left; cache_valid (R, P) over the draft cache; row_positions (R,) draft position of
-    each row's first token. Returns (the draft output of each row's last token (R, h), the new cache_valid)."""
-    rows, m = tokens.shape
-    device = tokens.device
-    arange = torch.arange(m, device=device)
-    real = arange[None] >= (m - counts)[:, None]  # (R, m): False on the left padding
-    positions = (row_positions[:, None] + arange[None] - (m - counts)[:, None]).clamp_min(0)
-    causal = torch.ones(m, m, dtype=torch.bool, device=device).tril()
-    allowed = torch.cat(
-        [cache_valid[:, None, :].expand(rows, m, -1), causal[None] & real[:, None, :]], dim=2
-    )  # a padding row sees the valid prefix: never an empty row
-    out = draft_step(
-        draft,
-        tokens,
-        feats,
-        position_ids=positions,
-        max_position=int(positions.max()),
-        attention_mask=additive_mask(allowed, feats.dtype)[:, None],
-        past_key_values=draft_cache,
-    )
-    return out[:, -1], torch.cat([cache_valid, real], dim=1)
-
-
 def _realign_valid(
     valid: torch.Tensor, rows: torch.Tensor | None, m: int, kept: torch.Tensor
 ) -> torch.Tensor:
@@ -225,26 +179,19 @@ def batch_decoding(
 ):
     """The decoding loop run by `vlm.generate(..., assistant_model=draft)` on a batch (a `custom_generate`)."""
     draft = assistant_model
-    _unsupported_outputs(generation_config)
-    refuse_inexact_processors(generation_config)
-    if synced_gpus:
-        raise ValueError(
-            "SpecVLM speculative decoding does not support synced_gpus (FSDP/ZeRO-3 generation)."
-        )
+    refuse_unsupported(generation_config, synced_gpus, model_kwargs, batch_size=input_ids.shape[0])
     if streamer is not None:
         raise ValueError(
             f"A streamer takes one sequence, and this generate call has a batch of {input_ids.shape[0]}. "
             "Generate one prompt at a time to stream, or drop the streamer."
         )
-    for unused in ("tokenizer", "assistant_tokenizer"):
-        model_kwargs.pop(unused, None)
     bsz, prompt_len = input_ids.shape
     mode = settings.decoding_mode
     stats = GenerationStats(decoding_mode=mode)
     stats.rows = [GenerationStats(decoding_mode=mode) for _ in range(bsz)]
     draft.last_generation_stats = stats
     start_time = time.perf_counter()
-    select = _Selector(logits_processor, generation_config.do_sample)
+    select = Selector(logits_processor, generation_config.do_sample)
     draft_temperature = (generation_config.temperature or 1.0) if generation_config.do_sample else None
     request = target_features.hidden_state_request(draft.config.target_layers)
     mask = model_kwargs.get("attention_mask")
@@ -444,7 +391,7 @@ class _BatchLoop:
             cache=self.cache,
             use_cache=True,
             output_hidden_states=self.request,
-            **_decode_extras(self.model_kwargs, n, size),
+            **decode_extras(self.model_kwargs, n, size),
         )
 
     def _step_settings(self) -> DecodingSettings:

@@ -3,10 +3,14 @@ and the draft consuming verified tokens (`feed_draft`)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ..backends import draft_step
+from ..targets import families as targets
 from ..targets import features as target_features
+from .masks import additive_mask
 from .settings import GenerationStats
 
 
@@ -94,3 +98,49 @@ def feed_draft(draft, draft_cache, tokens, feats: torch.Tensor, row_position: in
         max_position=row_position + m - 1,
         past_key_values=draft_cache,
     )[None, -1:]
+
+
+def batch_visual_spans(model, input_ids: torch.Tensor, valid: torch.Tensor, layout: dict) -> list[list]:
+    """Each row's visual spans (in its unpadded token indices). The image tensors of a batch hold every row's
+    images in row order, so the spans are found once over the rows laid end to end (a separator between rows) and
+    handed back to their rows."""
+    rows = [input_ids[b][valid[b]].tolist() for b in range(input_ids.shape[0])]
+    joined, starts = [], []
+    for ids in rows:
+        starts.append(len(joined))
+        joined += ids + [-1]
+    spans = targets.visual_spans(model, torch.tensor([joined]), layout)
+    per_row: list[list] = [[] for _ in rows]
+    for span in spans:
+        b = max(i for i, start in enumerate(starts) if start <= span.start)
+        per_row[b].append(dataclasses.replace(span, start=span.start - starts[b]))
+    return per_row
+
+
+def feed_rows(
+    draft, draft_cache, cache_valid, tokens, feats, counts, row_positions
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every sequence's draft consumes its verified tokens in one forward.
+
+    tokens (R, m), feats (R, m, n*h): row r's counts[r] tokens (each with the target feature before it) right-
+    aligned, padding on the left; cache_valid (R, P) over the draft cache; row_positions (R,) draft position of
+    each row's first token. Returns (the draft output of each row's last token (R, h), the new cache_valid)."""
+    rows, m = tokens.shape
+    device = tokens.device
+    arange = torch.arange(m, device=device)
+    real = arange[None] >= (m - counts)[:, None]  # (R, m): False on the left padding
+    positions = (row_positions[:, None] + arange[None] - (m - counts)[:, None]).clamp_min(0)
+    causal = torch.ones(m, m, dtype=torch.bool, device=device).tril()
+    allowed = torch.cat(
+        [cache_valid[:, None, :].expand(rows, m, -1), causal[None] & real[:, None, :]], dim=2
+    )  # a padding row sees the valid prefix: never an empty row
+    out = draft_step(
+        draft,
+        tokens,
+        feats,
+        position_ids=positions,
+        max_position=int(positions.max()),
+        attention_mask=additive_mask(allowed, feats.dtype)[:, None],
+        past_key_values=draft_cache,
+    )
+    return out[:, -1], torch.cat([cache_valid, real], dim=1)
