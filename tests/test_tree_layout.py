@@ -1,4 +1,4 @@
-"""Laying kept draft candidates out as a tree (`tree._select_tree`): order, parents, depths, ancestor mask."""
+"""Laying kept draft candidates out as a tree (`tree_policy._select_tree`): order, parents, depths, ancestor mask."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _brute_ancestors(parent_of: list[int]) -> torch.Tensor:
 
 def test_tree_layout_parents_depths_and_ancestors():
     keep = torch.tensor([True, True, True, False, True, True, True])
-    tree = _select_tree(torch.tensor(9), TOKENS, torch.zeros(7), PARENTS, DEPTHS, keep)
+    tree = _select_tree(torch.tensor(9), TOKENS, PARENTS.tolist(), DEPTHS, keep.nonzero().flatten().tolist())
     assert tree.tokens.tolist() == [9, 10, 11, 12, 14, 15, 16]
     assert tree.parents == [-1, 0, 0, 1, 2, 3, 5]
     assert tree.depths.tolist() == [0, 1, 1, 2, 2, 3, 4]
@@ -36,7 +36,7 @@ def test_kept_nodes_bring_their_ancestors():
     # only the deepest candidate kept (as exact score ties can leave it): its whole ancestry joins the tree
     keep = torch.zeros(7, dtype=torch.bool)
     keep[6] = True
-    tree = _select_tree(torch.tensor(9), TOKENS, torch.zeros(7), PARENTS, DEPTHS, keep)
+    tree = _select_tree(torch.tensor(9), TOKENS, PARENTS.tolist(), DEPTHS, keep.nonzero().flatten().tolist())
     assert tree.tokens.tolist() == [9, 10, 12, 15, 16]
     assert tree.parents == [-1, 0, 1, 2, 3]
     assert torch.equal(tree.ancestors, _brute_ancestors(tree.parents))
@@ -79,3 +79,12 @@ def test_trees_built_by_a_real_draft_have_consistent_ancestry():
                 for p in tree.parents[1:]:
                     depth.append(depth[p] + 1)
                 assert tree.depths.tolist() == depth
+
+
+def test_best_candidates_per_sequence_of_a_batch():
+    scores = torch.tensor(
+        [[-0.1, -2.0, -0.1, -0.5, -2.5, -0.1, -0.1], [-2.0, -0.1, -2.5, -2.6, -0.2, -3.0, -3.1]]
+    )
+    keep = _best_candidates(scores, DEPTHS, 2)
+    assert keep.tolist()[0] == [True, False, True, False, False, False, False]
+    assert keep.tolist()[1] == [False, True, False, False, True, False, False]
