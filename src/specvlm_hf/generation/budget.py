@@ -283,3 +283,11 @@ def budget_state(draft, target, device, batch_size: int = 1) -> BudgetState | No
 
 def store_budget_state(draft, target, device, state: BudgetState, batch_size: int = 1) -> None:
     draft.__dict__.setdefault("_specvlm_budget_states", {})[_key(target, device, batch_size)] = state
+
+
+def chain_backoff(draft, target, device) -> BackOff:
+    """Chain mode's back-off for this target, device and dtype, kept on the draft across generate calls (as the
+    tree planner's is), so a draft that does not pay keeps its long back-off in the next call instead of probing
+    from scratch."""
+    states = draft.__dict__.setdefault("_specvlm_chain_backoff", {})
+    return states.setdefault(_key(target, device, 1), BackOff())

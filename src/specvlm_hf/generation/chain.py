@@ -27,9 +27,9 @@ from .budget import (
     AUTO_CHAIN_CUMULATIVE,
     AUTO_CHAIN_TOKENS,
     CHAIN_BACKOFF_ACCEPTED,
-    BackOff,
     BudgetPlanner,
     budget_state,
+    chain_backoff,
 )
 from .prefill import draft_prefill, draft_prompt_ids, feed_draft, uncached_length
 from .settings import GenerationStats, refuse_inexact_processors
@@ -62,7 +62,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self.pending_tokens: list[torch.Tensor] = []
         self.pending_feats: list[torch.Tensor] = []
         self.last_was_spec, self.accepted_ema = False, 1.0
-        self.backoff = BackOff()
+        self.backoff = chain_backoff(draft, target, target.device)
         self.stats = GenerationStats(decoding_mode="chain")
         self.stats.target_forwards = 0
         self._start = time.perf_counter()
@@ -184,7 +184,9 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             self.accepted_ema = 0.5 * self.accepted_ema + 0.5 * accepted
             if self.accepted_ema < CHAIN_BACKOFF_ACCEPTED:
                 self.backoff.start()
-                self.accepted_ema = 1.0  # the probe after the back-off starts neutral
+                # the probe after the back-off: one more probe accepting nothing backs off again (0.5 -> 0.25),
+                # one accepting a token keeps speculating (was 1.0: two failed probes per back-off)
+                self.accepted_ema = 0.5
             elif accepted >= 1:
                 self.backoff.paid()
         self.last_was_spec = False
