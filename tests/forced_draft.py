@@ -20,6 +20,10 @@ class ForcedDraft(SpecVLMDraftModel):
         self.wrong = set(wrong_positions)
         return self
 
+    def reference_token(self, index: int) -> int | None:
+        """The token the reference has at position `index`, or None past its end."""
+        return self.reference[index] if index < len(self.reference) else None
+
     def decode_rows(
         self, fused, position_ids=None, attention_mask=None, past_key_values=None, max_position=None
     ):
@@ -40,9 +44,9 @@ class ForcedDraft(SpecVLMDraftModel):
         flat = target_index.reshape(-1).tolist()
         logits = torch.zeros(len(flat), vocab)
         for row, index in enumerate(flat):
-            if index >= len(self.reference):
+            true = self.reference_token(index)
+            if true is None:  # past the reference: a uniform (all-zero) row
                 continue
-            true = self.reference[index]
             if index in self.wrong:
                 logits[row, (true + 1) % vocab] = 30.0
                 logits[row, true] = float("-inf")
@@ -86,21 +90,8 @@ class BatchedForcedDraft(ForcedDraft):
         self.wrong = set(wrong_positions)
         return self
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        vocab = self.config.vocab_size
-        target_index = hidden[..., 0].round().long() + 2  # row t predicts x_{t+2}
-        flat = target_index.reshape(-1).tolist()
-        logits = torch.zeros(len(flat), vocab)
-        for row, index in enumerate(flat):
-            true = self.reference_at.get(index)
-            if true is None:
-                continue
-            if index in self.wrong:
-                logits[row, (true + 1) % vocab] = 30.0
-                logits[row, true] = float("-inf")
-            else:
-                logits[row, true] = 30.0
-        return logits.reshape(*target_index.shape, vocab).to(hidden.device)
+    def reference_token(self, index: int) -> int | None:
+        return self.reference_at.get(index)
 
 
 def merged_reference(rows: list[list[int]], starts: list[int]) -> dict[int, int]:

@@ -38,16 +38,9 @@ from .. import hf_private
 from ..targets import families as targets
 from ..targets import features as target_features
 from .acceptance import Selector, accept_greedy, accept_sampled
-from .budget import (
-    COST_SIZES,
-    BudgetPlanner,
-    BudgetState,
-    budget_state,
-    measure_verify_costs,
-    store_budget_state,
-)
+from .budget import COST_SIZES, BudgetPlanner, planner_for
 from .masks import additive_mask, verify_mask
-from .prefill import batch_visual_spans, feed_rows, target_prefill
+from .prefill import batch_visual_spans, feed_rows, last_prompt_positions, target_prefill
 from .settings import DecodingSettings, GenerationStats, Timer
 from .tree import decode_extras, refuse_unsupported
 from .tree_policy import DraftTree, build_sampled_trees, build_trees
@@ -205,12 +198,7 @@ def batch_decoding(
         if cache is None:
             raise RuntimeError("SpecVLM speculative decoding needs the target's KV cache (use_cache=True).")
         restore_recording = hf_private.start_past_recording(cache)
-        position_ids = model_kwargs.get("position_ids")
-        if position_ids is not None:  # (..., B, 1): each row's last prompt position as the prefill saw it
-            last_pos = position_ids[..., -1:].clone()
-        else:
-            last_pos = valid.sum(dim=1, keepdim=True) - 1
-        last_pos = last_pos + targets.get_target_spec(model).position_offset
+        last_pos = last_prompt_positions(model, model_kwargs, valid.sum(dim=1, keepdim=True))  # (..., B, 1)
         selectors = [select.for_row(b, bsz) for b in range(bsz)]
         roots = [selectors[b](rows.ids[b], outputs.logits[b, -1]) for b in range(bsz)]
     stats.target_forwards = 1
@@ -219,16 +207,12 @@ def batch_decoding(
         stats.rows[b].target_forwards = 1
     active = [b for b in range(bsz) if not rows.done(b)]
 
-    target_model = targets.unwrap_target(model)
-    mask_dtype = next(target_model.parameters()).dtype
-    layer_types = getattr(targets.text_config(target_model), "layer_types", None)
     restore_attention = hf_private.use_mask_attention(model)
     try:
         if active:
             loop = _BatchLoop(
                 model, draft, settings, stats, rows, selectors, draft_temperature, request, model_kwargs
             )
-            loop.mask_dtype, loop.layer_types = mask_dtype, layer_types
             loop.start(cache, active, valid, last_pos, roots, input_ids, prompt_embeds, prompt_feats)
             loop.run()
     finally:
@@ -272,6 +256,9 @@ class _BatchLoop:
         self.model_kwargs = model_kwargs
         self.chain = settings.decoding_mode == "chain"
         self.processing = len(selectors[0].logits_processor) > 0
+        target_model = targets.unwrap_target(model)
+        self.mask_dtype = next(target_model.parameters()).dtype
+        self.layer_types = getattr(targets.text_config(target_model), "layer_types", None)
 
     # ------------------------------------------------------------------------------------------------ set-up
     def start(self, cache, active, valid, last_pos, roots, input_ids, prompt_embeds, prompt_feats) -> None:
@@ -356,22 +343,16 @@ class _BatchLoop:
         if not automatic:
             return None
         size = len(self.active)
-        state = budget_state(self.draft, self.model, self.device, batch_size=size)
-        if state is None:
-            roots = self.roots
 
-            def timed_forward(n: int) -> None:
-                depths = torch.arange(n, device=self.device).expand(size, n)
-                ancestors = torch.ones(n, n, dtype=torch.bool, device=self.device).tril().expand(size, n, n)
-                self.model(**self._verify_inputs(roots[:, None].expand(size, n), depths, ancestors))
-                empty = torch.zeros(size, 0, dtype=torch.long, device=self.device)
-                hf_private.realign_cache(self.cache, None, n, empty, empty.new_zeros(size))  # undo
+        def timed_forward(n: int) -> None:  # (first call for this target, device, dtype and batch size only)
+            depths = torch.arange(n, device=self.device).expand(size, n)
+            ancestors = torch.ones(n, n, dtype=torch.bool, device=self.device).tril().expand(size, n, n)
+            self.model(**self._verify_inputs(self.roots[:, None].expand(size, n), depths, ancestors))
+            empty = torch.zeros(size, 0, dtype=torch.long, device=self.device)
+            hf_private.realign_cache(self.cache, None, n, empty, empty.new_zeros(size))  # undo
 
-            sizes = [n for n in COST_SIZES if n * size <= MAX_COST_TOKENS] or [1]
-            state = BudgetState(measure_verify_costs(timed_forward, sizes=sizes, device=self.device))
-            store_budget_state(self.draft, self.model, self.device, state, batch_size=size)
-        self.stats.budget_costs_ms = {n: 1e3 * t for n, t in zip(state.costs.sizes, state.costs.seconds)}
-        return BudgetPlanner(state)
+        sizes = [n for n in COST_SIZES if n * size <= MAX_COST_TOKENS] or [1]
+        return planner_for(self.draft, self.model, self.device, timed_forward, self.stats, size, sizes)
 
     # ------------------------------------------------------------------------------------------------ a step
     def _verify_inputs(self, tokens, depths, ancestors) -> dict:
@@ -408,8 +389,7 @@ class _BatchLoop:
     def _draft(self, plain: bool) -> list[DraftTree]:
         draft = self.draft
         if plain:
-            ones = torch.ones(1, 1, dtype=torch.bool, device=self.device)
-            return [DraftTree(r.view(1), [-1], r.new_zeros(1), ones) for r in self.roots]
+            return [DraftTree.root_only(r) for r in self.roots]
         if self.pending_tokens is not None:  # catch up on the tokens of the plain steps before
             counts = torch.full((len(self.active),), self.pending_tokens.shape[1], device=self.device)
             self.root_hidden, self.draft_valid = feed_rows(

@@ -285,6 +285,20 @@ def store_budget_state(draft, target, device, state: BudgetState, batch_size: in
     draft.__dict__.setdefault("_specvlm_budget_states", {})[_key(target, device, batch_size)] = state
 
 
+def planner_for(
+    draft, target, device, timed_forward, stats, batch_size: int = 1, sizes=COST_SIZES
+) -> BudgetPlanner:
+    """The planner for one generate call: what was learned for this target, device, dtype and batch size, or -- on
+    the first call -- a cost curve measured with `timed_forward(n)` (a target forward over n new tokens on the
+    call's own cache, undone) and kept on the draft. Records the curve in `stats.budget_costs_ms`."""
+    state = budget_state(draft, target, device, batch_size)
+    if state is None:
+        state = BudgetState(measure_verify_costs(timed_forward, sizes=sizes, device=device))
+        store_budget_state(draft, target, device, state, batch_size)
+    stats.budget_costs_ms = {n: 1e3 * t for n, t in zip(state.costs.sizes, state.costs.seconds)}
+    return BudgetPlanner(state)
+
+
 def chain_backoff(draft, target, device) -> BackOff:
     """Chain mode's back-off for this target, device and dtype, kept on the draft across generate calls (as the
     tree planner's is), so a draft that does not pay keeps its long back-off in the next call instead of probing

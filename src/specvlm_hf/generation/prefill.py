@@ -62,6 +62,16 @@ def target_prefill(model, draft, input_ids: torch.Tensor, model_kwargs: dict):
     return outputs, captured[0], features
 
 
+def last_prompt_positions(model, model_kwargs: dict, lengths: torch.Tensor) -> torch.Tensor:
+    """Each sequence's position of its last cached prompt token as the prefill saw it: from the prefill's own
+    `position_ids` where generate made them ((..., B, 1); M-RoPE), else `lengths - 1` (lengths (B, 1): prompt tokens
+    per sequence, padding excluded); plus the family's offset (PaliGemma's prepare_inputs_for_generation adds 1 to
+    0-based positions). Decoding continues from there."""
+    position_ids = model_kwargs.get("position_ids")
+    last = position_ids[..., -1:].clone() if position_ids is not None else lengths - 1
+    return last + targets.get_target_spec(model).position_offset
+
+
 def draft_prefill(
     draft, prompt_ids, prompt_embeds, prompt_feats, next_token, spans, cache, stats: GenerationStats
 ):

@@ -38,9 +38,9 @@ from .. import hf_private
 from ..targets import families as targets
 from ..targets import features as target_features
 from .acceptance import Selector, accept_greedy, accept_sampled
-from .budget import BudgetPlanner, BudgetState, budget_state, measure_verify_costs, store_budget_state
+from .budget import planner_for
 from .masks import verify_mask
-from .prefill import draft_prefill, draft_prompt_ids, feed_draft, target_prefill
+from .prefill import draft_prefill, draft_prompt_ids, feed_draft, last_prompt_positions, target_prefill
 from .settings import DecodingSettings, GenerationStats, Timer, refuse_inexact_processors
 from .tree_policy import DraftTree, build_sampled_tree, build_tree
 
@@ -111,14 +111,9 @@ def tree_decoding(
         prompt_ids = draft_prompt_ids(input_ids, prompt_embeds.shape[1])
         # sliding-window layers keep rejected-node states until compaction (restored as the caller had them)
         restore_recording = hf_private.start_past_recording(cache)
-        position_ids = model_kwargs.get("position_ids")
-        if position_ids is not None:
-            last_pos = position_ids[..., -1:].clone()  # (..., 1, 1): position of the last cached token
-        else:
-            last_pos = torch.tensor([[prompt_len - 1]], device=input_ids.device)
-        # continue from the last cached position as the prefill saw it (PaliGemma's prepare_inputs_for_generation
-        # adds 1 to 0-based positions)
-        last_pos = last_pos + targets.get_target_spec(model).position_offset
+        last_pos = last_prompt_positions(
+            model, model_kwargs, torch.tensor([[prompt_len]], device=input_ids.device)
+        )
         root = select(input_ids, outputs.logits[0, -1])
     input_ids, finished = _append(input_ids, [root], stopping_criteria, streamer, stats)
 
@@ -158,21 +153,14 @@ def tree_decoding(
     try:
         planner = None
         if settings.auto_tree and not finished:
-            state = budget_state(draft, model, input_ids.device)
-            if (
-                state is None
-            ):  # first call for this target, device and dtype: time a few forwards on this cache
 
-                def timed_forward(n: int) -> None:
-                    depths = torch.arange(n, device=input_ids.device)
-                    ancestors = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril()
-                    model(**verify_inputs(root_t.expand(n), ancestors, depths))
-                    hf_private.compact_cache(cache, n, depths[:0])  # undo: keep none of the n
+            def timed_forward(n: int) -> None:  # (first call for this target, device and dtype only)
+                depths = torch.arange(n, device=input_ids.device)
+                ancestors = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril()
+                model(**verify_inputs(root_t.expand(n), ancestors, depths))
+                hf_private.compact_cache(cache, n, depths[:0])  # undo: keep none of the n
 
-                state = BudgetState(measure_verify_costs(timed_forward, device=input_ids.device))
-                store_budget_state(draft, model, input_ids.device, state)
-            planner = BudgetPlanner(state)
-            stats.budget_costs_ms = {n: 1e3 * t for n, t in zip(state.costs.sizes, state.costs.seconds)}
+            planner = planner_for(draft, model, input_ids.device, timed_forward, stats)
 
         # accepted tokens the draft has not consumed yet, each with the target feature it pairs with (plain steps)
         pending_tokens: list[int] = []
@@ -183,9 +171,7 @@ def tree_decoding(
             step_start = time.perf_counter()
             with Timer(stats, "draft_time_s"):
                 if plain:
-                    tree = DraftTree(
-                        root_t.view(1), [-1], root_t.new_zeros(1), root_t.new_ones(1, 1, dtype=torch.bool)
-                    )
+                    tree = DraftTree.root_only(root_t)
                 else:
                     if pending_tokens:  # catch up on the tokens of the plain steps before
                         root_hidden = feed_draft(

@@ -42,6 +42,12 @@ class DraftTree:
     levels: int = 0  # draft forwards that built the tree (its cost)
     predicted: float | None = None  # greedy trees chosen by a planner: summed cumulative draft probabilities
 
+    @classmethod
+    def root_only(cls, root_token: torch.Tensor) -> DraftTree:
+        """No draft: the root verified alone (a plain decoding step)."""
+        root = root_token.view(1)
+        return cls(root, [-1], root.new_zeros(1), torch.ones(1, 1, dtype=torch.bool, device=root.device))
+
 
 @torch.no_grad()
 def build_tree(

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from .bench import format_cell, lossless_failures
 from .greedy_check import greedy_check
 
 BATCH_METHODS = (("plain", None), ("tree", "tree"), ("chain", "chain"))
@@ -156,6 +157,7 @@ class _Totals:
 
     def record(self, name: str, size: int, temperature: float, dtype: str) -> dict[str, Any]:
         record = {
+            "status": "ok",  # (`bench.lossless_failures` reads greedy records with this status)
             "batch_size": size,
             "method": name,
             "dtype": dtype,
@@ -185,13 +187,7 @@ def batch_table(records: list[dict]) -> str:
         "verify ms/step",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-
-    def fmt(value, digits=2):
-        if value is None:
-            return "-"
-        if isinstance(value, bool):
-            return "yes" if value else "NO"
-        return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    fmt = format_cell
 
     for r in records:
         row = [
@@ -247,12 +243,7 @@ def run_batch_bench_cli(args, vlm, label, drafts, build, dtypes, rows, processor
         (out / "results.md").write_text(text + table)
         print(f"wrote {out / 'results.json'}, {out / 'results.md'}")
     print(f"bench time: {time.perf_counter() - start:.1f} s")
-    failures = [
-        r
-        for r in records
-        if r.get("lossless") is False
-        or (r.get("lossless") == "numerical-tie" and r["dtype"] not in ("bfloat16", "float16"))
-    ]
+    failures = lossless_failures(records)
     for r in failures:
         print(
             f"ERROR: batch {r['batch_size']} {r['method']} ({r['dtype']}) differs from plain batched generate"

@@ -252,7 +252,7 @@ def sweep_summary(records: list[dict]) -> list[str]:
 # ---------------------------------------------------------------------------------------------- output
 
 
-def _fmt(value, digits: int = 2) -> str:
+def format_cell(value, digits: int = 2) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -295,23 +295,23 @@ def markdown_table(records: list[dict]) -> str:
         row = [
             r["method"],
             r.get("dtype") or "-",
-            _fmt(r["temperature"], 1),
+            format_cell(r["temperature"], 1),
             _fmt_lossless(r),
-            _fmt(r.get("speedup")),
-            _fmt(r.get("speedup_decode")),
-            _fmt(r.get("tokens_per_second"), 1),
-            _fmt(r.get("mean_accepted_length")),
-            _fmt(r.get("mean_accepted_length_no_bonus")),
-            _fmt(r.get("target_forwards_per_token")),
-            _fmt(r.get("draft_time_s")),
-            _fmt(r.get("verify_time_s")),
-            _fmt(r.get("prefill_time_s")),
-            _fmt(r.get("other_time_s")),
-            _fmt(r.get("draft_ms_per_step"), 1),
-            _fmt(r.get("verify_ms_per_step"), 1),
-            _fmt(r.get("draft_vs_target_forward")),
-            _fmt(r.get("bound_speedup")),
-            _fmt(r.get("bound_fraction")),
+            format_cell(r.get("speedup")),
+            format_cell(r.get("speedup_decode")),
+            format_cell(r.get("tokens_per_second"), 1),
+            format_cell(r.get("mean_accepted_length")),
+            format_cell(r.get("mean_accepted_length_no_bonus")),
+            format_cell(r.get("target_forwards_per_token")),
+            format_cell(r.get("draft_time_s")),
+            format_cell(r.get("verify_time_s")),
+            format_cell(r.get("prefill_time_s")),
+            format_cell(r.get("other_time_s")),
+            format_cell(r.get("draft_ms_per_step"), 1),
+            format_cell(r.get("verify_ms_per_step"), 1),
+            format_cell(r.get("draft_vs_target_forward")),
+            format_cell(r.get("bound_speedup")),
+            format_cell(r.get("bound_fraction")),
             status.replace("|", "/"),
         ]
         lines.append("| " + " | ".join(row) + " |")
@@ -331,8 +331,8 @@ def _fmt_lossless(record: dict) -> str:
     if record.get("lossless") == "numerical-tie":
         return f"tie ({len(record['lossless_ties'])})"
     if record.get("sampling_p_value") is not None:
-        return f"{_fmt(record.get('lossless'))} (p={record['sampling_p_value']:.2g})"
-    return _fmt(record.get("lossless"))
+        return f"{format_cell(record.get('lossless'))} (p={record['sampling_p_value']:.2g})"
+    return format_cell(record.get("lossless"))
 
 
 def plot_results(records: list[dict], path: str | Path) -> Path:
