@@ -510,36 +510,6 @@ def test_batched_sampling_has_each_rows_target_law(sampling_vlm, mode, kind):
 # 5. images of different sizes per row (any-res patch counts, Qwen grids): each row's visual block differs
 
 
-def _row_with_image_size(family: str, model, seed: int, size) -> dict:
-    """A batch-1 prompt whose image has its own size: llava_next an (height, width) of the original image (a
-    different any-res patch count and token count), qwen2_vl a (t, h, w) patch grid."""
-    from tiny_models import BOI_ID, BOS_ID, EOI_ID, IMAGE_ID, _finish, _qwen_pixels, _text
-
-    gen = torch.Generator().manual_seed(seed)
-    head, tail = [BOS_ID, *_text(gen, 5)], _text(gen, 4)
-    if family == "qwen2_vl":
-        n = size[0] * size[1] * size[2] // model.config.vision_config.spatial_merge_size**2
-        ids = head + [BOI_ID] + [IMAGE_ID] * n + [EOI_ID] + tail
-        mm = [1 if i == IMAGE_ID else 0 for i in ids]
-        return _finish(
-            ids,
-            pixel_values=_qwen_pixels(model, gen, size),
-            image_grid_thw=torch.tensor([size]),
-            mm_token_type_ids=torch.tensor([mm], dtype=torch.int32),
-        )
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    vc = model.config.vision_config
-    image_sizes = torch.tensor([size])
-    patches = image_size_to_num_patches(size, model.config.image_grid_pinpoints, vc.image_size)
-    pixel_values = torch.randn(1, patches, 3, vc.image_size, vc.image_size, generator=gen)
-    with torch.no_grad():
-        feats = model.model.get_image_features(pixel_values=pixel_values, image_sizes=image_sizes)
-    pooled = feats.pooler_output if hasattr(feats, "pooler_output") else feats
-    n = sum(int(f.shape[0]) for f in pooled)
-    return _finish(head + [IMAGE_ID] * n + tail, pixel_values=pixel_values, image_sizes=image_sizes)
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize(
     "family, sizes",
@@ -549,7 +519,7 @@ def test_rows_with_images_of_different_sizes(family, sizes, mode):
     from batched_inputs import combine
 
     model = _target(family)
-    rows = [_row_with_image_size(family, model, 70 + b, size) for b, size in enumerate(sizes)]
+    rows = [make_inputs(family, model, seed=70 + b, prompt_len=10, image_size=s) for b, s in enumerate(sizes)]
     visual = [int((r["input_ids"] == 300).sum()) for r in rows]
     assert len(set(visual)) == len(visual), f"rows should differ in visual tokens: {visual}"
     batch = combine(family, rows, pad_id(model))

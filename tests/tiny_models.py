@@ -300,10 +300,12 @@ def _qwen_pixels(model, gen: torch.Generator, grid_thw: tuple[int, int, int]) ->
     return torch.randn(t * h * w, dim, generator=gen)
 
 
-def make_inputs(family: str, model, seed: int = 0, prompt_len: int = 12) -> dict:
+def make_inputs(family: str, model, seed: int = 0, prompt_len: int = 12, image_size=None) -> dict:
     """Batch-1 ``generate()`` inputs for ``model`` (random text ids vary with ``seed``).
 
     The prompt is ``[bos] + text + <visual block> + text`` with about ``prompt_len`` text tokens.
+    image_size: llava_next / llava_onevision: the original image's (height, width) (any-res patch count and token
+    count follow); qwen2_vl / qwen2_5_vl / qwen3_vl: the (t, h, w) patch grid. Default: (40, 56) / (1, 4, 6).
     """
     gen = torch.Generator().manual_seed(seed)
     n1 = prompt_len // 2
@@ -321,7 +323,7 @@ def make_inputs(family: str, model, seed: int = 0, prompt_len: int = 12) -> dict
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         vc = config.vision_config
-        image_sizes = torch.tensor([[40, 56]])  # (height, width) of the original image
+        image_sizes = torch.tensor([image_size or (40, 56)])  # (height, width) of the original image
         num_patches = image_size_to_num_patches(
             image_sizes[0].tolist(), config.image_grid_pinpoints, vc.image_size
         )
@@ -332,7 +334,7 @@ def make_inputs(family: str, model, seed: int = 0, prompt_len: int = 12) -> dict
         n = sum(int(f.shape[0]) for f in pooled)
         return _finish(head + [IMAGE_ID] * n + tail, pixel_values=pixel_values, image_sizes=image_sizes)
     if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
-        grid = (1, 4, 6)  # patches; merged 2x2 -> 1 x 2 x 3 = 6 tokens
+        grid = tuple(image_size or (1, 4, 6))  # patches; merged 2x2 -> 1 x 2 x 3 = 6 tokens by default
         merge = config.vision_config.spatial_merge_size
         n = grid[0] * grid[1] * grid[2] // merge**2
         ids = head + [BOI_ID] + [IMAGE_ID] * n + [EOI_ID] + tail
