@@ -23,8 +23,8 @@ from typing import Any
 
 import torch
 
-from .bench import format_cell, lossless_failures
-from .greedy_check import greedy_check
+from .greedy_check import greedy_check, lossless_failures
+from .tables import format_cell
 
 BATCH_METHODS = (("plain", None), ("tree", "tree"), ("chain", "chain"))
 
@@ -157,7 +157,7 @@ class _Totals:
 
     def record(self, name: str, size: int, temperature: float, dtype: str) -> dict[str, Any]:
         record = {
-            "status": "ok",  # (`bench.lossless_failures` reads greedy records with this status)
+            "status": "ok",  # (`greedy_check.lossless_failures` reads greedy records with this status)
             "batch_size": size,
             "method": name,
             "dtype": dtype,

@@ -74,9 +74,10 @@ from typing import Any
 
 import torch
 
-from .greedy_check import describe_divergence, greedy_check
+from .greedy_check import describe_divergence, greedy_check, lossless_failures
 from .methods import Method, _ForwardCounter, _MethodRun, _progress, default_methods, sweep_methods
 from .sampling_check import sampling_check
+from .tables import format_cell
 
 __all__ = ["Method", "default_methods", "sweep_methods", "run_benchmark", "greedy_check", "write_results"]
 
@@ -92,7 +93,6 @@ METHOD_NAMES = (
 )
 REQUIRED_KEYS = ("method", "temperature", "speedup", "mean_accepted_length", "tokens_per_second", "lossless")
 SAMPLING_ALPHA = 1e-3  # a sampled record fails its check below this p-value (false-alarm rate per record)
-LOW_PRECISION = ("bfloat16", "float16")  # dtypes whose greedy ties are excused
 
 
 # ---------------------------------------------------------------------------------------------- benchmark
@@ -197,18 +197,6 @@ def _add_bound(record: dict, c1_ms: float | None) -> None:
         record["bound_fraction"] = record["speedup_decode"] / record["bound_speedup"]
 
 
-def lossless_failures(records: list[dict]) -> list[dict]:
-    """Greedy records whose outputs differ from plain's for a reason other than a low-precision numerical tie."""
-    bad = []
-    for r in records:
-        if r.get("temperature", 0) > 0 or r.get("status") != "ok":
-            continue
-        verdict = r.get("lossless")
-        if verdict is False or (verdict == "numerical-tie" and r.get("dtype") not in LOW_PRECISION):
-            bad.append(r)
-    return bad
-
-
 def _draft_key(name: str) -> str:
     """``specvlm_tree[pool]@16/8/2`` -> ``specvlm[pool]``: which draft a method decodes with."""
     base = name.split("@")[0]
@@ -250,16 +238,6 @@ def sweep_summary(records: list[dict]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------- output
-
-
-def format_cell(value, digits: int = 2) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "NO"
-    if isinstance(value, float):
-        return "nan" if math.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
 
 
 def markdown_table(records: list[dict]) -> str:

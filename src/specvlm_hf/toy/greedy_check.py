@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+LOW_PRECISION = ("bfloat16", "float16")  # dtypes whose greedy ties are excused
+
 
 def first_divergence(model, inputs: dict, reference: list[int], got: list[int]) -> dict | None:
     """Where greedy output `got` first leaves `reference` (plain's), and whether that is a numerical tie.
@@ -57,3 +59,15 @@ def greedy_check(model, prompts: list[dict], reference: list[list[int]], tokens:
     if len(tokens) == len(reference) and diffs and all(d["tie"] for d in diffs):
         return {"lossless": "numerical-tie", "lossless_ties": diffs}
     return {"lossless": False, "lossless_differences": diffs}
+
+
+def lossless_failures(records: list[dict]) -> list[dict]:
+    """Greedy records whose outputs differ from plain's for a reason other than a low-precision numerical tie."""
+    bad = []
+    for r in records:
+        if r.get("temperature", 0) > 0 or r.get("status") != "ok":
+            continue
+        verdict = r.get("lossless")
+        if verdict is False or (verdict == "numerical-tie" and r.get("dtype") not in LOW_PRECISION):
+            bad.append(r)
+    return bad
