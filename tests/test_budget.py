@@ -130,3 +130,22 @@ def test_an_automatic_chain_backs_off_with_an_untrained_draft(target, monkeypatc
     assert torch.equal(out, reference)
     steps = len(draft.last_generation_stats.accepted_lengths)
     assert steps >= 30 and len(forwards) < steps  # most steps drafted nothing; the draft caught up in batches
+
+
+def test_an_automatic_chain_stays_backed_off_across_calls(target):
+    """A draft that did not pay in one call starts the next one backed off (no two failed probes per call), and
+    chain mode records its per-step choices."""
+    inputs = make_inputs("llava", target, seed=3)
+    reference = target.generate(**inputs, max_new_tokens=40, do_sample=False)
+    torch.manual_seed(0)
+    draft = SpecVLMDraftModel(SpecVLMDraftConfig.from_target(target)).bind(target).eval()
+    for call in range(3):
+        out = target.generate(
+            **inputs, max_new_tokens=40, do_sample=False, assistant_model=draft, decoding_mode="chain"
+        )
+        assert torch.equal(out, reference)
+        steps = draft.last_generation_stats.budget_steps
+        assert len(steps) == len(draft.last_generation_stats.accepted_lengths)
+        probes = [kind for kind, _ in steps if kind == "spec"]
+        if call > 0:  # backed off from the start, at most one probe per long back-off
+            assert steps[0] == ("plain", 0) and len(probes) <= 2, steps

@@ -126,6 +126,15 @@ class BackOff:
 
 
 @dataclass
+class ChainBackOff(BackOff):
+    """Chain mode's back-off and its running acceptance (accepted drafts per speculative step, halved weight per
+    step), both kept across `generate` calls: a draft that did not pay starts the next call backed off instead of
+    paying two failed probes to learn it again."""
+
+    accepted_ema: float = 1.0
+
+
+@dataclass
 class BudgetState:
     """What the planner learns, kept on the draft across `generate` calls (per target, device and dtype)."""
 
@@ -299,9 +308,9 @@ def planner_for(
     return BudgetPlanner(state)
 
 
-def chain_backoff(draft, target, device) -> BackOff:
+def chain_backoff(draft, target, device) -> ChainBackOff:
     """Chain mode's back-off for this target, device and dtype, kept on the draft across generate calls (as the
     tree planner's is), so a draft that does not pay keeps its long back-off in the next call instead of probing
     from scratch."""
     states = draft.__dict__.setdefault("_specvlm_chain_backoff", {})
-    return states.setdefault(_key(target, device, 1), BackOff())
+    return states.setdefault(_key(target, device, 1), ChainBackOff())

@@ -61,7 +61,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         # steps wait here, with their target features, until the draft consumes them
         self.pending_tokens: list[torch.Tensor] = []
         self.pending_feats: list[torch.Tensor] = []
-        self.last_was_spec, self.accepted_ema = False, 1.0
+        self.last_was_spec = False
         self.backoff = chain_backoff(draft, target, target.device)
         self.stats = GenerationStats(decoding_mode="chain")
         self.stats.target_forwards = 0
@@ -114,6 +114,10 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             t1 = time.perf_counter()
             stats.draft_prefill_time_s += t1 - t0
             t0 = t1
+            if self._back_off(0):  # still backed off from earlier calls: this call starts with plain steps
+                self.context_len = self.cache.get_seq_length()
+                stats.budget_steps.append(("plain", 0))
+                return input_ids, None
         else:
             # the target verified n_last_matches candidates and added one token: consume them with true features
             stats.accepted_lengths.append(n_last_matches + 1)
@@ -124,6 +128,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             self.pending_feats.append(feats[0, :m])
             if self._back_off(n_last_matches):  # a plain step: no drafting, the draft catches up later
                 stats.draft_time_s += time.perf_counter() - t0
+                stats.budget_steps.append(("plain", 0))
                 return input_ids, None
             tokens, rows = torch.cat(self.pending_tokens), torch.cat(self.pending_feats)
             self.pending_tokens, self.pending_feats = [], []
@@ -171,6 +176,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         stats.draft_time_s += time.perf_counter() - t0
         stats.total_time_s = time.perf_counter() - self._start
         self.last_was_spec = bool(drafted)
+        stats.budget_steps.append(("spec" if drafted else "plain", len(drafted)))
         if not drafted:
             return input_ids, None
         return seq, torch.stack(drafted_logits, dim=1)  # (1, n, V)
@@ -181,12 +187,13 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         if not self.settings.auto_chain:
             return False
         if self.last_was_spec:
-            self.accepted_ema = 0.5 * self.accepted_ema + 0.5 * accepted
-            if self.accepted_ema < CHAIN_BACKOFF_ACCEPTED:
-                self.backoff.start()
+            backoff = self.backoff
+            backoff.accepted_ema = 0.5 * backoff.accepted_ema + 0.5 * accepted
+            if backoff.accepted_ema < CHAIN_BACKOFF_ACCEPTED:
+                backoff.start()
                 # the probe after the back-off: one more probe accepting nothing backs off again (0.5 -> 0.25),
                 # one accepting a token keeps speculating (was 1.0: two failed probes per back-off)
-                self.accepted_ema = 0.5
+                backoff.accepted_ema = 0.5
             elif accepted >= 1:
                 self.backoff.paid()
         self.last_was_spec = False

@@ -76,8 +76,8 @@ class GenerationStats:
     verify_mask_time_s: float = 0.0  # building the tree attention mask and positions
     accept_time_s: float = 0.0  # the acceptance walk (greedy or rejection sampling)
     compact_time_s: float = 0.0  # cache compaction and picking the accepted rows' hidden states
-    # automatic budget (tree mode without an explicit tree budget): per verify step ("spec", verified draft
-    # tokens) or ("plain", 0) for a back-off step without drafting; and the cost model it used
+    # per verify step ("spec", verified draft tokens) or ("plain", 0) for a back-off step without drafting (tree
+    # mode: with the automatic budget; chain mode: always); and the cost model the automatic tree budget used
     budget_steps: list[tuple[str, int]] = field(default_factory=list)
     budget_costs_ms: dict[int, float] = field(default_factory=dict)  # target forward over n new tokens
     budget_calibration: float | None = None  # measured / predicted accepted draft tokens
