@@ -25,7 +25,7 @@ def test_benchmark_records_and_files(setup, tmp_path):
 
     assistant = make_tiny_target("llava", seed=1)  # same vocabulary, independent weights
     peer = new_peer(vlm, 48)
-    methods = bench.default_methods(drafts, assistant=assistant, peer=peer)
+    methods = bench.default_methods(drafts, assistant=assistant, peer=peer, untrained=new_draft(vlm, seed=1))
     methods = [m for m in methods if not (m.draft is drafts["select"] and m.decoding_mode == "chain")]
     records = bench.run_benchmark(
         vlm, prompts, methods, (0.0, 1.0), max_new_tokens=6, warmup=0, progress=False
@@ -39,7 +39,11 @@ def test_benchmark_records_and_files(setup, tmp_path):
         "eagle_chain",
         "eagle_tree",
         "specvlm_tree[select]",
+        "untrained_chain",
+        "untrained_tree",
     } <= names
+    floor = [line for line in bench.sweep_summary(records) if line.startswith("untrained draft")]
+    assert len(floor) == 4 and "untrained_tree" in floor[1]  # chain and tree, T=0 and T=1
     assert len(records) == 2 * len(methods)
     for r in records:
         for key in bench.REQUIRED_KEYS:

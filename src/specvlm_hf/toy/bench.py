@@ -207,10 +207,8 @@ def _draft_key(name: str) -> str:
 
 def sweep_summary(records: list[dict]) -> list[str]:
     """Per dtype, temperature and draft: the best default-settings method's speedup / the best fixed budget's, and
-    / the assisted peer's. Empty without sweep records."""
+    / the assisted peer's (with sweep records); and the untrained draft's speedup over plain."""
     ok = [r for r in records if r.get("status") == "ok" and r.get("speedup")]
-    if not any(r.get("budget") for r in ok):
-        return []
     lines = []
     groups = dict.fromkeys((r.get("dtype"), r["temperature"]) for r in ok)
     for dtype, temperature in groups:
@@ -234,6 +232,11 @@ def sweep_summary(records: list[dict]) -> list[str]:
                     f"{default['speedup'] / peer['speedup']:.2f}"
                 )
             lines.append(line)
+        for r in group:
+            if r["method"].startswith("untrained_"):
+                lines.append(
+                    f"untrained draft {dtype} T={temperature:g}: {r['method']} {r['speedup']:.2f}x plain"
+                )
     return lines
 
 
@@ -530,7 +533,12 @@ def run_bench_cli(args) -> int:
             print(
                 f"assisted peer: 1 decoder layer, {theirs / 1e6:.2f}M trainable parameters (our draft: {mine / 1e6:.2f}M)"
             )
-        methods = default_methods(drafts, assistant=assistant, only=only, peer=peer, sweep=args.sweep)
+        untrained = None
+        if only is None or any(name.startswith("untrained") for name in only):
+            untrained = _untrained_draft(train_target, vlm, toy_medium, args.seed)
+        methods = default_methods(
+            drafts, assistant=assistant, only=only, peer=peer, sweep=args.sweep, untrained=untrained
+        )
         # sampled trees are a spine with siblings (generation.tree.build_sampled_tree): their best budget differs
         # from greedy's; fixed budgets (--sweep) are passed explicitly and hold at every temperature
         sampling_tree = {
@@ -545,7 +553,7 @@ def run_bench_cli(args) -> int:
         records += run_benchmark(
             vlm, prompts, methods, temperatures, args.max_new_tokens, warmup=args.warmup, seed=args.seed
         )
-        del vlm, drafts, assistant, peer, methods
+        del vlm, drafts, assistant, peer, methods, untrained
     print()
     print(markdown_table(records))
     summary = sweep_summary(records)
@@ -576,6 +584,17 @@ def run_bench_cli(args) -> int:
             file=sys.stderr,
         )
     return 1 if failures else 0
+
+
+def _untrained_draft(train_target, vlm, toy_medium: bool, seed: int):
+    """A randomly initialised EagleVLM draft for ``vlm`` (built at the training target's width and widened with
+    it for the medium toy target, as the trained drafts are), bound to ``vlm``."""
+    from .demo import new_draft, widen_draft_for_timing
+
+    draft = new_draft(train_target, seed=seed).eval()
+    if toy_medium:
+        return widen_draft_for_timing(draft, vlm)
+    return draft.to(next(vlm.parameters()).dtype).bind(vlm)
 
 
 def _resolve_tree_budgets(args, drafts: dict[str, Any]) -> None:

@@ -87,6 +87,16 @@ def sweep_methods(drafts: dict[str, Any]) -> list[Method]:
     return methods
 
 
+def untrained_methods(draft) -> list[Method]:
+    """An untrained (randomly initialised) draft in chain and tree mode at default settings: the floor the
+    automatic back-off keeps (issue: never below 0.95x plain)."""
+    note = "untrained draft (random init): the automatic budget's back-off floor"
+    return [
+        Method(f"untrained_{mode}", "spec", draft=draft, decoding_mode=mode, note=note)
+        for mode in ("chain", "tree")
+    ]
+
+
 def base_name(name: str) -> str:
     """``specvlm_tree[pool]@16/8/2`` -> ``specvlm_tree`` (what ``--methods`` selects)."""
     return name.split("@")[0].split("[")[0].split("(")[0]
@@ -99,9 +109,11 @@ def default_methods(
     only=None,
     peer=None,
     sweep: bool = False,
+    untrained=None,
 ) -> list[Method]:
     """plain, assisted, assisted_peer (when given), prompt_lookup, the drafts' chain and tree methods at their
-    default settings and, with ``sweep``, at every fixed budget of `sweep_methods` (interleaved in one run)."""
+    default settings, an ``untrained`` draft's (when given) and, with ``sweep``, every draft at every fixed budget
+    of `sweep_methods` (interleaved in one run)."""
     methods = [Method("plain", "plain")]
     if assistant is not None:
         methods.append(Method("assisted", "assisted", assistant=assistant))
@@ -128,6 +140,8 @@ def default_methods(
         )
     )
     methods += spec_methods(drafts)
+    if untrained is not None:
+        methods += untrained_methods(untrained)
     if sweep:
         methods += sweep_methods(drafts)
     if only:
