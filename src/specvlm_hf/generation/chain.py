@@ -57,6 +57,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         self.prompt_len = None
         self._capture = None
         self._captured: list[torch.Tensor] = []
+        self._prefill_inputs = None  # what the draft's prefill needs, until it runs (`_prefill_draft`)
         # automatic chains back off to plain steps when drafts are not accepted (`_back_off`); the tokens of those
         # steps wait here, with their target features, until the draft consumes them
         self.pending_tokens: list[torch.Tensor] = []
@@ -99,25 +100,25 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             spans = targets.visual_spans(
                 targets.unwrap_target(self.target), prompt_ids, {**model_kwargs, **self._layout_kwargs}
             )
-            hidden = draft_prefill(
-                draft,
+            # the draft's own prefill waits for the first speculative step: a call that stays backed off (a draft
+            # that did not pay in earlier calls) never pays it
+            self._prefill_inputs = (
                 prompt_ids,
                 embeds,
                 feats[:, :n_prefilled],
                 input_ids[:, self.prompt_len :],
                 spans,
-                self.cache,
-                stats,
             )
             self.row_position = n_prefilled
             stats.new_tokens = 1
-            t1 = time.perf_counter()
-            stats.draft_prefill_time_s += t1 - t0
-            t0 = t1
+            stats.visual_tokens = sum(
+                span.length for span in spans
+            )  # (the draft's share: set by its prefill)
             if self._back_off(0):  # still backed off from earlier calls: this call starts with plain steps
-                self.context_len = self.cache.get_seq_length()
                 stats.budget_steps.append(("plain", 0))
                 return input_ids, None
+            hidden = self._prefill_draft()
+            t0 = time.perf_counter()
         else:
             # the target verified n_last_matches candidates and added one token: consume them with true features
             stats.accepted_lengths.append(n_last_matches + 1)
@@ -130,6 +131,9 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
                 stats.draft_time_s += time.perf_counter() - t0
                 stats.budget_steps.append(("plain", 0))
                 return input_ids, None
+            if self._prefill_inputs is not None:
+                self._prefill_draft()
+                t0 = time.perf_counter()
             tokens, rows = torch.cat(self.pending_tokens), torch.cat(self.pending_feats)
             self.pending_tokens, self.pending_feats = [], []
             hidden = feed_draft(draft, self.cache, tokens, rows, self.row_position)
@@ -180,6 +184,17 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         if not drafted:
             return input_ids, None
         return seq, torch.stack(drafted_logits, dim=1)  # (1, n, V)
+
+    def _prefill_draft(self) -> torch.Tensor:
+        """The draft over the prompt's features and the first token (`draft_prefill`); returns its last output."""
+        start = time.perf_counter()
+        prompt_ids, embeds, feats, first_tokens, spans = self._prefill_inputs
+        self._prefill_inputs = None
+        hidden = draft_prefill(
+            self.draft, prompt_ids, embeds, feats, first_tokens, spans, self.cache, self.stats
+        )
+        self.stats.draft_prefill_time_s += time.perf_counter() - start
+        return hidden
 
     def _back_off(self, accepted: int) -> bool:
         """Automatic chains (no `num_draft_tokens`): after speculative steps that accept almost nothing (an untrained
