@@ -233,3 +233,20 @@ def test_logits_processors_apply_as_in_plain_generate(llava, mode):
     out = model.generate(**inputs, **kwargs, assistant_model=draft, decoding_mode=mode)
     assert torch.equal(out, expected)
     assert draft.last_generation_stats.mean_accepted_length > 2
+
+
+@pytest.mark.parametrize("mode", ["tree", "chain"])
+def test_back_off_steps_sample_without_any_processor(peaked_target, monkeypatch, mode):
+    """The automatic budget's plain steps (no drafting) sample from the target at temperature 1 with no logits
+    processor at all -- the case where a greedy walk reads every choice in one transfer (it once took the argmax
+    there while sampling)."""
+    from specvlm_hf.generation import budget
+
+    model = peaked_target
+    monkeypatch.setattr(budget.BackOff, "take", lambda self: True)  # backed off: every step a plain one
+    draft = SpecVLMDraftModel(SpecVLMDraftConfig.from_target(model)).bind(model)
+    torch.manual_seed(3)
+    plain_runs = _sample_counts(model, N_SAMPLES), _sample_counts(model, N_SAMPLES)  # temperature 1, top_k=0
+    spec = _sample_counts(model, N_SAMPLES, assistant_model=draft, decoding_mode=mode)
+    _assert_same_law(spec, plain_runs)
+    assert set(kind for kind, _ in draft.last_generation_stats.budget_steps) == {"plain"}

@@ -114,14 +114,14 @@ def accept_greedy(
 ) -> tuple[list, list]:
     """Greedy walk: descend while a child carries the target's choice y. Returns (path, emitted tokens).
 
-    choices: every node's argmax when the caller has them (no logits processors); else each visited node's choice
-    is made by `select`, which applies the processors to the prefix so far. Without processors all are read in one
-    transfer here."""
+    choices: every node's argmax when the caller has them (greedy, no logits processors); else each visited node's
+    choice is made by `select`, which applies the processors to the prefix so far and samples when sampling (a plain
+    step's lone root while sampling comes here). Greedy without processors reads all choices in one transfer here."""
     children: dict[tuple[int, int], int] = {}
     tree_tokens = tree.tokens.tolist()
     for i in range(1, len(tree_tokens)):
         children.setdefault((tree.parents[i], tree_tokens[i]), i)
-    if choices is None and len(select.logits_processor) == 0:
+    if choices is None and not select.do_sample and len(select.logits_processor) == 0:
         choices = logits.argmax(-1).tolist()
     path, emitted, node = [0], [], 0
     while True:
