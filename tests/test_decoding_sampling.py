@@ -250,3 +250,22 @@ def test_back_off_steps_sample_without_any_processor(peaked_target, monkeypatch,
     spec = _sample_counts(model, N_SAMPLES, assistant_model=draft, decoding_mode=mode)
     _assert_same_law(spec, plain_runs)
     assert set(kind for kind, _ in draft.last_generation_stats.budget_steps) == {"plain"}
+
+
+def test_a_lone_roots_choice_is_sampled_when_sampling():
+    """The greedy walk both decoding loops run on a plain step's lone root: argmax when greedy, a draw from the
+    target's distribution when sampling, also without any logits processor (the batch loop's plain steps too)."""
+    from transformers import LogitsProcessorList
+
+    from specvlm_hf.generation.acceptance import Selector, accept_greedy
+    from specvlm_hf.generation.tree_policy import DraftTree
+
+    tree = DraftTree.root_only(torch.tensor([3]))
+    logits = torch.zeros(1, 6)
+    logits[0, 2] = 0.5  # argmax 2 with probability e^0.5 / (5 + e^0.5) = 0.25
+    prefix = torch.tensor([[1, 3]])
+    assert accept_greedy(tree, logits, prefix, Selector(LogitsProcessorList(), False)) == ([0], [2])
+    torch.manual_seed(0)
+    sampled = Selector(LogitsProcessorList(), True)
+    picks = Counter(accept_greedy(tree, logits, prefix, sampled)[1][0] for _ in range(600))
+    assert set(picks) == set(range(6)) and 100 <= picks[2] <= 200, picks
