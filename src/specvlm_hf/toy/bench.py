@@ -75,7 +75,15 @@ from typing import Any
 import torch
 
 from .greedy_check import describe_divergence, greedy_check, lossless_failures
-from .methods import Method, _ForwardCounter, _MethodRun, _progress, default_methods, sweep_methods
+from .methods import (
+    Method,
+    _ForwardCounter,
+    _MethodRun,
+    _progress,
+    default_methods,
+    sweep_methods,
+    untrained_draft,
+)
 from .sampling_check import sampling_check
 from .tables import format_cell
 
@@ -535,7 +543,7 @@ def run_bench_cli(args) -> int:
             )
         untrained = None
         if only is None or any(name.startswith("untrained") for name in only):
-            untrained = _untrained_draft(train_target, vlm, toy_medium, args.seed)
+            untrained = untrained_draft(train_target, vlm, toy_medium, args.seed)
         methods = default_methods(
             drafts, assistant=assistant, only=only, peer=peer, sweep=args.sweep, untrained=untrained
         )
@@ -584,17 +592,6 @@ def run_bench_cli(args) -> int:
             file=sys.stderr,
         )
     return 1 if failures else 0
-
-
-def _untrained_draft(train_target, vlm, toy_medium: bool, seed: int):
-    """A randomly initialised EagleVLM draft for ``vlm`` (built at the training target's width and widened with
-    it for the medium toy target, as the trained drafts are), bound to ``vlm``."""
-    from .demo import new_draft, widen_draft_for_timing
-
-    draft = new_draft(train_target, seed=seed).eval()
-    if toy_medium:
-        return widen_draft_for_timing(draft, vlm)
-    return draft.to(next(vlm.parameters()).dtype).bind(vlm)
 
 
 def _resolve_tree_budgets(args, drafts: dict[str, Any]) -> None:

@@ -87,6 +87,17 @@ def sweep_methods(drafts: dict[str, Any]) -> list[Method]:
     return methods
 
 
+def untrained_draft(train_target, vlm, toy_medium: bool, seed: int):
+    """A randomly initialised EagleVLM draft for ``vlm`` (built at the training target's width and widened with
+    it for the medium toy target, as the trained drafts are), bound to ``vlm``."""
+    from .demo import new_draft, widen_draft_for_timing
+
+    draft = new_draft(train_target, seed=seed).eval()
+    if toy_medium:
+        return widen_draft_for_timing(draft, vlm)
+    return draft.to(next(vlm.parameters()).dtype).bind(vlm)
+
+
 def untrained_methods(draft) -> list[Method]:
     """An untrained (randomly initialised) draft in chain and tree mode at default settings: the floor the
     automatic back-off keeps (issue: never below 0.95x plain)."""
