@@ -114,7 +114,8 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             stats.visual_tokens = sum(
                 span.length for span in spans
             )  # (the draft's share: set by its prefill)
-            if self._back_off(0):  # still backed off from earlier calls: this call starts with plain steps
+            # no room to draft (max_length), or still backed off from earlier calls: a plain step
+            if self._no_room(input_ids) or self._back_off(0):
                 stats.budget_steps.append(("plain", 0))
                 return input_ids, None
             hidden = self._prefill_draft()
@@ -127,7 +128,8 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             m = n_last_matches + 1
             self.pending_tokens.append(input_ids[0, -m:])
             self.pending_feats.append(feats[0, :m])
-            if self._back_off(n_last_matches):  # a plain step: no drafting, the draft catches up later
+            # a plain step (no room to draft, or backing off): no drafting, the draft catches up later
+            if self._no_room(input_ids) or self._back_off(n_last_matches):
                 stats.draft_time_s += time.perf_counter() - t0
                 stats.budget_steps.append(("plain", 0))
                 return input_ids, None
@@ -184,6 +186,10 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         if not drafted:
             return input_ids, None
         return seq, torch.stack(drafted_logits, dim=1)  # (1, n, V)
+
+    def _no_room(self, input_ids: torch.Tensor) -> bool:
+        """Whether `max_length` leaves no token to draft before the target's own next one."""
+        return self.max_length - input_ids.shape[1] - 1 <= 0
 
     def _prefill_draft(self) -> torch.Tensor:
         """The draft over the prompt's features and the first token (`draft_prefill`); returns its last output."""

@@ -86,7 +86,9 @@ class GenerationStats:
     draft_prefill_time_s: float = 0.0  # the draft over the prompt's features (with visual compression)
     total_time_s: float = 0.0
     visual_tokens: int = 0  # visual tokens in the prompt
-    draft_visual_tokens: int = 0  # visual tokens the draft kept after compression
+    # visual tokens the draft kept after compression, and its compressor's choice (0 and None when the draft never
+    # ran: chain mode runs it at the first speculative step, a call that stays backed off never does)
+    draft_visual_tokens: int = 0
     compressor_choice: str | None = None
     # a batch (generate on B > 1 prompts): these fields hold the totals (`new_tokens` summed over rows,
     # `target_forwards` the batched forwards, `accepted_lengths` every row's steps) and `rows` each row's own
