@@ -111,11 +111,10 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             )
             self.row_position = n_prefilled
             stats.new_tokens = 1
-            stats.visual_tokens = sum(
-                span.length for span in spans
-            )  # (the draft's share: set by its prefill)
+            # (the draft's share of them is set by its prefill)
+            stats.visual_tokens = sum(span.length for span in spans)
             # no room to draft (max_length), or still backed off from earlier calls: a plain step
-            if self._no_room(input_ids) or self._back_off(0):
+            if self._room(input_ids) <= 0 or self._back_off(0):
                 stats.budget_steps.append(("plain", 0))
                 return input_ids, None
             hidden = self._prefill_draft()
@@ -129,7 +128,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             self.pending_tokens.append(input_ids[0, -m:])
             self.pending_feats.append(feats[0, :m])
             # a plain step (no room to draft, or backing off): no drafting, the draft catches up later
-            if self._no_room(input_ids) or self._back_off(n_last_matches):
+            if self._room(input_ids) <= 0 or self._back_off(n_last_matches):
                 stats.draft_time_s += time.perf_counter() - t0
                 stats.budget_steps.append(("plain", 0))
                 return input_ids, None
@@ -151,12 +150,12 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             state = budget_state(draft, self.target, input_ids.device)
             length = AUTO_CHAIN_TOKENS
             cumulative_cut = BudgetPlanner(state).chain_cut() if state is not None else AUTO_CHAIN_CUMULATIVE
-        budget = min(length, self.max_length - input_ids.shape[1] - 1)
+        budget = min(length, self._room(input_ids))
         drafted, drafted_logits = [], []
         seq = input_ids
         position = self.row_position
         cumulative = 1.0
-        for step in range(max(budget, 0)):
+        for step in range(budget):  # (>= 1: a step without room is a plain one above)
             token, logits, top_prob = self._draft_token(seq, hidden[:, -1])
             if step > 0 and threshold > 0 and float(top_prob) < threshold:
                 break
@@ -187,9 +186,9 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             return input_ids, None
         return seq, torch.stack(drafted_logits, dim=1)  # (1, n, V)
 
-    def _no_room(self, input_ids: torch.Tensor) -> bool:
-        """Whether `max_length` leaves no token to draft before the target's own next one."""
-        return self.max_length - input_ids.shape[1] - 1 <= 0
+    def _room(self, input_ids: torch.Tensor) -> int:
+        """Draft tokens `max_length` leaves room for before the target's own next token."""
+        return self.max_length - input_ids.shape[1] - 1
 
     def _prefill_draft(self) -> torch.Tensor:
         """The draft over the prompt's features and the first token (`draft_prefill`); returns its last output."""
@@ -216,7 +215,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
                 # one accepting a token keeps speculating (was 1.0: two failed probes per back-off)
                 backoff.accepted_ema = 0.5
             elif accepted >= 1:
-                self.backoff.paid()
+                backoff.paid()
         self.last_was_spec = False
         return self.backoff.take()
 
