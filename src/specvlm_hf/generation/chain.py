@@ -186,6 +186,15 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             return input_ids, None
         return seq, torch.stack(drafted_logits, dim=1)  # (1, n, V)
 
+    @property
+    def num_drafting_tokens(self) -> int:
+        """The most candidates one `get_candidates` call returns (transformers >= 5.25 sizes the cache's
+        past recording from it: a hybrid target's recurrent states are kept for that many steps, and one
+        verify step may reject all of them)."""
+        if self.settings.num_draft_tokens is not None:
+            return self.settings.num_draft_tokens
+        return AUTO_CHAIN_TOKENS
+
     def _room(self, input_ids: torch.Tensor) -> int:
         """Draft tokens `max_length` leaves room for before the target's own next token."""
         return self.max_length - input_ids.shape[1] - 1
