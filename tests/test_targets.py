@@ -206,3 +206,29 @@ def test_peft_model_resolves_to_base():
     assert targets.target_vocab_size(peft_model) == targets.target_vocab_size(base)
     assert targets.decoder(peft_model) is base.get_decoder()
     assert targets.unwrap_target(base) is base
+
+
+def test_hybrid_recurrent_target_is_refused_with_the_reason():
+    from transformers import AutoModelForCausalLM, Qwen3NextConfig
+
+    config = Qwen3NextConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=64,
+        head_dim=16,
+        linear_num_value_heads=2,
+        linear_num_key_heads=1,
+        linear_key_head_dim=8,
+        linear_value_head_dim=8,
+        moe_intermediate_size=16,
+        shared_expert_intermediate_size=16,
+        num_experts=2,
+        num_experts_per_tok=1,
+        layer_types=["linear_attention", "full_attention"],
+    )
+    model = AutoModelForCausalLM.from_config(config)
+    with pytest.raises(ValueError, match="recurrent layers \\(linear_attention\\)"):
+        targets.get_target_spec(model)

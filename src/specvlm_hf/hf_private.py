@@ -1,21 +1,28 @@
-"""Every use of transformers' private API, in one place, with the version check.
+"""Every use of transformers' private API, in one place, each with its reason and a check that names it.
 
 transformers has no public hook that routes `generate(assistant_model=...)` to a custom decoding loop, no public
 way to drive its assisted-decoding loop with our candidate generator, and no public cache operation that keeps a
-scattered subset of positions. What specvlm_hf relies on beyond the public API is here and nowhere else:
+scattered subset of positions. What specvlm_hf relies on beyond the public API is here and nowhere else, and each
+piece is listed in `PRIVATE_USES` with a one-line reason and a check (run at `bind` by `check_transformers`, and one
+test per use in tests/test_hf_private.py, so a transformers release that changes one fails by its name):
 
 * `install_routing`: instance attributes `generate` and `_get_candidate_generator` on the target (transformers
   picks candidate generators in `_get_candidate_generator`, a fixed if-chain);
-* `assisted_decoding`: the model class's `_assisted_decoding` loop;
-* `wrap_candidate_generator`: a temporary wrapper around the candidate generator a `generate` call builds;
-* `compact_cache`, `realign_cache`, `start_past_recording`: cache layer internals (`keys`, `values`, sliding-window bookkeeping);
-* `record_decoder_inputs`: a forward pre-hook on the target's text decoder reading the `inputs_embeds` it is
-  called with (the projected visual features at placeholders);
+* `assisted_decoding`: the model class's `_assisted_decoding` loop, and what that loop reads from a candidate
+  generator (`assisted_loop_reads`: our chain generator must provide every one of them);
+* `wrap_candidate_generator`: a temporary wrapper around the candidate generator a `generate` call builds (bench);
+* `compact_cache`, `realign_cache`, `start_past_recording`: cache layer internals (`keys`, `values`, sliding-window
+  bookkeeping);
+* `record_decoder_inputs`: a forward pre-hook on the target's text decoder reading the `inputs_embeds` keyword it
+  is called with (the projected visual features at placeholders; how each VLM calls its decoder is internal);
 * `use_mask_attention`: switching the text decoder's attention implementation for the tree verify (public
-  `set_attn_implementation`) and restoring every config's private `_attn_implementation_internal` exactly;
-* `prefill_only_uncached`: an instance wrapper of `prepare_inputs_for_generation` for one assisted call.
+  `set_attn_implementation`, private `_can_set_attn_implementation`) and restoring every config's private
+  `_attn_implementation_internal` exactly;
+* `prefill_only_uncached`: an instance wrapper of `prepare_inputs_for_generation` for one assisted call, setting
+  its `next_sequence_length` on the `is_first_iteration` call.
 
-`check_transformers` runs when a draft is bound, so an incompatible transformers fails there, loudly and early.
+Supported transformers: `SUPPORTED_TRANSFORMERS`, the same range as pyproject's dependency (a test keeps them
+equal); its upper bound is the newest minor CI has passed (README, "Supporting a new transformers release").
 """
 
 from __future__ import annotations
@@ -23,36 +30,168 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import transformers
-from packaging import version
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 from .targets import families
 
-# The private pieces relied on, checked once at install time.
-_REQUIRED_PRIVATE_API = ("_get_candidate_generator", "_assisted_decoding", "prepare_inputs_for_generation")
-TESTED_RANGE = (version.parse("5.23"), version.parse("6.0"))
+# The transformers versions CI has passed (keep equal to pyproject.toml's `transformers` dependency).
+SUPPORTED_RANGE = ">=5.23,<5.26"
+SUPPORTED_TRANSFORMERS = SpecifierSet(SUPPORTED_RANGE)
 
 
-def check_transformers(target) -> None:
-    """Raise a RuntimeError naming the fix when the installed transformers lacks what specvlm_hf relies on."""
-    installed = version.parse(transformers.__version__)
-    if not (TESTED_RANGE[0] <= installed < TESTED_RANGE[1]):
-        raise RuntimeError(
-            f"specvlm_hf needs transformers>=5.23,<6 (installed: {transformers.__version__}). "
-            "Install a supported version: pip install 'transformers>=5.23,<6'."
+class UnsupportedTransformersError(RuntimeError):
+    """The installed transformers is outside the tested range, or lacks a private piece specvlm_hf relies on."""
+
+
+def _parameters(function) -> set[str]:
+    return set(inspect.signature(function).parameters)
+
+
+def _needs_parameters(function, names: set[str]) -> str | None:
+    missing = names - _parameters(function)
+    return f"{function.__qualname__} lost parameters {sorted(missing)}" if missing else None
+
+
+def _source(function) -> str | None:
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):  # no source shipped: nothing to scan (the version range still guards)
+        return None
+
+
+# what transformers' assisted loop reads from a candidate generator only after an isinstance check for its own
+# AssistedCandidateGenerator family (the heuristic schedule's write-back): not asked of ours
+_READS_OF_ASSISTED_GENERATORS_ONLY = frozenset({"assistant_model", "num_assistant_tokens"})
+
+
+def assisted_loop_reads() -> set[str]:
+    """Attributes and methods transformers' assisted-decoding loop reads from its candidate generator (scanned
+    from the installed release's source; empty when no source is shipped)."""
+    source = _source(GenerationMixin._assisted_decoding) or ""
+    return set(re.findall(r"candidate_generator\.(\w+)", source)) - _READS_OF_ASSISTED_GENERATORS_ONLY
+
+
+def _check_assisted_loop() -> str | None:
+    problem = _needs_parameters(
+        GenerationMixin._assisted_decoding,
+        {"logits_processor", "stopping_criteria", "generation_config", "streamer"},
+    )
+    source = _source(GenerationMixin._assisted_decoding)
+    if problem is None and source is not None:
+        # our generator learns the target's outputs and accepted count from these keywords of get_candidates
+        lost = [
+            k
+            for k in ("model_kwargs=", "model_outputs=", "is_first_iteration=", "n_last_matches=")
+            if k not in source
+        ]
+        if "self._get_candidate_generator(" not in source:
+            lost.append("self._get_candidate_generator(...)")
+        if lost:
+            problem = f"_assisted_decoding no longer passes {lost}"
+    return problem
+
+
+def _check_cache_layers() -> str | None:
+    # compact_cache / realign_cache rewrite layer.keys / layer.values and the sliding window's cumulative_length
+    full, window = DynamicLayer(), DynamicSlidingWindowLayer(sliding_window=4)
+    states = torch.zeros(1, 1, 2, 2)
+    for layer in (full, window):
+        layer.update(states, states)
+        if not all(isinstance(getattr(layer, name, None), torch.Tensor) for name in ("keys", "values")):
+            return f"{type(layer).__name__} no longer keeps tensors `keys` / `values`"
+    missing = [n for n in ("cumulative_length", "sliding_window") if not hasattr(window, n)]
+    return f"DynamicSlidingWindowLayer lost {missing}" if missing else None
+
+
+def _check_attention_switch() -> str | None:
+    missing = [
+        n
+        for n in ("_can_set_attn_implementation", "set_attn_implementation")
+        if not hasattr(PreTrainedModel, n)
+    ]
+    config = PretrainedConfig()
+    if not hasattr(config, "_attn_implementation_internal") or not hasattr(config, "_attn_implementation"):
+        missing.append("PretrainedConfig._attn_implementation_internal")
+    return f"lost {missing}" if missing else None
+
+
+@dataclass(frozen=True)
+class PrivateUse:
+    name: str
+    reason: str  # why there is no public way
+    check: Callable[
+        [], str | None
+    ]  # None when the installed transformers still provides it, else what changed
+
+
+PRIVATE_USES: tuple[PrivateUse, ...] = (
+    PrivateUse(
+        "get_candidate_generator",
+        "no public hook routes assistant_model to a custom candidate generator (a fixed if-chain)",
+        lambda: _needs_parameters(
+            GenerationMixin._get_candidate_generator,
+            {"generation_config", "logits_processor", "model_kwargs"},
+        ),
+    ),
+    PrivateUse(
+        "assisted_decoding",
+        "chain mode runs transformers' own assisted loop; there is no public entry taking a candidate generator",
+        _check_assisted_loop,
+    ),
+    PrivateUse(
+        "cache_layers",
+        "a tree verify keeps a scattered subset of the positions it appended; Cache.crop only drops a suffix",
+        _check_cache_layers,
+    ),
+    PrivateUse(
+        "attention_switch",
+        "the tree verify needs a 4-D mask kernel; restoring the user's implementation exactly needs the private field",
+        _check_attention_switch,
+    ),
+    PrivateUse(
+        "prepare_inputs_first_iteration",
+        "stock assisted decoding re-runs a reused cache's whole prompt; plain generate's prefill runs only new tokens",
+        lambda: _needs_parameters(
+            GenerationMixin.prepare_inputs_for_generation, {"next_sequence_length", "is_first_iteration"}
+        ),
+    ),
+    PrivateUse(
+        "custom_generate_callable",
+        "tree and batch loops run inside generate() (its input preparation, processors and stopping criteria)",
+        lambda: _needs_parameters(GenerationMixin.generate, {"custom_generate"}),
+    ),
+)
+
+
+def check_transformers(candidate_generator: type | None = None) -> None:
+    """Raise `UnsupportedTransformersError` naming the supported range (and what changed) when the installed
+    transformers is outside the tested range or lacks a private piece specvlm_hf relies on."""
+    installed = transformers.__version__
+    if Version(installed) not in SUPPORTED_TRANSFORMERS:
+        raise UnsupportedTransformersError(
+            f"specvlm_hf supports transformers{SUPPORTED_RANGE} (the versions its CI has passed); installed: "
+            f"{installed}. Install a supported version: pip install 'transformers{SUPPORTED_RANGE}'."
         )
-    missing = [name for name in _REQUIRED_PRIVATE_API if not hasattr(type(target), name)]
-    params = inspect.signature(type(target).generate).parameters
-    if "custom_generate" not in params:
-        missing.append("generate(custom_generate=...)")
-    if missing:
-        raise RuntimeError(
-            f"transformers {transformers.__version__} no longer provides {missing}, which specvlm_hf relies on. "
-            "Please report this at the specvlm_hf issue tracker and pin transformers to a tested version."
+    changed = [f"{use.name}: {problem}" for use in PRIVATE_USES if (problem := use.check()) is not None]
+    if candidate_generator is not None:
+        lacking = sorted(n for n in assisted_loop_reads() if not hasattr(candidate_generator, n))
+        if lacking:
+            changed.append(f"candidate generator contract: the assisted loop reads {lacking}")
+    if changed:
+        raise UnsupportedTransformersError(
+            f"transformers {installed} changed what specvlm_hf relies on ({'; '.join(changed)}). Install a tested "
+            f"version (pip install 'transformers{SUPPORTED_RANGE}') and report this at the specvlm_hf issue "
+            "tracker."
         )
 
 
@@ -95,7 +234,6 @@ def install_routing(
     Any other call is exactly the class's own. Idempotent; weights, config and `save_pretrained` are untouched."""
     if getattr(target, "_specvlm_routing_installed", False):
         return
-    check_transformers(target)
     target.generate = _Routed(target, "generate", is_ours, lambda t, d, *a, **k: generate_with(t, d, a, k))
     target._get_candidate_generator = _Routed(
         target, "_get_candidate_generator", is_ours, _routed_candidate_generator(candidate_generator)

@@ -327,11 +327,13 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
     def bind(self, target) -> SpecVLMDraftModel:
         """Attach the draft to its target: shares the target's embedding and lm_head, routes `target.generate`.
 
-        Raises `ValueError` if the target does not match the one the draft was made for.
+        Raises `ValueError` if the target does not match the one the draft was made for, and
+        `UnsupportedTransformersError` (before touching anything) outside the supported transformers range.
         """
         from ..generation import routing
         from ..targets import families as targets
 
+        routing.check_supported()  # the installed transformers first: nothing is touched when it is refused
         model = targets.unwrap_target(target)
         spec = targets.get_target_spec(model)
         cfg = self.config

@@ -36,7 +36,12 @@ from .settings import GenerationStats, refuse_inexact_processors
 
 
 class SpecVLMChainCandidateGenerator(CandidateGenerator):
+    """transformers' candidate-generator contract: `requires_model_outputs`, `model_kwargs_overrides` (the hidden
+    states the draft reads), `num_drafting_tokens`, `get_candidates`, `update_candidate_strategy`; everything the
+    installed release's assisted loop reads is checked at `bind` (`hf_private.assisted_loop_reads`)."""
+
     requires_model_outputs = True
+    model_kwargs_overrides: dict | None = None  # set per call in __init__
 
     def __init__(self, target, draft, generation_config, logits_processor, model_kwargs):
         self.target = target

@@ -40,6 +40,11 @@ def is_specvlm_draft(model: Any) -> bool:
     return getattr(getattr(model, "config", None), "model_type", None) == "specvlm_draft"
 
 
+def check_supported() -> None:
+    """Refuse (before any work) a transformers release outside the tested range or lacking what we rely on."""
+    hf_private.check_transformers(SpecVLMChainCandidateGenerator)
+
+
 def install(target) -> None:
     """Route `target.generate(assistant_model=<SpecVLM draft>)` to SpecVLM decoding. Idempotent."""
     hf_private.install_routing(target, is_specvlm_draft, _generate_with_draft, SpecVLMChainCandidateGenerator)

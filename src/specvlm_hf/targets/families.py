@@ -119,6 +119,21 @@ def unwrap_target(model) -> nn.Module:
     return model
 
 
+def _recurrent_layer_types(config) -> list[str]:
+    """Layer types other than (sliding-window) attention in ``config`` or its text config (hybrid models such as
+    Qwen3.5 or Jamba: linear attention, mamba)."""
+    found = set()
+    for cfg in (config, getattr(config, "text_config", None)):
+        for kind in getattr(cfg, "layer_types", None) or ():
+            if isinstance(kind, str) and kind not in (
+                "full_attention",
+                "sliding_attention",
+                "chunked_attention",
+            ):
+                found.add(kind)
+    return sorted(found)
+
+
 def get_target_spec(model) -> TargetSpec:
     """The `TargetSpec` of ``model``; ValueError naming its class/model_type if it is not supported."""
     model = unwrap_target(model)
@@ -126,8 +141,15 @@ def get_target_spec(model) -> TargetSpec:
     spec = _BY_MODEL_TYPE.get(model_type)
     if spec is None or (spec.family == "causal_lm" and not type(model).__name__.endswith("ForCausalLM")):
         supported = ", ".join(f"{s.family} ({'/'.join(s.model_types)})" for s in _SPECS)
+        recurrent = _recurrent_layer_types(model.config)
+        why = (
+            f" Its decoder has recurrent layers ({', '.join(recurrent)}): their state cannot be rolled back to the "
+            "accepted branch of a draft tree, so speculative decoding with a SpecVLM draft is not supported for it."
+            if recurrent
+            else ""
+        )
         raise ValueError(
-            f"{type(model).__name__} (model_type={model_type!r}) is not a supported target. "
+            f"{type(model).__name__} (model_type={model_type!r}) is not a supported target.{why} "
             f"Supported families (model_types): {supported}; plain text models must be *ForCausalLM."
         )
     return spec
