@@ -85,7 +85,7 @@ def test_supported_range_equals_pyproject_dependency():
     assert transformers.__version__ in hf_private.SUPPORTED_TRANSFORMERS
 
 
-@pytest.mark.parametrize("installed", ["5.22.0", "5.26.0", "6.0.0"])
+@pytest.mark.parametrize("installed", ["5.23.0", "5.26.0", "6.0.0"])
 def test_unsupported_transformers_is_refused_at_bind(monkeypatch, installed):
     torch.manual_seed(0)
     model = make_tiny_target("llava")

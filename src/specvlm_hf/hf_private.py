@@ -45,7 +45,7 @@ from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 from .targets import families
 
 # The transformers versions CI has passed (keep equal to pyproject.toml's `transformers` dependency).
-SUPPORTED_RANGE = ">=5.23,<5.26"
+SUPPORTED_RANGE = ">=5.24,<5.26"
 SUPPORTED_TRANSFORMERS = SpecifierSet(SUPPORTED_RANGE)
 
 
