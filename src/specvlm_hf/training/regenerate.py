@@ -496,7 +496,7 @@ def regenerate_dataset(
             "expected_rows": expected,
             "runs": [],
         }
-    record.update(status="running", library=_versions())
+    record.update(status="running", library=_versions(), counts=summarize(out))
     record["runs"].append(run)
     _write_json(out / PROVENANCE_FILE, record)
 
