@@ -150,6 +150,8 @@ def test_interrupted_run_resumes_without_duplicates(
     out = tmp_path / "cut"
 
     def stop(written: int) -> None:
+        # the provenance on disk is current after every shard (what a SIGKILL would leave)
+        assert read_provenance(out)["counts"]["rows"] == written
         if written >= 4:
             # a kill while the next shard was being written leaves a partial file behind
             (out / PARTIAL_DIR / "train-00002.parquet").write_bytes(b"PAR1 half a shard")

@@ -519,6 +519,34 @@ def regenerate_dataset(
     per_shard = -(-shard_size // settings.batch_size) * settings.batch_size  # whole batches
     bar = tqdm(total=expected, initial=len(done), unit="row", desc="regenerate", disable=not progress)
     start, written, buffer = time.perf_counter(), 0, []
+    sources = {row for row, _ in done}
+
+    def finish_run() -> None:
+        seconds = time.perf_counter() - start
+        run.update(
+            finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            rows=written,
+            seconds=round(seconds, 2),
+            rows_per_second=round(written / seconds, 3) if seconds > 0 else None,
+        )
+
+    def commit(rows: list[dict]) -> None:
+        """Write a shard, then bring the provenance up to date (a killed run's record is one shard behind at most)."""
+        nonlocal features, written
+        features = _write_shard(out, rows, features)
+        written += len(rows)
+        sources.update(r["source_row"] for r in rows)
+        counts = record["counts"]
+        counts["rows"] += len(rows)
+        counts["source_rows"] = len(sources)
+        counts["turns"] += sum(m["role"] == "assistant" for r in rows for m in r["messages"])
+        counts["generated_tokens"] += sum(r["generated_tokens"] for r in rows)
+        counts["truncated_turns"] += sum(r["truncated_turns"] for r in rows)
+        finish_run()
+        _write_json(out / PROVENANCE_FILE, record)
+        if on_shard is not None:
+            on_shard(written)
+
     try:
         conversations = (
             _conversation(*item) for item in _pending(dataset, settings.samples_per_prompt, done)
@@ -528,25 +556,13 @@ def regenerate_dataset(
             buffer.extend(c.output_row() for c in chunk)
             bar.update(len(chunk))
             if len(buffer) >= per_shard:
-                features = _write_shard(out, buffer, features)
-                written += len(buffer)
+                commit(buffer)
                 buffer = []
-                if on_shard is not None:
-                    on_shard(written)
         if buffer:
-            features = _write_shard(out, buffer, features)
-            written += len(buffer)
-            if on_shard is not None:
-                on_shard(written)
+            commit(buffer)
     finally:
         bar.close()
-        seconds = time.perf_counter() - start
-        run.update(
-            finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            rows=written,
-            seconds=round(seconds, 2),
-            rows_per_second=round(written / seconds, 3) if seconds > 0 else None,
-        )
+        finish_run()
         record["counts"] = summarize(out)
         _write_json(out / PROVENANCE_FILE, record)
     record["status"] = "complete"
