@@ -4,7 +4,8 @@
 
 For every draft, in float32 on held-out stratified toy prompts (64 new tokens; `--prompts N`, default 32): the mean
 accepted length per verify step (bonus token included, every step of every prompt weighing the same) of chain
-decoding with exactly 8 drafted tokens (confidence cut-off 0) and of the automatic tree, greedy (T=0, each output
+decoding with exactly 8 drafted tokens (confidence cut-off 0), of the automatic tree and of a fixed 16/6/4 tree
+(`--settings` picks), greedy (T=0, each output
 checked against plain greedy generate) and sampling at T=1 (pure temperature sampling, each prompt seeded). The
 drafts are measured prompt by prompt, interleaved, so they see the same machine state. Writes OUT.json.
 """
@@ -21,6 +22,8 @@ from specvlm_hf.toy.demo import load_draft, load_rows, load_target, prompt_input
 SETTINGS = {
     "chain8": {"decoding_mode": "chain", "num_draft_tokens": 8, "draft_confidence_threshold": 0.0},
     "tree_auto": {"decoding_mode": "tree"},
+    # a fixed tree (the CLI's CPU default budget): acceptance without the automatic budget's choices
+    "tree16_6_4": {"decoding_mode": "tree", "tree_total_tokens": 16, "tree_depth": 6, "tree_top_k": 4},
 }
 
 
@@ -30,6 +33,9 @@ def main() -> None:
     parser.add_argument("drafts", nargs="+", help="NAME=DIR")
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument(
+        "--settings", default=",".join(SETTINGS), help=f"comma-separated subset of {list(SETTINGS)}"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     vlm, processor, _ = load_target(None, "tiny", None, 0, progress=False)
@@ -39,13 +45,14 @@ def main() -> None:
         name, path = item.split("=", 1)
         drafts[name] = load_draft(path, vlm)
     prompts = [prompt_inputs(processor, r) for r in load_rows(None, args.prompts, 0, eval_rows=True)]
-    accepted = {(n, s, t): [] for n in drafts for s in SETTINGS for t in (0.0, 1.0)}
-    identical = {f"{n}/{s}": 0 for n in drafts for s in SETTINGS}
+    settings = {name: SETTINGS[name] for name in args.settings.split(",")}
+    accepted = {(n, s, t): [] for n in drafts for s in settings for t in (0.0, 1.0)}
+    identical = {f"{n}/{s}": 0 for n in drafts for s in settings}
     with torch.inference_mode():
         for i, inputs in enumerate(prompts):
             plain = vlm.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
             for name, draft in drafts.items():
-                for setting, kwargs in SETTINGS.items():
+                for setting, kwargs in settings.items():
                     for temperature in (0.0, 1.0):
                         sampling = (
                             {"do_sample": False}
