@@ -17,6 +17,7 @@ from transformers import TrainingArguments
 
 from specvlm_hf import SpecVLMDataCollator, SpecVLMDistillationTrainer, SpecVLMDraftConfig, SpecVLMDraftModel
 from specvlm_hf.toy.world import load_toy_target, make_toy_dataset, toy_generate_inputs, toy_prompts
+from specvlm_hf.training.regenerate import load_regenerated_dataset, regenerate_dataset
 
 
 def parse_args() -> argparse.Namespace:
@@ -30,7 +31,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--compressor-mode", default=None, help='e.g. "select", "pool"; default: none')
     p.add_argument("--unroll-steps", type=int, default=1, help="> 1: EAGLE-3 training-time test")
     p.add_argument("--feature-noise-std", type=float, default=0.0)
-    p.add_argument("--self-distill", action="store_true", help="regenerate answers with the target (greedy)")
+    p.add_argument("--self-distill", action="store_true", help="train on the target's own greedy answers")
     p.add_argument("--eval-prompts", type=int, default=8)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--resume", default=None, help="checkpoint directory to resume from")
@@ -49,12 +50,13 @@ def main() -> None:
         f"draft: {sum(p.numel() for p in draft.parameters()) / 1e6:.2f}M trainable"
     )
 
-    collator = SpecVLMDataCollator(
-        processor,
-        max_length=512,
-        regenerate_with_target=vlm if args.self_distill else None,
-        max_new_tokens=args.max_new_tokens,
-    )
+    train_rows = make_toy_dataset(args.num_rows, seed=args.seed)
+    if args.self_distill:
+        # the target answers every training row once, before training (resumable; `specvlm regenerate` does the same)
+        regenerated = f"{args.output_dir}/regenerated"
+        regenerate_dataset(vlm, processor, train_rows, regenerated, max_new_tokens=128)
+        train_rows = load_regenerated_dataset(regenerated)
+    collator = SpecVLMDataCollator(processor, max_length=512)
     training_args = TrainingArguments(
         output_dir=args.output_dir,
         max_steps=args.steps,
@@ -75,7 +77,7 @@ def main() -> None:
         model=draft,
         target_model=vlm,
         args=training_args,
-        train_dataset=make_toy_dataset(args.num_rows, seed=args.seed),
+        train_dataset=train_rows,
         eval_dataset=make_toy_dataset(32, seed=args.seed, split="eval"),
         data_collator=collator,
         feature_noise_std=args.feature_noise_std,

@@ -12,13 +12,17 @@ import pytest
 
 from specvlm_hf import cli
 
-SUBCOMMANDS = ("demo", "train", "bench", "push")
+SUBCOMMANDS = ("demo", "train", "regenerate", "bench", "push")
 
 
 def test_parser_has_every_subcommand():
     parser = cli.build_parser()
     for name in SUBCOMMANDS:
-        extra = {"push": ["some/folder", "org/name"], "train": ["--output-dir", "out"]}.get(name, [])
+        extra = {
+            "push": ["some/folder", "org/name"],
+            "train": ["--output-dir", "out"],
+            "regenerate": ["--output-dir", "out"],
+        }.get(name, [])
         args = parser.parse_args([name, *extra])
         assert args.command == name
         assert callable(args.func)

@@ -443,29 +443,6 @@ def test_collator_multi_turn_and_truncation(toy_processor):
     assert short["input_ids"].shape[1] <= batch["input_ids"].shape[1]
 
 
-def test_collator_regenerates_with_target(toy_processor, toy_vocab_llava):
-    from specvlm_hf.toy.data import make_toy_rows
-
-    rows = make_toy_rows(2, seed=2)
-    collator = SpecVLMDataCollator(toy_processor, regenerate_with_target=toy_vocab_llava, max_new_tokens=4)
-    batch = collator(rows)
-    tok = toy_processor.tokenizer
-    for b, row in enumerate(rows):
-        # the target's own greedy answer to the row's question replaces the dataset answer
-        inputs = toy_processor(
-            text=[collator._render(row["messages"][:1], add_generation_prompt=True)],
-            images=row["images"],
-            add_special_tokens=False,
-            return_tensors="pt",
-        )
-        out = toy_vocab_llava.generate(**inputs, max_new_tokens=4, do_sample=False)
-        answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        response = tok.decode(
-            batch["input_ids"][b][batch["response_mask"][b].bool()], skip_special_tokens=True
-        )
-        assert response.strip() == answer != row["messages"][1]["content"][0]["text"]
-
-
 def test_trainer_on_vision_chat_rows(toy_processor, toy_vocab_llava, tmp_path):
     """The whole path: datasets.Dataset of vision-chat rows -> collator -> trainer (processing_class only)."""
     from specvlm_hf.toy.data import make_toy_dataset

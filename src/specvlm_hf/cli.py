@@ -1,4 +1,4 @@
-"""The ``specvlm`` command: ``demo``, ``train``, ``bench``, ``push``.
+"""The ``specvlm`` command: ``demo``, ``train``, ``regenerate``, ``bench``, ``push``.
 
 Every subcommand imports its heavy dependencies (torch, transformers) only when it runs, so
 ``specvlm --help`` is instant.
@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     from ._version import __version__
 
     parser.add_argument("--version", action="version", version=f"specvlm_hf {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="{demo,train,bench,push}")
+    sub = parser.add_subparsers(dest="command", metavar="{demo,train,regenerate,bench,push}")
 
     # ------------------------------------------------------------------ demo
     demo = sub.add_parser(
@@ -197,6 +197,53 @@ def build_parser() -> argparse.ArgumentParser:
         "forcing otherwise, the default draft's best recipe on the toy target, docs/training.md).",
     )
     train.set_defaults(func=_run_train)
+
+    # ------------------------------------------------------------ regenerate
+    regen = sub.add_parser(
+        "regenerate",
+        help="replace every assistant turn of a dataset by the target's own answer (self-distillation data)",
+        description=(
+            "Answer every assistant turn of a vision-chat dataset with the target itself (multi-turn rows turn by "
+            "turn, each turn conditioned on the regenerated history), in left-padded batches, with lossless "
+            "speculative decoding when --draft is given. Writes a dataset folder that `specvlm train --dataset DIR` "
+            "reads, with its provenance in DIR/regeneration.json. Resumable: rerun the same command after an "
+            "interruption and it continues where it stopped."
+        ),
+    )
+    _add_target_args(regen, "tiny")
+    regen.add_argument("--output-dir", required=True, help="the regenerated dataset's folder.")
+    regen.add_argument(
+        "--dataset",
+        default=None,
+        help="source rows (Hub id, local folder or .json/.jsonl file). Default: the toy dataset.",
+    )
+    regen.add_argument("--dataset-split", default="train")
+    regen.add_argument(
+        "--num-examples", type=int, default=2000, help="toy rows / cap on dataset rows (default: 2000)."
+    )
+    regen.add_argument(
+        "--draft",
+        default=None,
+        help="a SpecVLM draft of the target (local path or Hub id): speculative decoding, same greedy answers.",
+    )
+    regen.add_argument("--batch-size", type=int, default=8, help="conversations per batch (default: 8).")
+    regen.add_argument("--max-new-tokens", type=int, default=128, help="longest answer (default: 128).")
+    regen.add_argument(
+        "--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sample at this temperature."
+    )
+    regen.add_argument(
+        "--samples-per-prompt",
+        type=int,
+        default=1,
+        help="sampled answers per source row (needs --temperature > 0; default: 1).",
+    )
+    regen.add_argument(
+        "--shard-size",
+        type=int,
+        default=256,
+        help="rows per output shard: at most this much work is redone after a kill (default: 256).",
+    )
+    regen.set_defaults(func=_run_regenerate)
 
     # ----------------------------------------------------------------- bench
     bench = sub.add_parser(
@@ -341,6 +388,12 @@ def _run_train(args: argparse.Namespace) -> int:
     from .toy.demo import run_train
 
     return run_train(args)
+
+
+def _run_regenerate(args: argparse.Namespace) -> int:
+    from .toy.regenerate_command import run_regenerate
+
+    return run_regenerate(args)
 
 
 def _run_bench(args: argparse.Namespace) -> int:

@@ -441,6 +441,8 @@ def run_bench_cli(args) -> int:
     if args.draft:
         for path in args.draft:
             draft_paths[path] = Path(path)
+            if toy_medium:  # a draft of the tiny toy target, widened with it below like the toy drafts
+                trained[path] = load_draft(path, train_target)
     else:
         # the resampler does not widen exactly, so the widened toy bench uses a fixed pooling compressor
         modes = [None] if args.tune else [None, "pool" if toy_medium else "select"]

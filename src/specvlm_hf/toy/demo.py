@@ -95,7 +95,8 @@ def load_rows(
     eval_rows: bool = False,
     stratified: bool = True,
 ):
-    """Vision-chat rows: the toy dataset, or a Hub dataset / local folder / .json(l) file.
+    """Vision-chat rows: the toy dataset, or a Hub dataset / local folder / .json(l) file / `specvlm regenerate`
+    output folder.
 
     stratified: toy evaluation rows follow the task weights exactly (`world.toy_prompts`)."""
     if dataset is None:
@@ -108,7 +109,11 @@ def load_rows(
         return make_toy_dataset(n, seed)
     import datasets
 
-    if dataset.endswith((".json", ".jsonl")):
+    from ..training.regenerate import PROVENANCE_FILE, load_regenerated_dataset
+
+    if (Path(dataset) / PROVENANCE_FILE).exists():  # `specvlm regenerate`'s output folder
+        ds = load_regenerated_dataset(dataset)
+    elif dataset.endswith((".json", ".jsonl")):
         ds = datasets.load_dataset("json", data_files=dataset, split="train")
     elif Path(dataset).is_dir() and (Path(dataset) / "dataset_info.json").exists():
         ds = datasets.load_from_disk(dataset)

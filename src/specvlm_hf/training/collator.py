@@ -9,7 +9,6 @@ those tokens (up to and including the end-of-sequence token that closes the turn
 
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Any
 
@@ -18,7 +17,8 @@ import torch
 _SEQUENCE_PAD_KEYS = ("input_ids", "attention_mask", "response_mask")
 
 
-def _content_images(message: dict) -> int:
+def content_images(message: dict) -> int:
+    """How many ``{"type": "image"}`` items a chat message holds."""
     content = message.get("content")
     if isinstance(content, str) or content is None:
         return 0
@@ -41,9 +41,10 @@ class SpecVLMDataCollator:
             template renders the conversation.
         max_length: truncate each sequence to this many tokens (right side). Visual tokens are never cut: a
             sequence whose images reach past `max_length` keeps them all (with a warning).
-        regenerate_with_target: a VLM; when given, every assistant turn is replaced by the VLM's own greedy answer
-            (self-distillation data: the draft then learns the target's actual outputs).
-        max_new_tokens: length limit for the regenerated answers.
+
+    Self-distillation data (every assistant turn replaced by the target's own answer) is made once, before
+    training, by `specvlm_hf.training.regenerate.regenerate_dataset` / ``specvlm regenerate``; this collator then
+    reads its output like any other dataset.
 
     Returns a dict of tensors: what the processor returns for the batch (``input_ids``, ``attention_mask``,
     ``pixel_values``, ``image_grid_thw``, ...; right-padded) plus ``response_mask`` (B, L) long.
@@ -54,16 +55,20 @@ class SpecVLMDataCollator:
         processor,
         max_length: int | None = None,
         regenerate_with_target=None,
-        max_new_tokens: int = 128,
     ):
+        if regenerate_with_target is not None:
+            raise ValueError(
+                "SpecVLMDataCollator(regenerate_with_target=...) was removed: it regenerated every row with plain "
+                "generate inside every batch of every epoch. Regenerate the dataset once, before training, with "
+                "`specvlm regenerate --target ... --dataset ... --output-dir DIR` (or "
+                "`specvlm_hf.training.regenerate.regenerate_dataset`) and train on DIR."
+            )
         if max_length is not None and max_length < 2:
             raise ValueError(
                 f"SpecVLMDataCollator: invalid max_length={max_length!r}; expected None or >= 2."
             )
         self.processor = processor
         self.max_length = max_length
-        self.regenerate_with_target = regenerate_with_target
-        self.max_new_tokens = max_new_tokens
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.is_multimodal = hasattr(processor, "image_processor")
         self._visual_ids = self._visual_token_ids()
@@ -100,25 +105,24 @@ class SpecVLMDataCollator:
     def _ids(self, text: str, images: list) -> list[int]:
         return self._encode([text], images)["input_ids"][0].tolist()
 
-    # ------------------------------------------------------------ regeneration
-    @torch.no_grad()
-    def _regenerate(self, messages: list[dict], images: list) -> list[dict]:
-        """Replace every assistant turn by the target's greedy answer to the conversation so far."""
-        target = self.regenerate_with_target
-        device = next(target.parameters()).device
-        messages = copy.deepcopy(messages)
-        for i, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            n_images = sum(_content_images(m) for m in messages[:i])
-            prompt = self._render(messages[:i], add_generation_prompt=True)
-            inputs = self._encode([prompt], images[:n_images])
-            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
-            out = target.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-            new_tokens = out[0, inputs["input_ids"].shape[1] :]
-            answer = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-            messages[i] = {"role": "assistant", "content": [{"type": "text", "text": answer}]}
-        return messages
+    def encode_prompts(
+        self, conversations: list[tuple[list[dict], list]], padding_side: str = "left"
+    ) -> dict:
+        """Generation prompts for a batch: each ``(messages, images)`` rendered with the chat template and
+        ``add_generation_prompt=True`` (the turn the target is to answer next), encoded with the processor and
+        padded on ``padding_side`` (left: as batched `generate` takes them). ``images`` are the conversation's
+        images up to there, in order."""
+        texts, all_images = [], []
+        for messages, images in conversations:
+            n_images = sum(content_images(m) for m in messages)
+            if n_images != len(images):
+                raise ValueError(
+                    f"SpecVLMDataCollator: a prompt has {len(images)} images but its messages hold {n_images} "
+                    '{"type": "image"} items.'
+                )
+            texts.append(self._render(messages, add_generation_prompt=True))
+            all_images.extend(images)
+        return dict(self._encode(texts, all_images, padding=True, padding_side=padding_side))
 
     # ------------------------------------------------------------------- call
     def _response_spans(
@@ -130,8 +134,8 @@ class SpecVLMDataCollator:
         for i, message in enumerate(messages):
             if message["role"] != "assistant":
                 continue
-            n_before = sum(_content_images(m) for m in messages[:i])
-            n_through = n_before + _content_images(message)
+            n_before = sum(content_images(m) for m in messages[:i])
+            n_through = n_before + content_images(message)
             prompt_ids = self._ids(self._render(messages[:i], add_generation_prompt=True), images[:n_before])
             turn_ids = self._ids(
                 self._render(messages[: i + 1], add_generation_prompt=False), images[:n_through]
@@ -152,9 +156,7 @@ class SpecVLMDataCollator:
         for row in rows:
             images = list(row.get("images") or [])
             messages = row["messages"]
-            if self.regenerate_with_target is not None:
-                messages = self._regenerate(messages, images)
-            n_images = sum(_content_images(m) for m in messages)
+            n_images = sum(content_images(m) for m in messages)
             if n_images != len(images):
                 raise ValueError(
                     f"SpecVLMDataCollator: a row has {len(images)} images but its messages hold {n_images} "
@@ -207,4 +209,4 @@ class SpecVLMDataCollator:
         return batch
 
 
-__all__ = ["SpecVLMDataCollator"]
+__all__ = ["SpecVLMDataCollator", "content_images"]

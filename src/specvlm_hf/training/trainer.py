@@ -30,6 +30,7 @@ from ..draft.modeling_specvlm import SpecVLMDraftModel, additive_mask, causal_ma
 from ..targets import families as targets
 from ..targets import features as target_features
 from .collator import SpecVLMDataCollator
+from .eval_acceptance import EvalAcceptance
 from .losses import distillation_loss, expected_accepted_length, top1_agreement
 
 logger = logging.getLogger(__name__)
@@ -161,12 +162,15 @@ class SpecVLMDistillationTrainer(Trainer):
             "eagle3", `feature_proj` of "eagle" project the target's), as in decoding. Step j's row r attends as
             decoding would after j drafted tokens (`unrolled_mask`: step 0's rows up to r - j, then the chain's
             rows of steps 1..j); with a compressor, to its own step's rows. Default 1 (teacher forcing).
+        eval_acceptance: the draft's real acceptance logged at every evaluation (`eval_acceptance.EvalAcceptance`:
+            mean accepted length of fixed-k chain decoding and of the automatic tree on a few evaluation prompts);
+            default `EvalAcceptance()`, None turns it off.
         The other arguments are `transformers.Trainer`'s.
 
     Logged metrics (train and eval): `ce`, `feature`, `gate_cost`, `top1_agreement` (draft argmax == target
     argmax on response rows; `top1_agreement_step{j}` per unrolled step), `accepted_length_estimate`
     (`losses.expected_accepted_length` over `config.num_draft_tokens` steps) and, with a compressor,
-    `visual_keep_ratio`.
+    `visual_keep_ratio`. Eval only: `accepted_length_chain{k}` and `accepted_length_tree` (`eval_acceptance`).
     """
 
     def __init__(
@@ -184,6 +188,7 @@ class SpecVLMDistillationTrainer(Trainer):
         feature_noise_std: float = 0.0,
         unroll_steps: int = 1,
         draft_vocab_rows: int = 4096,
+        eval_acceptance: EvalAcceptance | None = EvalAcceptance(),  # noqa: B008 (immutable settings)
         **kwargs,
     ):
         if not isinstance(model, SpecVLMDraftModel):
@@ -221,6 +226,7 @@ class SpecVLMDistillationTrainer(Trainer):
         self.feature_weight = feature_weight
         self.feature_noise_std = feature_noise_std
         self.unroll_steps = unroll_steps
+        self.eval_acceptance = eval_acceptance
         self._metrics: dict[str, dict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -432,6 +438,19 @@ class SpecVLMDistillationTrainer(Trainer):
         with torch.no_grad(), self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         return loss.detach(), None, None
+
+    def evaluation_loop(self, dataloader, *args, metric_key_prefix: str = "eval", **kwargs):
+        """Trainer's evaluation loop, plus the draft's measured acceptance on the first evaluation rows."""
+        output = super().evaluation_loop(dataloader, *args, metric_key_prefix=metric_key_prefix, **kwargs)
+        if self.eval_acceptance is not None:
+            draft = self.accelerator.unwrap_model(self.model)
+            prompts = self.eval_acceptance.prompts(getattr(dataloader, "dataset", None), self.data_collator)
+            # several processes: chain only (the automatic tree's size follows each process's own timings, so
+            # processes sharing a sharded target could run different numbers of forwards)
+            tree = self.eval_acceptance.tree and self.accelerator.num_processes == 1
+            for key, value in self.eval_acceptance.measure(draft, prompts, tree=tree).items():
+                output.metrics[f"{metric_key_prefix}_{key}"] = round(value, 6)
+        return output
 
     # ----------------------------------------------------------------- logging
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
