@@ -12,7 +12,7 @@ gathered unit at a time.
 The token embedding and `lm_head` stay whole on every rank (FSDP's `ignored_params`): the draft shares both by
 reference (`SpecVLMDraftModel.bind`) and calls them outside the target's forward, on rows of its own, where no
 all-gather would run. They are a few percent of a large target (Qwen2-VL-72B: 2 x 152064 x 8192 bf16 = 5.0 GB of
-144 GB), so per rank:
+147 GB), so per rank:
 
     target bytes = embedding + lm_head (whole)  +  everything else / N   (+ one gathered unit during a forward)
 
@@ -123,7 +123,7 @@ def shard_target(model: nn.Module, device: torch.device | str | None = None) -> 
     for module in base.modules():
         for name, buf in module.named_buffers(recurse=False):
             if buf is not None and buf.device != device:
-                module._buffers[name] = buf.to(device)
+                setattr(module, name, buf.to(device))  # stays a registered buffer
     return model
 
 
