@@ -447,6 +447,15 @@ def print_summary(results: list[Comparison]) -> None:
 # ---------------------------------------------------------------------------------------------- commands
 
 
+def _launch_overrides(world: int, bf16: bool) -> dict[str, Any]:
+    """`TrainingArguments` for how the command was launched: several processes without CUDA run on the CPU over
+    gloo (else accelerate would start each process as a lone run); `--bf16` turns on bf16 autocast."""
+    overrides: dict[str, Any] = {"bf16": True} if bf16 else {}
+    if world > 1 and not torch.cuda.is_available():
+        overrides.update(use_cpu=True, ddp_backend="gloo")
+    return overrides
+
+
 def _peak_memory_mib() -> float:
     """This process's peak memory: CUDA allocations on a GPU, else the resident set (MiB)."""
     if torch.cuda.is_available():
@@ -670,7 +679,7 @@ def run_train(args) -> int:
         max_length=args.max_length,
         unroll_steps=unroll_steps,
         target_sharding=None if sharding == "none" else sharding,
-        args_overrides={"bf16": True} if bf16 else None,
+        args_overrides=_launch_overrides(world, bf16),
     )
     metrics["unroll_steps"] = unroll_steps
     if world > 1 or sharding == "fsdp":
