@@ -448,11 +448,13 @@ def print_summary(results: list[Comparison]) -> None:
 
 
 def _launch_overrides(world: int, bf16: bool) -> dict[str, Any]:
-    """`TrainingArguments` for how the command was launched: several processes without CUDA run on the CPU over
-    gloo (else accelerate would start each process as a lone run); `--bf16` turns on bf16 autocast."""
+    """`TrainingArguments` for how the command was launched: without CUDA, the CPU (several processes over gloo;
+    else accelerate would start each process as a lone run, and bf16 would be refused); `--bf16`: bf16 autocast."""
     overrides: dict[str, Any] = {"bf16": True} if bf16 else {}
-    if world > 1 and not torch.cuda.is_available():
-        overrides.update(use_cpu=True, ddp_backend="gloo")
+    if not torch.cuda.is_available():
+        overrides["use_cpu"] = True
+        if world > 1:
+            overrides["ddp_backend"] = "gloo"
     return overrides
 
 
