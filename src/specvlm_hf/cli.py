@@ -196,6 +196,33 @@ def build_parser() -> argparse.ArgumentParser:
         "with --servable, whose multi-layer draft otherwise learns only its first drafted token; 1 = teacher "
         "forcing otherwise, the default draft's best recipe on the toy target, docs/training.md).",
     )
+    train.add_argument(
+        "--image-folder",
+        default=None,
+        help="folder the dataset's image paths start from (LLaVA's --image_folder; default: the data file's "
+        "folder). LLaVA/ShareGPT rows ({'image': path, 'conversations': [{'from': 'human', 'value': "
+        "'<image>\\n...'}, ...]}) are read as they are.",
+    )
+    train.add_argument(
+        "--streaming",
+        action="store_true",
+        help="stream --dataset (rows are read as training goes, never all in memory); under several processes "
+        "each rank reads its own part (its own files when there are at least as many files as ranks).",
+    )
+    train.add_argument(
+        "--target-sharding",
+        choices=("none", "fsdp"),
+        default="none",
+        help="fsdp: shard the frozen target's parameters across the ranks with FSDP2 (run under `torchrun "
+        "--nproc_per_node N --no-python specvlm train ...`); the embedding and lm_head the draft shares stay "
+        "whole on every rank. Default none: every rank holds the whole target.",
+    )
+    train.add_argument(
+        "--bf16",
+        action="store_true",
+        help="mixed precision as on GPUs: the target in bfloat16, the draft's master weights float32 with its "
+        "forward under bfloat16 autocast.",
+    )
     train.set_defaults(func=_run_train)
 
     # ------------------------------------------------------------ regenerate

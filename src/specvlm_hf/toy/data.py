@@ -417,6 +417,40 @@ def make_toy_dataset(n: int, seed: int = 0, split: str = "train"):
     return datasets.Dataset.from_list(rows)
 
 
+def write_llava_json(
+    folder, n: int, seed: int = 0, split: str = "train", files: int = 1, name: str = "llava_toy"
+) -> list:
+    """Write ``n`` toy rows as a LLaVA-format dataset: PNG images under ``folder/images`` and ``files`` JSONL files
+    ``folder/{name}-{i}.jsonl`` of ``{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
+    {"from": "gpt", "value": ...}]}`` rows (image paths relative to ``folder``). Returns the file paths."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    paths = [folder / f"{name}-{i}.jsonl" for i in range(files)]
+    handles = [p.open("w", encoding="utf-8") for p in paths]
+    try:
+        for i, row in enumerate(make_toy_rows(n, seed, split=split)):
+            image = f"images/{split}-{seed}-{i:06d}.png"
+            row["images"][0].save(folder / image)
+            question = row["messages"][0]["content"][1]["text"]
+            answer = row["messages"][1]["content"][0]["text"]
+            record = {
+                "id": f"toy-{i:06d}",
+                "image": image,
+                "conversations": [
+                    {"from": "human", "value": f"<image>\n{question}"},
+                    {"from": "gpt", "value": answer},
+                ],
+            }
+            handles[i % files].write(json.dumps(record) + "\n")
+    finally:
+        for handle in handles:
+            handle.close()
+    return paths
+
+
 def toy_text_corpus(n: int, seed: int = 0) -> list[str]:
     """Questions and answers of ``n`` rows (for training the toy tokenizer)."""
     rng = random.Random(f"specvlm-toy-corpus-{seed}")

@@ -49,8 +49,12 @@ def load_target(
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool = True,
+    to_device: bool = True,
 ):
-    """``(model, processor, label)``: the toy target (``target=None``) or a Hub id / local path."""
+    """``(model, processor, label)``: the toy target (``target=None``) or a Hub id / local path.
+
+    to_device: move a Hub / local target to CUDA when there is one (False: leave it on the CPU, e.g. for the
+    trainer to shard it block by block)."""
     if target is None:
         from .world import load_toy_target
 
@@ -63,7 +67,7 @@ def load_target(
     except ValueError:  # a plain causal LM
         model = AutoModelForCausalLM.from_pretrained(target, dtype="auto")
     processor = AutoProcessor.from_pretrained(target)
-    if torch.cuda.is_available():
+    if to_device and torch.cuda.is_available():
         model = model.to("cuda")
     model.eval().requires_grad_(False)
     return model, processor, target.rstrip("/").replace("/", "--")
@@ -144,11 +148,13 @@ def distill_draft(
     seed: int = 0,
     progress: bool = True,
     max_length: int | None = None,
+    args_overrides: dict[str, Any] | None = None,
     **trainer_kwargs: Any,
 ) -> dict[str, Any]:
     """Train ``draft`` by online distillation from ``target`` for a step/time budget; returns final metrics.
 
-    trainer_kwargs: passed to `SpecVLMDistillationTrainer` (e.g. ``unroll_steps``)."""
+    args_overrides: extra `TrainingArguments` (e.g. ``bf16=True``). trainer_kwargs: passed to
+    `SpecVLMDistillationTrainer` (e.g. ``unroll_steps``, ``target_sharding``)."""
     from transformers import TrainerCallback, TrainingArguments
     from transformers.utils import logging as hf_logging
 
@@ -183,6 +189,7 @@ def distill_draft(
             dataloader_num_workers=0,
             dataloader_pin_memory=False,
             remove_unused_columns=False,
+            **(args_overrides or {}),
         )
         trainer = SpecVLMDistillationTrainer(
             model=draft,
@@ -445,6 +452,26 @@ def print_summary(results: list[Comparison]) -> None:
 # ---------------------------------------------------------------------------------------------- commands
 
 
+def _launch_overrides(world: int, bf16: bool) -> dict[str, Any]:
+    """`TrainingArguments` for how the command was launched: without CUDA, the CPU (several processes over gloo;
+    else accelerate would start each process as a lone run, and bf16 would be refused); `--bf16`: bf16 autocast."""
+    overrides: dict[str, Any] = {"bf16": True} if bf16 else {}
+    if not torch.cuda.is_available():
+        overrides["use_cpu"] = True
+        if world > 1:
+            overrides["ddp_backend"] = "gloo"
+    return overrides
+
+
+def _peak_memory_mib() -> float:
+    """This process's peak memory: CUDA allocations on a GPU, else the resident set (MiB)."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def _budget(args) -> TrainBudget:
     return TrainBudget(
         steps=args.train_steps,
@@ -607,18 +634,47 @@ def _widen_for_timing(vlm, draft, dtype: torch.dtype):
 
 def run_train(args) -> int:
     torch.manual_seed(args.seed)
-    vlm, processor, label = load_target(args.target, args.toy_size, args.cache_dir, args.seed)
+    sharding = getattr(args, "target_sharding", "none")
+    bf16 = getattr(args, "bf16", False)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    # a sharded target stays on the CPU until the trainer shards it block by block onto each rank's device
+    vlm, processor, label = load_target(
+        args.target,
+        args.toy_size,
+        args.cache_dir,
+        args.seed,
+        progress=rank == 0,
+        to_device=sharding != "fsdp",
+    )
+    if bf16:
+        vlm = vlm.to(torch.bfloat16)
     servable = getattr(args, "servable", False)
     draft = new_draft(vlm, args.compressor, num_layers=args.num_layers, seed=args.seed, servable=servable)
     unroll_steps = getattr(args, "unroll_steps", None)
     if unroll_steps is None:  # the servable (multi-layer eagle3) draft needs the training-time test
         unroll_steps = SERVABLE_UNROLL_STEPS if servable else 1
-    dataset = load_rows(args.dataset, args.num_examples, args.seed, split=args.dataset_split)
+    streaming, image_folder = getattr(args, "streaming", False), getattr(args, "image_folder", None)
+    if args.dataset is None:
+        dataset = load_rows(None, args.num_examples, args.seed)
+    else:
+        from ..training.rows import load_training_rows
+
+        dataset = load_training_rows(
+            args.dataset,
+            split=args.dataset_split,
+            image_folder=image_folder,
+            streaming=streaming,
+            num_examples=args.num_examples,
+            seed=args.seed,
+        )
     arch = f", eagle3 target_layers={draft.config.target_layers} (servable)" if servable else ""
-    print(
-        f"training a draft for {label}: {len(dataset)} rows, {args.train_steps} steps, "
-        f"compressor={args.compressor}{arch}, unroll_steps={unroll_steps}"
-    )
+    rows = "streamed rows" if streaming else f"{len(dataset)} rows"
+    if rank == 0:
+        print(
+            f"training a draft for {label}: {rows}, {args.train_steps} steps, compressor={args.compressor}"
+            f"{arch}, unroll_steps={unroll_steps}, {world} process(es), target_sharding={sharding}"
+            f"{', bf16' if bf16 else ''}"
+        )
     metrics = distill_draft(
         draft,
         vlm,
@@ -626,10 +682,25 @@ def run_train(args) -> int:
         dataset,
         _budget(args),
         seed=args.seed,
+        progress=rank == 0,
         max_length=args.max_length,
         unroll_steps=unroll_steps,
+        target_sharding=None if sharding == "none" else sharding,
+        args_overrides=_launch_overrides(world, bf16),
     )
     metrics["unroll_steps"] = unroll_steps
+    if world > 1 or sharding == "fsdp":
+        from ..training.sharding import target_parameter_bytes
+
+        held = target_parameter_bytes(vlm)
+        print(
+            f"rank {rank}: target parameters held {held.local / 2**20:.2f} MiB of {held.full / 2**20:.2f} MiB "
+            f"(whole embedding + lm_head {held.whole / 2**20:.2f} MiB, shards {held.sharded / 2**20:.2f} MiB); "
+            f"peak {_peak_memory_mib():.0f} MiB",
+            flush=True,
+        )
+    if rank != 0:  # every rank ends with the same draft (DDP); one writes it
+        return 0
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     draft.save_pretrained(out)

@@ -32,6 +32,7 @@ from ..targets import features as target_features
 from .collator import SpecVLMDataCollator
 from .eval_acceptance import EvalAcceptance
 from .losses import distillation_loss, expected_accepted_length, top1_agreement
+from .sharding import check_target_sharding, shard_target
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +166,10 @@ class SpecVLMDistillationTrainer(Trainer):
         eval_acceptance: the draft's real acceptance logged at every evaluation (`eval_acceptance.EvalAcceptance`:
             mean accepted length of fixed-k chain decoding and of the automatic tree on a few evaluation prompts);
             default `EvalAcceptance()`, None turns it off.
+        target_sharding: None (default): every rank holds the whole target. "fsdp": the frozen target's
+            parameters are sharded across the ranks with FSDP2 (`training.sharding`: decoder and vision blocks
+            split N ways, the embedding and `lm_head` the draft shares kept whole on every rank); the draft still
+            trains data-parallel. Launch with `torchrun` / `accelerate launch`; with one process it is a no-op.
         The other arguments are `transformers.Trainer`'s.
 
     Logged metrics (train and eval): `ce`, `feature`, `gate_cost`, `top1_agreement` (draft argmax == target
@@ -189,8 +194,10 @@ class SpecVLMDistillationTrainer(Trainer):
         unroll_steps: int = 1,
         draft_vocab_rows: int = 4096,
         eval_acceptance: EvalAcceptance | None = EvalAcceptance(),  # noqa: B008 (immutable settings)
+        target_sharding: str | None = None,
         **kwargs,
     ):
+        target_sharding = check_target_sharding(target_sharding)
         if not isinstance(model, SpecVLMDraftModel):
             raise TypeError(f"model must be a SpecVLMDraftModel, got {type(model).__name__}.")
         if target_model is None:
@@ -213,6 +220,7 @@ class SpecVLMDistillationTrainer(Trainer):
                     "the vision-chat format need the target's processor."
                 )
             data_collator = SpecVLMDataCollator(processing_class)
+        _shard_streams_per_rank(args, train_dataset)
 
         # the target: frozen, outside the draft's module tree (bind() keeps it in a plain tuple)
         target_model.eval()
@@ -227,6 +235,7 @@ class SpecVLMDistillationTrainer(Trainer):
         self.feature_noise_std = feature_noise_std
         self.unroll_steps = unroll_steps
         self.eval_acceptance = eval_acceptance
+        self.target_sharding = target_sharding
         self._metrics: dict[str, dict[str, list[float]]] = {
             "train": defaultdict(list),
             "eval": defaultdict(list),
@@ -275,8 +284,12 @@ class SpecVLMDistillationTrainer(Trainer):
 
     # ------------------------------------------------------------------ target
     def _place_target(self) -> None:
-        """Move the target to the draft's (accelerate's) device unless it is dispatched or quantized."""
+        """Move the target to the draft's (accelerate's) device unless it is dispatched or quantized; with
+        `target_sharding="fsdp"` under several processes, shard it there instead (`sharding.shard_target`)."""
         base = targets.unwrap_target(self.target_model)
+        if self.target_sharding == "fsdp" and self.accelerator.num_processes > 1:
+            shard_target(self.target_model, self.args.device)
+            return
         if getattr(base, "hf_device_map", None) is not None or getattr(base, "is_quantized", False):
             return  # placed by from_pretrained(device_map=...) / quantization; leave it there
         device = self.args.device
@@ -442,7 +455,14 @@ class SpecVLMDistillationTrainer(Trainer):
     def evaluation_loop(self, dataloader, *args, metric_key_prefix: str = "eval", **kwargs):
         """Trainer's evaluation loop, plus the draft's measured acceptance on the first evaluation rows."""
         output = super().evaluation_loop(dataloader, *args, metric_key_prefix=metric_key_prefix, **kwargs)
-        if self.eval_acceptance is not None:
+        sharded = self.target_sharding == "fsdp" and self.accelerator.num_processes > 1
+        if self.eval_acceptance is not None and sharded:
+            # every forward of a sharded target is a collective: ranks decoding on their own could disagree on the
+            # number of forwards and hang; not measured until decoding runs in lockstep across ranks
+            logger.warning(
+                "Measured acceptance (eval_acceptance) is skipped with a target sharded across ranks."
+            )
+        elif self.eval_acceptance is not None:
             draft = self.accelerator.unwrap_model(self.model)
             prompts = self.eval_acceptance.prompts(getattr(dataloader, "dataset", None), self.data_collator)
             # several processes: chain only (the automatic tree's size follows each process's own timings, so
@@ -466,6 +486,18 @@ class SpecVLMDistillationTrainer(Trainer):
             logs.update({f"{prefix}{k}": round(float(v), 6) for k, v in zip(keys, means)})
             collected.clear()
         super().log(logs, start_time)
+
+
+def _shard_streams_per_rank(args: TrainingArguments, train_dataset) -> None:
+    """A streamed dataset under several processes: each rank reads its own part (its files, else its slice of every
+    global batch) instead of accelerate's default for iterable datasets, rank 0 reading and collating every batch
+    and sending each rank its slice. No row goes to two ranks either way; set
+    `accelerator_config={"dispatch_batches": True}` to keep the default."""
+    if not isinstance(train_dataset, torch.utils.data.IterableDataset) or args.world_size <= 1:
+        return
+    config = args.accelerator_config
+    if config is not None and getattr(config, "dispatch_batches", None) is None:
+        config.dispatch_batches = False
 
 
 __all__ = [
