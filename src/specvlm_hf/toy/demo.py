@@ -49,24 +49,36 @@ def load_target(
     cache_dir: str | os.PathLike | None = None,
     seed: int = 0,
     progress: bool = True,
+    quantization: str | None = None,
 ):
-    """``(model, processor, label)``: the toy target (``target=None``) or a Hub id / local path."""
+    """``(model, processor, label)``: the toy target (``target=None``) or a Hub id / local path; loaded quantized
+    with scheme `quantization` (`specvlm_hf.targets.loading.QUANTIZATION_CHOICES`) when given."""
+    from ..targets.loading import quantization_config, reload_quantized
+
+    suffix = f"-{quantization}" if quantization else ""
     if target is None:
         from .world import load_toy_target
 
         model, processor = load_toy_target(toy_size, cache_dir=cache_dir, seed=seed, progress=progress)
-        return model.eval(), processor, f"toy-llava-{toy_size}-seed{seed}"
+        if quantization:
+            model = reload_quantized(model, quantization)
+        return model.eval(), processor, f"toy-llava-{toy_size}-seed{seed}{suffix}"
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
+    kwargs = {}
+    if quantization:  # (bitsandbytes places a quantized model itself: device_map, never .to())
+        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        kwargs["quantization_config"] = quantization_config(quantization, compute_dtype=compute)
+        kwargs["device_map"] = "auto" if torch.cuda.is_available() else None
     try:
-        model = AutoModelForImageTextToText.from_pretrained(target, dtype="auto")
+        model = AutoModelForImageTextToText.from_pretrained(target, dtype="auto", **kwargs)
     except ValueError:  # a plain causal LM
-        model = AutoModelForCausalLM.from_pretrained(target, dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(target, dtype="auto", **kwargs)
     processor = AutoProcessor.from_pretrained(target)
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not quantization:
         model = model.to("cuda")
     model.eval().requires_grad_(False)
-    return model, processor, target.rstrip("/").replace("/", "--")
+    return model, processor, target.rstrip("/").replace("/", "--") + suffix
 
 
 def prompt_inputs(processor, row: dict, device: torch.device | str = "cpu") -> dict:
@@ -602,7 +614,10 @@ def _widen_for_timing(vlm, draft, dtype: torch.dtype):
 
 def run_train(args) -> int:
     torch.manual_seed(args.seed)
-    vlm, processor, label = load_target(args.target, args.toy_size, args.cache_dir, args.seed)
+    quantization = getattr(args, "quantization", None)
+    vlm, processor, label = load_target(
+        args.target, args.toy_size, args.cache_dir, args.seed, quantization=quantization
+    )
     servable = getattr(args, "servable", False)
     draft = new_draft(vlm, args.compressor, num_layers=args.num_layers, seed=args.seed, servable=servable)
     unroll_steps = getattr(args, "unroll_steps", None)
@@ -625,6 +640,7 @@ def run_train(args) -> int:
         unroll_steps=unroll_steps,
     )
     metrics["unroll_steps"] = unroll_steps
+    metrics["target_quantization"] = quantization  # top1_agreement is measured against this very target
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     draft.save_pretrained(out)
