@@ -229,3 +229,25 @@ def test_distillation_from_a_4bit_target_measures_it_and_resumes_exactly(tmp_pat
     _run(target, rows, tmp_path / "cut", max_steps=6, callbacks=[Stop()])
     resumed = _run(target, rows, tmp_path / "cut", max_steps=6, resume=str(tmp_path / "cut" / "checkpoint-3"))
     _assert_same(resumed, full)
+
+
+@pytest.mark.parametrize("scheme", ["bnb-nf4-head", "offload-head"])
+def test_export_writes_dense_copies_of_a_quantized_or_offloaded_target_head(scheme, tmp_path):
+    """`export_draft` writes copies of the target's embedding and lm_head: dense values (the offloaded weights
+    loaded by their hook, the nf4 head dequantized through its forward), never packed storage or meta tensors."""
+    from safetensors.torch import load_file
+
+    from specvlm_hf.sharing.export import export_draft
+
+    model, dense = _target(scheme), load_target("dense")
+    config = SpecVLMDraftConfig.from_target(model, draft_architecture="eagle3", target_layers=[1])
+    draft = SpecVLMDraftModel(config).bind(model).eval()
+    weights = load_file(export_draft(draft, tmp_path) / "model.safetensors")
+    torch.testing.assert_close(weights["embed_tokens.weight"], dense.model.language_model.embed_tokens.weight)
+    head = dense.lm_head.weight
+    if scheme == "bnb-nf4-head":  # what bitsandbytes itself dequantizes the nf4 head to
+        import bitsandbytes.functional as bnbf
+
+        packed = model.lm_head.weight
+        head = bnbf.dequantize_4bit(packed.data, packed.quant_state)
+    torch.testing.assert_close(weights["lm_head.weight"], head.float(), rtol=1e-5, atol=1e-5)

@@ -168,3 +168,25 @@ def reload_quantized(model, name: str):
         loaded = type(model).from_pretrained(path, dtype=dtype, quantization_config=config, **kwargs)
     loaded.generation_config = model.generation_config
     return loaded.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def dense_copy(module: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """A dense copy of a shared module's weight in `dtype` (what an export writes): the weight itself when dense;
+    an offloaded one loaded by its accelerate hook; a quantized linear's rows through its forward
+    (`dense_linear_rows`). Raises ValueError naming the fix for anything else (a quantized embedding)."""
+    weight = module.weight
+    if dense_weight(weight):
+        return weight.detach().to(dtype)
+    if is_offloaded(module):
+        from accelerate.utils import align_module_device
+
+        with align_module_device(module, execution_device(module)):
+            if dense_weight(module.weight):
+                return module.weight.detach().to(dtype).clone()
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return dense_linear_rows(module, torch.arange(module.out_features), dtype)
+    raise ValueError(
+        f"The target's {type(module).__name__} is quantized and is not a linear layer: its dense weight cannot be "
+        "taken through its forward. Bind the draft to the target loaded without quantization to export it."
+    )
