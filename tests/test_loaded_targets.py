@@ -288,3 +288,15 @@ def test_llm_int8_outlier_threshold_makes_a_token_depend_on_its_forward():
         with torch.no_grad():
             together, alone = linear(x), torch.cat([linear(x[i : i + 1]) for i in range(5)])
         assert torch.equal(together, alone) == independent, threshold
+
+
+def test_the_plan_never_packs_a_tensor_subclass_weight():
+    """torchao keeps `nn.Linear` and swaps its weight for a quantized tensor subclass: not a plain linear for the
+    plan (packing it would read its storage)."""
+    from specvlm_hf.backends.packed_linear import plain_linear
+
+    torchao_quantization = pytest.importorskip("torchao.quantization")
+    linear = torch.nn.Linear(64, 64)
+    assert plain_linear(linear)
+    torchao_quantization.quantize_(linear, torchao_quantization.Int8WeightOnlyConfig())
+    assert type(linear) is torch.nn.Linear and not plain_linear(linear)
