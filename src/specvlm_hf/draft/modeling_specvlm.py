@@ -355,10 +355,10 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
                 "Use a draft trained for this target, or make one with "
                 "`SpecVLMDraftModel(SpecVLMDraftConfig.from_target(vlm)).bind(vlm)`."
             )
-        packed = [name for name, p in self.named_parameters() if not dense_weight(p)]
-        if packed:
+        quantized = [name for name, p in self.named_parameters() if not dense_weight(p)]
+        if quantized:
             raise ValueError(
-                f"The draft's own weights must be dense floating tensors; {packed[:3]} are not (was the draft "
+                f"The draft's own weights must be dense floating tensors; {quantized[:3]} are not (was the draft "
                 "loaded with a quantization_config or a device_map?). Load the draft without them: it is small and "
                 "stays in the compute dtype; only the target is quantized or offloaded."
             )
@@ -454,7 +454,7 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
             lm_head, head = self._bound_parts()[2], self.draft_lm_head.weight
             if dense_weight(lm_head.weight):
                 rows = lm_head.weight[ids.to(lm_head.weight.device)]
-            else:  # packed or offloaded storage: the rows through the module's forward, made once
+            else:  # quantized or offloaded storage: the rows through the module's forward, made once
                 rows = dense_linear_rows(lm_head, ids, head.dtype)
             head.copy_(rows.to(head))
         return self
