@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from batched_inputs import generated_rows, make_batch_inputs, pad_id, real_lengths
-from forced_draft import make_batched_forced_draft, merged_reference
+from forced_draft import make_batched_forced_draft, make_forced_draft, merged_reference
 from loaded_targets import OFFLOADED, QUANTIZED, QUANTIZED_HEADS, load_target, require
 from sharp_models import shifted_generate
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel, backends
@@ -165,15 +165,7 @@ def test_sampling_on_a_quantized_target_has_its_law(mode):
     width = inputs["input_ids"].shape[1]
     law = exact_joint_law(model, inputs)  # (under PROCESSING: temperature, top-k, top-p, repetition penalty)
     reference = model.generate(**inputs, max_new_tokens=4, do_sample=False)
-    rows = generated_rows(reference, width, pad_id(model))
-    draft = make_batched_forced_draft(
-        model,
-        merged_reference(rows, real_lengths(inputs)),
-        (),
-        tree_depth=3,
-        tree_total_tokens=5,
-        tree_top_k=2,
-    )
+    draft = make_forced_draft(model, reference[0], set(), tree_depth=3, tree_total_tokens=5, tree_top_k=2)
     torch.manual_seed(2)
     counts: Counter = Counter()
     accepted = []
