@@ -20,6 +20,8 @@ COMPRESSOR_CHOICES = (
     "resampler",
     "text_only",
 )
+# `--quantization` names (specvlm_hf.targets.loading.QUANTIZATION_CHOICES; kept here so that --help imports no torch)
+QUANTIZATION_CHOICES = ("bnb-8bit", "bnb-nf4", "torchao-int8", "quanto-int8")
 
 
 def _compressor(value: str) -> str | None:
@@ -46,6 +48,14 @@ def _add_target_args(p: argparse.ArgumentParser, default_size: str) -> None:
         "--cache-dir",
         default=None,
         help="where toy targets and drafts are cached (default: $SPECVLM_HF_CACHE or ~/.cache/specvlm_hf).",
+    )
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=QUANTIZATION_CHOICES,
+        help="load the target quantized, as from_pretrained(quantization_config=...) does (the draft stays in the "
+        "compute dtype): bitsandbytes 8-bit / nf4, torchao int8 weight-only, quanto int8 "
+        "(specvlm_hf.targets.loading). Needs the library: pip install 'specvlm_hf[quant]'.",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0).")
 

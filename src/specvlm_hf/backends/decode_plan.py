@@ -31,6 +31,7 @@ from .packed_linear import (
     bound_shared_linear,
     bound_stacked_linear,
     derived_from_weights,
+    plain_embedding,
     plain_linear,
 )
 
@@ -71,18 +72,23 @@ def _norm(module, dtype: torch.dtype):
 
 
 def token_table(draft) -> torch.Tensor | None:
-    """(V, h) = embed(v) @ W_e^T for every target token v, or None where it does not apply or would be too big."""
+    """(V, h) = embed(v) @ W_e^T for every target token v, or None where it does not apply or would be too big
+    (or the target's embedding is quantized, offloaded or hooked: then the plan calls it as a module)."""
     if draft.config.draft_architecture != "eagle" or draft.training:
         return None
-    embed = draft._bound_parts()[1].weight  # (V, h), the target's frozen token embedding
+    module = draft._bound_parts()[1]
+    if not plain_embedding(module):
+        return None
+    embed = module.weight  # (V, h), the target's frozen token embedding
     h = draft.config.hidden_size
     if embed.shape[0] * h > TOKEN_TABLE_MAX_ELEMENTS or embed.shape[1] != h:
         return None
     w = draft.fc.weight
 
     def build():
-        with torch.no_grad():
-            return (embed.to(w.device, torch.float32) @ w[:, :h].float().t()).to(w.dtype)
+        with torch.no_grad():  # through the module's forward (Gemma's embedding scales its rows itself)
+            rows = module(torch.arange(embed.shape[0], device=embed.device))  # (V, h)
+            return (rows.to(w.device, torch.float32) @ w[:, :h].float().t()).to(w.dtype)
 
     return derived_from_weights(draft, "token_table", [embed, w], build)
 
@@ -172,13 +178,15 @@ class DecodePlan:
         # "eagle" outputs are normed; "eagle3" outputs are pre-norm and the head norms them
         self.norm = _norm(draft.norm, dtype)
         # the draft's own head over its reduced vocabulary, or the target's lm_head (packed, a copy the draft owns,
-        # when plain and small; else called as it is)
+        # when plain and small); a quantized, offloaded or hooked lm_head runs as the draft's own `draft_logits`
+        # runs it (through its forward, in the device and dtype it takes)
         reduced = draft.draft_lm_head is not None
         head = draft.draft_lm_head if reduced else lm_head
         if reduced:
             self.head = bound_linear(head, "packed", head.weight, head.bias)
         else:
             self.head = bound_shared_linear(draft, "lm_head", head, TARGET_COPY_MAX_ELEMENTS)
+        self.module_logits = draft.draft_logits if self.head is None else None
         self.head_dtype, self.head_device = head.weight.dtype, head.weight.device
         self.vocab_ids = draft.draft_vocab_ids if reduced else None
 
@@ -229,6 +237,8 @@ class DecodePlan:
 
     def draft_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`SpecVLMDraftModel.draft_logits`: (logits (..., Vd), target id of each column or None)."""
+        if self.module_logits is not None:
+            return self.module_logits(hidden)
         if self.eagle3:
             hidden = self.norm(hidden)
         return self.head(hidden.to(self.head_device, self.head_dtype)), self.vocab_ids
@@ -248,7 +258,7 @@ def plannable(draft) -> bool:
     cls = type(draft)
     if cls.__name__ != DRAFT_CLASS or cls.__module__ != MODELING_MODULE:
         return False  # a subclass may override anything
-    if draft.training or draft._bound is None:
+    if draft.training or draft._bound is None or draft.norm.weight.device.type == "meta":
         return False
     if torch.is_autocast_enabled(draft.norm.weight.device.type):  # autocast re-types every product per call
         return False

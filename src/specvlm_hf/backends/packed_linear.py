@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..targets.loading import dense_weight
+
 logger = logging.getLogger(__name__)
 
 # the draft keeps derived copies of tensors it shares with the target (the target lm_head's packed copy, the
@@ -139,14 +141,25 @@ def linear(owner: nn.Module, name: str, x: torch.Tensor, weight: torch.Tensor, b
 
 
 def plain_linear(module) -> bool:
-    """An `nn.Linear` whose call is its own forward: no hooks, no patched forward (accelerate), no wrapper (peft)."""
+    """An `nn.Linear` whose call is its own forward: no hooks, no patched forward (accelerate), no wrapper (peft),
+    and a dense weight (not quantized storage, a tensor subclass such as torchao's, or an offloaded meta tensor)."""
     return (
         type(module) is nn.Linear
         and nn.Linear.forward is _LINEAR_FORWARD
-        and not module._forward_hooks
-        and not module._forward_pre_hooks
-        and "forward" not in module.__dict__
+        and _unhooked(module)
+        and dense_weight(module.weight)
+        and (module.bias is None or dense_weight(module.bias))
     )
+
+
+def plain_embedding(module) -> bool:
+    """An `nn.Embedding` (or a subclass, e.g. Gemma's scaled one) that is not hooked or patched and whose weight is
+    dense: its rows may be computed once from its forward."""
+    return isinstance(module, nn.Embedding) and _unhooked(module) and dense_weight(module.weight)
+
+
+def _unhooked(module) -> bool:
+    return not module._forward_hooks and not module._forward_pre_hooks and "forward" not in module.__dict__
 
 
 def _copyable(module: nn.Module, max_elements: int) -> bool:
@@ -168,9 +181,10 @@ def bound_shared_linear(owner: nn.Module, name: str, module: nn.Module, max_elem
     """`x -> module(x)` for a module `owner` borrows (the target's `lm_head`), bound once like `bound_linear`: a
     packed copy cached on `owner` only when the weight is plain and has at most `max_elements` entries (a copy of a
     large vocabulary's head costs real memory; a draft for one has a reduced draft vocabulary, whose own head is
-    packed); the module itself otherwise."""
+    packed); None otherwise (the caller runs the module as the draft does: quantized or offloaded heads take their
+    input in their own device and dtype)."""
     if not _copyable(module, max_elements):
-        return module
+        return None
     return bound_linear(owner, name, module.weight, module.bias)
 
 

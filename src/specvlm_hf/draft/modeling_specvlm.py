@@ -37,6 +37,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.modeling_outputs import BaseModelOutputWithPast
 
+from ..targets.loading import dense_linear_rows, dense_weight, execution_device, module_inputs
 from .compression import DraftContext, build_compressor
 from .configuration_specvlm import SpecVLMDraftConfig
 
@@ -356,9 +357,18 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
                 "Use a draft trained for this target, or make one with "
                 "`SpecVLMDraftModel(SpecVLMDraftConfig.from_target(vlm)).bind(vlm)`."
             )
+        quantized = [name for name, p in self.named_parameters() if not dense_weight(p)]
+        if quantized:
+            raise ValueError(
+                f"The draft's own weights must be dense floating tensors; {quantized[:3]} are not (was the draft "
+                "loaded with a quantization_config or a device_map?). Load the draft without them: it is small and "
+                "stays in the compute dtype; only the target is quantized or offloaded."
+            )
         embed, lm_head = targets.input_embeddings(model), targets.output_embeddings(model)
         self._bound = (model, embed, lm_head)
-        device = lm_head.weight.device
+        # where lm_head computes: its weight's device, or an accelerate hook's execution device when it is
+        # offloaded (its weight then lies on the meta device)
+        device = execution_device(lm_head)
         if self.norm.weight.device != device:
             self.to(device)
         routing.install(model)
@@ -385,8 +395,9 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
         if self.draft_lm_head is None:
             lm_head = self._bound_parts()[2]
             if self.is_eagle3:
-                hidden = self.norm(hidden.to(self.norm.weight.device)).to(lm_head.weight.device)
-            return lm_head(hidden.to(lm_head.weight.dtype))
+                hidden = self.norm(hidden.to(self.norm.weight.device))
+            # through lm_head's forward, in the device and dtype it takes (it may be quantized or offloaded)
+            return lm_head(hidden.to(*module_inputs(lm_head, self.norm.weight.dtype)))
         logits, ids = self.draft_logits(hidden)
         return self.full_vocab_logits(logits, ids)
 
@@ -422,7 +433,8 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
         """Set the target token id of each draft-vocabulary row (`token_ids`: Vd distinct ids in [0, vocab_size)).
 
         init_from_target: also copy the target `lm_head` rows of those tokens into the draft head (a bound draft;
-        the target's head has no bias), so an untrained head starts as the target's head restricted to them.
+        the target's head has no bias), so an untrained head starts as the target's head restricted to them. A
+        quantized or offloaded `lm_head` gives them through its forward, dequantized (`dense_linear_rows`).
         """
         if self.draft_lm_head is None:
             raise ValueError(
@@ -441,8 +453,12 @@ class SpecVLMDraftModel(SpecVLMPreTrainedModel):
             raise ValueError("set_draft_vocab: token ids must be distinct.")
         self.draft_vocab_ids.copy_(ids)
         if init_from_target:
-            weight = self._bound_parts()[2].weight
-            self.draft_lm_head.weight.copy_(weight[ids.to(weight.device)].to(self.draft_lm_head.weight))
+            lm_head, head = self._bound_parts()[2], self.draft_lm_head.weight
+            if dense_weight(lm_head.weight):
+                rows = lm_head.weight[ids.to(lm_head.weight.device)]
+            else:  # quantized or offloaded storage: the rows through the module's forward, made once
+                rows = dense_linear_rows(lm_head, ids, head.dtype)
+            head.copy_(rows.to(head))
         return self
 
     def _bound_parts(self):

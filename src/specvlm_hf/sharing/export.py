@@ -79,6 +79,7 @@ from safetensors.torch import save_file
 
 from .._version import __version__
 from ..draft.configuration_specvlm import DEFAULT_CHAIN_TOKENS, PAPER_TREE_BUDGET
+from ..targets.loading import dense_copy
 
 EXPORT_FORMATS = ("speculators",)
 SPECULATORS_SCHEMA_VERSION = "0.3.0"  # last speculators release checked to ship the "eagle" model type
@@ -311,7 +312,8 @@ def _eagle3_tensors(draft) -> dict[str, torch.Tensor]:
             tensors[new_name] = tensor.detach()
     dtype = draft.norm.weight.dtype
     _, embed, lm_head = draft._bound_parts()
-    tensors["embed_tokens.weight"] = embed.weight.detach().to(dtype)
+    # (copies of the target's modules, dense even when the target is loaded quantized or offloaded)
+    tensors["embed_tokens.weight"] = dense_copy(embed, dtype)
     if draft.fc is None:  # g = f: fc is the identity
         tensors["fc.weight"] = torch.eye(config.hidden_size, dtype=dtype)
     else:  # column blocks in increasing layer order, as the layer ids are written
@@ -331,7 +333,7 @@ def _eagle3_tensors(draft) -> dict[str, torch.Tensor]:
         t2d[sorted_ids] = True
         tensors["t2d"] = t2d
     else:
-        tensors["lm_head.weight"] = lm_head.weight.detach().to(dtype)
+        tensors["lm_head.weight"] = dense_copy(lm_head, dtype)
     return {k: v.to("cpu").contiguous() for k, v in tensors.items()}
 
 

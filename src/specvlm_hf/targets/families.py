@@ -165,8 +165,11 @@ def target_hidden_size(model) -> int:
 
 
 def target_vocab_size(model) -> int:
-    """Text vocabulary size: rows of ``lm_head`` (may differ from ``config.vocab_size`` after resizing)."""
-    return int(output_embeddings(model).weight.shape[0])
+    """Text vocabulary size: rows of ``lm_head`` (may differ from ``config.vocab_size`` after resizing); its
+    ``out_features`` where it has them (a quantized head's ``weight`` is packed storage of another shape: bitsandbytes
+    4-bit keeps (V * h / 2, 1) bytes)."""
+    head = output_embeddings(model)
+    return int(getattr(head, "out_features", None) or head.weight.shape[0])
 
 
 def target_num_layers(model) -> int:

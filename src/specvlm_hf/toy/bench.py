@@ -408,6 +408,7 @@ def _dtype_name(dtype) -> str:
 def run_bench_cli(args) -> int:
     import copy
 
+    from ..targets.loading import reload_quantized
     from .demo import (
         TrainBudget,
         load_draft,
@@ -426,6 +427,12 @@ def run_bench_cli(args) -> int:
     toy_medium = args.target is None and args.toy_size == "medium"
     dtypes = bench_dtypes(getattr(args, "dtype", None), toy_medium)
     only = args.methods.split(",") if args.methods else None
+    quantization = getattr(args, "quantization", None)
+    if quantization and not toy_medium and getattr(args, "dtype", None):  # a quantized model is never re-cast
+        raise SystemExit(
+            f"--quantization {quantization} times the target in the dtype it is loaded in (a quantized model cannot "
+            "be cast after loading): drop --dtype, or save the checkpoint in the dtype to time."
+        )
     if toy_medium:
         # drafts are distilled on the tiny toy target (fast) and widened exactly with it: the medium toy target
         # is the tiny one widened (toy.widen_toy_target), so outputs and acceptance are the tiny pair's, while
@@ -433,7 +440,9 @@ def run_bench_cli(args) -> int:
         train_target, processor, train_label = load_target(None, "tiny", args.cache_dir, args.seed)
         base = None
     else:
-        base, processor, train_label = load_target(args.target, args.toy_size, args.cache_dir, args.seed)
+        base, processor, train_label = load_target(
+            args.target, args.toy_size, args.cache_dir, args.seed, quantization=quantization
+        )
         train_target = base
     budget = TrainBudget(args.train_steps, args.train_seconds, args.train_batch_size, args.learning_rate)
     trained: dict[str, Any] = {}  # drafts of the training target (tiny toy target for the medium one)
@@ -458,6 +467,8 @@ def run_bench_cli(args) -> int:
         if toy_medium:
             vlm = widen_for_timing(train_target, dtype)
             label = f"toy-llava-medium-seed{args.seed}-{_dtype_name(dtype)}"
+            if quantization:  # the widened target loaded back quantized, as from_pretrained does it
+                vlm, label = reload_quantized(vlm, quantization), f"{label}-{quantization}"
             return vlm, label, {name: widen_draft_for_timing(d, vlm) for name, d in trained.items()}
         loaded = next(base.parameters()).dtype
         vlm = base if dtype in (None, loaded) else unrouted_copy(base).to(dtype)

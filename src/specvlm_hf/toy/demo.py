@@ -50,27 +50,39 @@ def load_target(
     seed: int = 0,
     progress: bool = True,
     to_device: bool = True,
+    quantization: str | None = None,
 ):
-    """``(model, processor, label)``: the toy target (``target=None``) or a Hub id / local path.
+    """``(model, processor, label)``: the toy target (``target=None``) or a Hub id / local path; loaded quantized
+    with scheme `quantization` (`specvlm_hf.targets.loading.QUANTIZATION_CHOICES`) when given.
 
     to_device: move a Hub / local target to CUDA when there is one (False: leave it on the CPU, e.g. for the
     trainer to shard it block by block)."""
+    from ..targets.loading import quantization_config, reload_quantized
+
+    suffix = f"-{quantization}" if quantization else ""
     if target is None:
         from .world import load_toy_target
 
         model, processor = load_toy_target(toy_size, cache_dir=cache_dir, seed=seed, progress=progress)
-        return model.eval(), processor, f"toy-llava-{toy_size}-seed{seed}"
+        if quantization:
+            model = reload_quantized(model, quantization)
+        return model.eval(), processor, f"toy-llava-{toy_size}-seed{seed}{suffix}"
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
+    kwargs = {}
+    if quantization:  # (bitsandbytes places a quantized model itself: device_map, never .to())
+        compute = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+        kwargs["quantization_config"] = quantization_config(quantization, compute_dtype=compute)
+        kwargs["device_map"] = "auto" if torch.cuda.is_available() else None
     try:
-        model = AutoModelForImageTextToText.from_pretrained(target, dtype="auto")
+        model = AutoModelForImageTextToText.from_pretrained(target, dtype="auto", **kwargs)
     except ValueError:  # a plain causal LM
-        model = AutoModelForCausalLM.from_pretrained(target, dtype="auto")
+        model = AutoModelForCausalLM.from_pretrained(target, dtype="auto", **kwargs)
     processor = AutoProcessor.from_pretrained(target)
-    if to_device and torch.cuda.is_available():
+    if to_device and torch.cuda.is_available() and not quantization:
         model = model.to("cuda")
     model.eval().requires_grad_(False)
-    return model, processor, target.rstrip("/").replace("/", "--")
+    return model, processor, target.rstrip("/").replace("/", "--") + suffix
 
 
 def prompt_inputs(processor, row: dict, device: torch.device | str = "cpu") -> dict:
@@ -636,6 +648,12 @@ def run_train(args) -> int:
     torch.manual_seed(args.seed)
     sharding = getattr(args, "target_sharding", "none")
     bf16 = getattr(args, "bf16", False)
+    quantization = getattr(args, "quantization", None)
+    if quantization and sharding == "fsdp":
+        raise SystemExit(
+            "--quantization and --target-sharding fsdp cannot be combined: FSDP shards dense parameters. Shard a "
+            "bf16 target across ranks, or train on one device from a quantized target."
+        )
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     # a sharded target stays on the CPU until the trainer shards it block by block onto each rank's device
     vlm, processor, label = load_target(
@@ -645,8 +663,9 @@ def run_train(args) -> int:
         args.seed,
         progress=rank == 0,
         to_device=sharding != "fsdp",
+        quantization=quantization,
     )
-    if bf16:
+    if bf16 and not quantization:
         vlm = vlm.to(torch.bfloat16)
     servable = getattr(args, "servable", False)
     draft = new_draft(vlm, args.compressor, num_layers=args.num_layers, seed=args.seed, servable=servable)
@@ -699,6 +718,7 @@ def run_train(args) -> int:
             f"peak {_peak_memory_mib():.0f} MiB",
             flush=True,
         )
+    metrics["target_quantization"] = quantization  # top1_agreement is measured against this very target
     if rank != 0:  # every rank ends with the same draft (DDP); one writes it
         return 0
     out = Path(args.output_dir)

@@ -29,6 +29,7 @@ from ..draft.configuration_specvlm import DEFAULT_CHAIN_TOKENS
 from ..draft.modeling_specvlm import SpecVLMDraftModel, additive_mask, causal_mask
 from ..targets import families as targets
 from ..targets import features as target_features
+from ..targets.loading import execution_device
 from .collator import SpecVLMDataCollator
 from .eval_acceptance import EvalAcceptance
 from .losses import distillation_loss, expected_accepted_length, top1_agreement
@@ -346,7 +347,8 @@ class SpecVLMDistillationTrainer(Trainer):
         device = draft.norm.weight.device  # every draft architecture has `norm` ("eagle3" may have no `fc`)
         inputs_embeds, features, last_hidden = (t.to(device) for t in (inputs_embeds, features, last_hidden))
         valid, response = valid.to(device), response.to(device)
-        lm_head_device = targets.output_embeddings(targets.unwrap_target(self.target_model)).weight.device
+        # (an offloaded lm_head's weight lies on the meta device: where its forward computes)
+        lm_head_device = execution_device(targets.output_embeddings(targets.unwrap_target(self.target_model)))
         spans = None
         if draft.compressor is not None:
             spans = batch_visual_spans(self.target_model, input_ids, inputs)
