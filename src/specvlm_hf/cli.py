@@ -88,14 +88,23 @@ def _add_tree_args(p: argparse.ArgumentParser) -> None:
 def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
-        choices=("auto", "float32", "bfloat16"),
+        choices=("auto", "float32", "bfloat16", "float16"),
         default="auto",
         help="dtype the medium toy target is timed in (default: auto = bfloat16 where this machine multiplies "
         "it natively, as VLMs are shipped and served; float32 elsewhere).",
     )
 
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where the target and drafts run (default: cuda when a GPU is available, cpu otherwise).",
+    )
 
 
 def _dtype_list(value: str) -> str:
@@ -148,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_tree_args(demo)
     _add_dtype_arg(demo)
+    _add_device_arg(demo)
     demo.add_argument(
         "--quick",
         "--smoke",
@@ -210,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_target_args(bench, "medium")
+    _add_device_arg(bench)
     bench.add_argument(
         "--draft",
         action="append",

@@ -414,6 +414,7 @@ def run_bench_cli(args) -> int:
         load_or_train_draft,
         load_rows,
         load_target,
+        pick_device,
         prompt_inputs,
         unrouted_copy,
         widen_draft_for_timing,
@@ -421,6 +422,7 @@ def run_bench_cli(args) -> int:
     )
     from .tuning import print_tune, tune_tree
 
+    device = pick_device(getattr(args, "device", None))
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     toy_medium = args.target is None and args.toy_size == "medium"
@@ -452,7 +454,13 @@ def run_bench_cli(args) -> int:
             draft_paths[mode or "eagle"] = path
 
     def build(dtype):
-        """(target, label, drafts) timed in ``dtype``."""
+        """(target, label, drafts) timed in ``dtype``, on ``device``."""
+        vlm, label, drafts = _build(dtype)
+        for model in (vlm, *drafts.values()):  # (in place: a draft keeps sharing its target's modules)
+            model.to(device)
+        return vlm, label, drafts
+
+    def _build(dtype):
         if toy_medium:
             vlm = widen_for_timing(train_target, dtype)
             label = f"toy-llava-medium-seed{args.seed}-{_dtype_name(dtype)}"
@@ -472,7 +480,6 @@ def run_bench_cli(args) -> int:
     _resolve_tree_budgets(args, drafts)
     stratified = getattr(args, "prompt_mix", "stratified") == "stratified"
     rows = load_rows(args.dataset, args.prompts, args.seed, eval_rows=True, stratified=stratified)
-    device = next(vlm.parameters()).device
     prompts = [prompt_inputs(processor, row, device) for row in rows]
 
     if getattr(args, "batch_size", None):
@@ -525,17 +532,18 @@ def run_bench_cli(args) -> int:
         assistant = None
         if args.assistant is not None:
             assistant, _, _ = load_target(args.assistant, cache_dir=args.cache_dir, seed=args.seed)
-            assistant = assistant.to(target_dtype)
+            assistant = assistant.to(device, target_dtype)
         elif args.target is None and (only is None or "assisted" in only):
             # an independently trained small toy VLM with the target's tokenizer (toy.load_toy_assistant)
             from .world import load_toy_assistant
 
-            assistant = load_toy_assistant(args.cache_dir, args.seed).to(target_dtype)
+            assistant = load_toy_assistant(args.cache_dir, args.seed).to(device, target_dtype)
         peer = None
         if peer_tiny is not None:
             from .peer import peer_trainable_parameters, widen_peer
 
             peer = widen_peer(peer_tiny, vlm) if toy_medium else copy.deepcopy(peer_tiny).to(target_dtype)
+            peer.to(device)
             mine = sum(p.numel() for p in next(iter(drafts.values())).parameters()) if drafts else 0
             theirs = peer_trainable_parameters(peer)
             print(
@@ -543,7 +551,7 @@ def run_bench_cli(args) -> int:
             )
         untrained = None
         if only is None or any(name.startswith("untrained") for name in only):
-            untrained = untrained_draft(train_target, vlm, toy_medium, args.seed)
+            untrained = untrained_draft(train_target, vlm, toy_medium, args.seed).to(device)
         methods = default_methods(
             drafts, assistant=assistant, only=only, peer=peer, sweep=args.sweep, untrained=untrained
         )
