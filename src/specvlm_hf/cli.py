@@ -39,8 +39,9 @@ def _add_target_args(p: argparse.ArgumentParser, default_size: str) -> None:
     p.add_argument(
         "--toy-size",
         default=default_size,
-        choices=("tiny", "medium"),
-        help=f"size of the built-in toy target when --target is not given (default: {default_size}).",
+        choices=("tiny", "medium", "llava7b"),
+        help=f"size of the built-in toy target when --target is not given (default: {default_size}; bench: llava7b "
+        "is the tiny target widened exactly to LLaVA-1.5-7B's decoder shape, for GPUs).",
     )
     p.add_argument(
         "--cache-dir",

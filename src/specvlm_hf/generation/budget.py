@@ -378,6 +378,13 @@ def planner_for(draft, target, device, stats, prefill_s: float, prompt_tokens: i
     return planner
 
 
+def forget_learned(draft) -> None:
+    """Drop what the automatic budget learned on `draft` (every target, device, dtype and batch size): its next call
+    starts as a first call does (the bench's first-call rows)."""
+    draft.__dict__.pop("_specvlm_budget_states", None)
+    draft.__dict__.pop("_specvlm_chain_backoff", None)
+
+
 def chain_backoff(draft, target, device) -> ChainBackOff:
     """Chain mode's back-off for this target, device and dtype, kept on the draft across generate calls (as the
     tree planner's is), so a draft that does not pay keeps its long back-off in the next call instead of probing

@@ -586,11 +586,22 @@ def pick_device(choice: str | None = None) -> torch.device:
     return torch.device(choice)
 
 
-def widen_for_timing(tiny_target, dtype: torch.dtype):
-    """The medium toy target: the tiny one widened exactly (`widen.widen_toy_target`), cast to `dtype`."""
+# LLaVA-1.5-7B's decoder shape (`--toy-size llava7b`): the tiny toy target widened exactly to it, so acceptance stays
+# the toy pair's while every target forward costs what a 7B's does
+LLAVA7B_DIMS = {"hidden": 4096, "intermediate": 11008, "heads": 32, "layers": 32}
+
+
+def widen_for_timing(tiny_target, dtype: torch.dtype, dims: dict | None = None, device=None):
+    """The medium toy target (or `dims`' shape): the tiny one widened exactly (`widen.widen_toy_target`), cast to
+    `dtype`; built directly on `device` when given (a 7B-shaped target is built in seconds on a GPU)."""
     from .world import widen_toy_target
 
-    return widen_toy_target(tiny_target, "medium").to(dtype).eval()
+    if device is None or torch.device(device).type == "cpu":
+        return widen_toy_target(tiny_target, "medium", dims).to(dtype).eval()
+    source = unrouted_copy(tiny_target).to(device)
+    with torch.device(device):
+        big = widen_toy_target(source, "medium", dims)
+    return big.to(dtype).eval()
 
 
 def widen_draft_for_timing(tiny_draft, medium_target):
