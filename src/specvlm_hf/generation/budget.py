@@ -363,9 +363,11 @@ def planner_for(draft, target, device, stats, prefill_s: float, prompt_tokens: i
     draft level time come from another batch size's state where one was learned. The fresh state's first step is
     a plain one, which measures c(1). Records the cost curve as it stands in `stats.budget_costs_ms`."""
     state = budget_state(draft, target, device, batch_size)
-    if state is None:
+    per_token = prefill_s / max(prompt_tokens, 1)
+    if state is not None:  # the least seen: a process's first prefill also pays one-time set-up
+        state.costs.per_token = min(state.costs.per_token, per_token)
+    else:
         prior = _nearest_known(draft, target, device, batch_size)
-        per_token = prefill_s / max(prompt_tokens, 1)
         state = BudgetState(VerifyCosts(per_token=per_token, base=prefill_s))
         if prior is not None:  # what the draft and the machine showed at another batch size
             state.level_s = prior.level_s
