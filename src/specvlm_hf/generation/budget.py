@@ -4,9 +4,11 @@ Speculation pays when the tokens a step emits outnumber what its time would buy 
 verifies n draft tokens emits, in expectation, `E(n) = 1 + a * (sum of the n nodes' cumulative draft probabilities)`
 tokens (EAGLE-2's scores: the draft's probability that the path to a node is the target's choice; `a` calibrates
 them against the acceptance measured so far) and costs `T(n) = c(n + 1) + (levels + 1) * d`: one target forward
-over the root and n nodes, plus the draft's tree levels and its pass over the accepted tokens. `c` is measured on
-the machine at hand (`VerifyCosts`: a few timed target forwards on the user's own prompt cache, kept per target,
-device and dtype and refined by every verify step), `d` likewise. The planner then
+over the root and n nodes, plus the draft's tree levels and its pass over the accepted tokens. `c` is learned on
+the machine at hand from the verify forwards decoding runs anyway (`VerifyCosts`: no forward is run to measure it,
+so a first call costs what plain generate costs; a prior from the prompt's prefill time per token until steps are
+seen, a plain first step measuring c(1); kept per target, device, dtype and batch size across calls), `d`
+likewise; on a GPU every time comes from CUDA events read once per step (`clock.py`). The planner then
 
 * grows the tree level by level while a level can still raise the rate `E / T` (its best children's probability
   mass against one more draft level's time),
