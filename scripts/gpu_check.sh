@@ -10,7 +10,7 @@
 #
 # Usage: bash scripts/gpu_check.sh [--device cuda|cpu] [--quick] [--output-dir DIR] [--cache-dir DIR]
 #   --device cpu --quick runs the same steps here in minutes (tests/test_gpu_check.py, a slow test), so the
-#   script cannot rot: one test file, 2 prompts of 16 tokens, drafts trained 200 steps, no peer, no 7B shape.
+#   script cannot rot: one test file, 2 prompts of 16 tokens, drafts trained 300 steps, no peer, no 7B shape.
 #
 # The trained toy target, drafts and peer come from the toy cache (--cache-dir, else $SPECVLM_HF_CACHE, else
 # ./.toy-cache when present, else ~/.cache/specvlm_hf). A GPU machine starts bare, so carry the cache along:
@@ -85,7 +85,7 @@ DTYPE=bfloat16
 METHODS=plain,specvlm_tree,specvlm_chain,assisted_peer
 TRAIN=()  # the bench's default training budget: what a carried cache holds
 if [[ "$QUICK" == 1 ]]; then
-  PROMPTS=2; TOKENS=16; METHODS=plain,specvlm_tree,specvlm_chain; TRAIN=(--train-steps 200)
+  PROMPTS=2; TOKENS=16; METHODS=plain,specvlm_tree,specvlm_chain; TRAIN=(--train-steps 300)
 fi
 SIZES=(medium)
 if [[ "$DEVICE" == cuda ]]; then SIZES=(medium llava7b); fi
