@@ -49,6 +49,9 @@ AUTO_CHAIN_TOKENS, AUTO_CHAIN_CUMULATIVE = 8, 0.1
 CHAIN_BACKOFF_ACCEPTED = 0.3
 # plain steps before the next probe, doubling while speculation does not pay
 BACKOFF_START, BACKOFF_MAX = 4, 64
+EXPLORE = (
+    0.5  # beyond the largest verified size, c grows at this fraction of its estimated slope (`VerifyCosts`)
+)
 DECAY = 0.9  # weight of the past in the running estimates (calibration, acceptance, draft level time)
 
 
@@ -67,6 +70,9 @@ class VerifyCosts:
     per_token: float
     base: float = 0.0
     observed: dict[int, float] = field(default_factory=dict)
+    # the prompt's prefill (seconds, tokens per sequence), until c(1) is observed: then the prior slope is the
+    # prefill's time beyond a one-token forward, per further token (its fixed cost is not a per-token cost)
+    prefill: tuple[float, int] | None = None
     sizes: tuple[int, ...] = COST_SIZES  # the sizes reported (`stats.budget_costs_ms`) and `top_k` compares
 
     @classmethod
@@ -94,12 +100,15 @@ class VerifyCosts:
         return points
 
     def slope(self, points=None) -> float:
-        """Seconds per extra token beyond the largest observed size."""
+        """Seconds per extra token beyond the largest observed size: the observed secant where it is flatter than
+        the prior (GPUs: flat to ~64 tokens), halved -- beyond what was seen, c is estimated optimistically, so
+        the planner tries a somewhat bigger tree and learns its real cost (within the seen sizes c is measured)."""
         points = points or self._points()
         (n0, s0), (n1, s1) = points[0], points[-1]
-        if n1 >= 8:  # the observed secant, where it is flatter than the prior (GPUs: flat to ~64 tokens)
-            return min(self.per_token, max((s1 - s0) / (n1 - n0), 0.0))
-        return self.per_token
+        slope = self.per_token
+        if n1 > n0:
+            slope = min(slope, max((s1 - s0) / (n1 - n0), 0.0))
+        return EXPLORE * slope
 
     def __call__(self, n: int) -> float:
         points = self._points()
@@ -117,6 +126,11 @@ class VerifyCosts:
         a tenth of the way (the cache grows, the machine's load changes)."""
         old = self.observed.get(n)
         self.observed[n] = seconds if old is None or seconds < old else DECAY * old + (1 - DECAY) * seconds
+        if n == 1 and self.prefill is not None:
+            prefill_s, tokens = self.prefill
+            if tokens > 1:
+                self.per_token = min(self.per_token, max(prefill_s - seconds, 0.0) / (tokens - 1))
+            self.prefill = None
 
 
 def measure_verify_costs(forward, sizes=COST_SIZES, repeats: int = 3, device=None) -> VerifyCosts:
@@ -370,7 +384,9 @@ def planner_for(draft, target, device, stats, prefill_s: float, prompt_tokens: i
         state.costs.per_token = min(state.costs.per_token, per_token)
     else:
         prior = _nearest_known(draft, target, device, batch_size)
-        state = BudgetState(VerifyCosts(per_token=per_token, base=prefill_s))
+        state = BudgetState(
+            VerifyCosts(per_token=per_token, base=prefill_s, prefill=(prefill_s, max(prompt_tokens, 1)))
+        )
         if prior is not None:  # what the draft and the machine showed at another batch size
             state.level_s = prior.level_s
             state.accepted, state.predicted = prior.accepted, prior.predicted
