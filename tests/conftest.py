@@ -13,6 +13,9 @@ import torch
 
 os.environ["OMP_NUM_THREADS"] = "1"  # subprocesses (DDP, kill-and-resume) compute with the same thread count
 torch.set_num_threads(1)
+# SPECVLM_TEST_DEVICE=cuda (scripts/gpu_check.sh): tensors and models the tests create land on that device
+if os.environ.get("SPECVLM_TEST_DEVICE"):
+    torch.set_default_device(os.environ["SPECVLM_TEST_DEVICE"])
 
 
 @pytest.fixture(scope="module")

@@ -13,18 +13,19 @@ from specvlm_hf.generation.budget import (
     BudgetPlanner,
     BudgetState,
     VerifyCosts,
+    budget_state,
     measure_verify_costs,
 )
 from tiny_models import make_inputs, make_tiny_target
 
 SIZES = [1, 2, 4, 8, 16, 32, 64]
-GPU_LIKE = VerifyCosts(SIZES, [10.0, 10.0, 10.1, 10.2, 10.4, 10.8, 11.5])  # flat to 64 tokens
-CPU_LIKE = VerifyCosts(SIZES, [81.0, 83.0, 123.0, 156.0, 150.0, 180.0, 231.0])  # the issue's measured curve
+GPU_LIKE = VerifyCosts.from_curve(SIZES, [10.0, 10.0, 10.1, 10.2, 10.4, 10.8, 11.5])  # flat to 64 tokens
+CPU_LIKE = VerifyCosts.from_curve(SIZES, [81.0, 83.0, 123.0, 156.0, 150.0, 180.0, 231.0])  # a measured curve
 
 
 def _planner(costs: VerifyCosts, level_s: float) -> BudgetPlanner:
     return BudgetPlanner(
-        BudgetState(costs=VerifyCosts(list(costs.sizes), list(costs.seconds)), level_s=level_s)
+        BudgetState(costs=VerifyCosts.from_curve(costs.sizes, costs.seconds), level_s=level_s)
     )
 
 
@@ -44,7 +45,7 @@ def test_the_same_code_picks_a_big_tree_on_a_flat_curve_and_a_small_one_on_a_ste
     n_gpu, _ = gpu.best_size(probs, levels=6)
     n_cpu, _ = cpu.best_size(probs, levels=6)
     assert n_gpu >= 30 and n_cpu < n_gpu, (n_gpu, n_cpu)
-    steep = _planner(VerifyCosts(SIZES, [1.0 + 0.25 * n for n in SIZES]), level_s=0.1)
+    steep = _planner(VerifyCosts.from_curve(SIZES, [1.0 + 0.25 * n for n in SIZES]), level_s=0.1)
     assert steep.best_size(probs, levels=6)[0] <= 8
     # growing: another level of likely children pays on the GPU; unlikely ones never pay
     assert gpu.keep_growing(probs[:10], [0.5] * 10, levels=2)
@@ -149,3 +150,52 @@ def test_an_automatic_chain_stays_backed_off_across_calls(target):
         probes = [kind for kind, _ in steps if kind == "spec"]
         if call > 0:  # backed off from the start, at most one probe per long back-off
             assert steps[0] == ("plain", 0) and len(probes) <= 2, steps
+
+
+def test_the_first_call_runs_no_forward_beyond_decoding_and_learns_from_its_steps(target):
+    """No stall: the automatic budget measures nothing up front (it used to time 28 synthetic target forwards per
+    target and batch size before the first token); it starts from a prior, its first step is a plain one (which
+    measures c(1)), and it learns c(n) from the verify steps it runs. A new batch size starts from what was
+    learned at another (draft level time, acceptance), again without extra forwards."""
+    from batched_inputs import generated_rows, make_batch_inputs, pad_id, real_lengths
+    from forced_draft import make_batched_forced_draft, merged_reference
+
+    inputs = make_inputs("llava", target, seed=3)
+    reference = target.generate(**inputs, max_new_tokens=24, do_sample=False)
+    forced = make_forced_draft(target, reference[0], set(), tree_top_k=None)  # always right
+    forwards = []
+    handle = target.register_forward_hook(lambda *args: forwards.append(1))
+    try:
+        out = target.generate(**inputs, max_new_tokens=24, do_sample=False, assistant_model=forced)
+        stats = forced.last_generation_stats
+        assert torch.equal(out, reference)
+        assert len(forwards) == stats.target_forwards  # every target forward is a decoding step
+        assert stats.budget_steps[0] == ("plain", 0)  # the fresh state's first step measures c(1)
+        assert any(kind == "spec" and n > 0 for kind, n in stats.budget_steps), stats.budget_steps
+        state = budget_state(forced, target, target.device)
+        assert 1 in state.costs.observed and max(state.costs.observed) > 1 and state.level_s is not None
+        # the next call starts from what was learned: no plain first step
+        forwards.clear()
+        target.generate(**inputs, max_new_tokens=24, do_sample=False, assistant_model=forced)
+        assert forced.last_generation_stats.budget_steps[0] != ("plain", 0)
+        assert len(forwards) == forced.last_generation_stats.target_forwards
+
+        # a batch: rows 6 and 34 tokens long, a new batch size for this draft's planner
+        batch = make_batch_inputs("llava", target, [1, 2], [6, 34])
+        plain = target.generate(**batch, max_new_tokens=10, do_sample=False)
+        width = batch["input_ids"].shape[1]
+        rows = generated_rows(plain, width, pad_id(target))
+        batched = make_batched_forced_draft(
+            target, merged_reference(rows, real_lengths(batch)), (), tree_top_k=None
+        )
+        batched.__dict__["_specvlm_budget_states"] = forced.__dict__[
+            "_specvlm_budget_states"
+        ]  # what B=1 learned
+        forwards.clear()
+        out = target.generate(**batch, max_new_tokens=10, do_sample=False, assistant_model=batched)
+        assert torch.equal(out, plain)
+        assert len(forwards) == batched.last_generation_stats.target_forwards
+        new = budget_state(batched, target, target.device, 2)
+        assert new is not None and new is not state and new.level_s is not None
+    finally:
+        handle.remove()

@@ -41,8 +41,9 @@ def _add_target_args(p: argparse.ArgumentParser, default_size: str) -> None:
     p.add_argument(
         "--toy-size",
         default=default_size,
-        choices=("tiny", "medium"),
-        help=f"size of the built-in toy target when --target is not given (default: {default_size}).",
+        choices=("tiny", "medium", "llava7b"),
+        help=f"size of the built-in toy target when --target is not given (default: {default_size}; bench: llava7b "
+        "is the tiny target widened exactly to LLaVA-1.5-7B's decoder shape, for GPUs).",
     )
     p.add_argument(
         "--cache-dir",
@@ -98,14 +99,23 @@ def _add_tree_args(p: argparse.ArgumentParser) -> None:
 def _add_dtype_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--dtype",
-        choices=("auto", "float32", "bfloat16"),
+        choices=("auto", "float32", "bfloat16", "float16"),
         default="auto",
         help="dtype the medium toy target is timed in (default: auto = bfloat16 where this machine multiplies "
         "it natively, as VLMs are shipped and served; float32 elsewhere).",
     )
 
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def _add_device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default=None,
+        help="where the target and drafts run (default: cuda when a GPU is available, cpu otherwise).",
+    )
 
 
 def _dtype_list(value: str) -> str:
@@ -158,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_tree_args(demo)
     _add_dtype_arg(demo)
+    _add_device_arg(demo)
     demo.add_argument(
         "--quick",
         "--smoke",
@@ -294,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_target_args(bench, "medium")
+    _add_device_arg(bench)
     bench.add_argument(
         "--draft",
         action="append",

@@ -28,6 +28,11 @@ def enabled() -> bool:
     return os.environ.get("SPECVLM_HF_BACKEND", "plan").lower() not in ("none", "off", "0")
 
 
+def _on_cpu(draft) -> bool:
+    """The plan is a CPU speed-up (oneDNN prepacking, fewer host-side ops): never used for a draft on a GPU."""
+    return not any(p.device.type not in ("cpu", "meta") for p in draft.parameters())
+
+
 def active_plan(draft) -> DecodePlan | None:
     """The plan `accelerated` set for `draft` here, if any (never while autograd records: it is inference-only)."""
     plans = _ACTIVE.get()
@@ -40,8 +45,8 @@ def active_plan(draft) -> DecodePlan | None:
 def accelerated(draft):
     """Within this block `draft_step` / `draft_logits` on `draft` run through its `DecodePlan` (where one applies).
     Nothing may change the draft meanwhile."""
-    with torch.no_grad():
-        plan = DecodePlan.build(draft) if enabled() else None
+    with torch.no_grad():  # (a CPU speed-up: a draft on a GPU runs its own modules)
+        plan = DecodePlan.build(draft) if enabled() and _on_cpu(draft) else None
     token = _ACTIVE.set({**(_ACTIVE.get() or {}), id(draft): (draft, plan)})
     try:
         yield

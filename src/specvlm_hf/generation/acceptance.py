@@ -109,6 +109,14 @@ class _RowSelector(Selector):
         return batch_scores[self.row : self.row + 1]
 
 
+def _host_tokens(tree: DraftTree) -> list[int]:
+    """The tree's tokens on the host: kept by the tree builder where it read them anyway; a lone root (a plain
+    step) needs none (it has no children to look up)."""
+    if tree.token_list is not None:
+        return tree.token_list
+    return tree.tokens.tolist() if len(tree.parents) > 1 else [-1]
+
+
 def accept_greedy(
     tree: DraftTree, logits: torch.Tensor, prefix: torch.Tensor, select, choices: list[int] | None = None
 ) -> tuple[list, list]:
@@ -118,7 +126,7 @@ def accept_greedy(
     choice is made by `select`, which applies the processors to the prefix so far and samples when sampling (a plain
     step's lone root while sampling comes here). Greedy without processors reads all choices in one transfer here."""
     children: dict[tuple[int, int], int] = {}
-    tree_tokens = tree.tokens.tolist()
+    tree_tokens = _host_tokens(tree)
     for i in range(1, len(tree_tokens)):
         children.setdefault((tree.parents[i], tree_tokens[i]), i)
     if choices is None and not select.do_sample and len(select.logits_processor) == 0:
@@ -144,7 +152,7 @@ def accept_sampled(
     kids: list[list[int]] = [[] for _ in tree.parents]
     for i, parent in enumerate(tree.parents[1:], start=1):
         kids[parent].append(i)  # ascending tree index = draw order among siblings
-    tree_tokens = tree.tokens.tolist()
+    tree_tokens = _host_tokens(tree)
     vocab = logits.shape[-1]
     path, emitted, node = [0], [], 0
     while True:

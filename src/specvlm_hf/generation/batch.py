@@ -38,7 +38,8 @@ from .. import hf_private
 from ..targets import families as targets
 from ..targets import features as target_features
 from .acceptance import Selector, accept_greedy, accept_sampled
-from .budget import COST_SIZES, BudgetPlanner, planner_for
+from .budget import BudgetPlanner, planner_for
+from .clock import StepClock
 from .masks import additive_mask, verify_mask
 from .prefill import batch_visual_spans, feed_rows, last_prompt_positions, target_prefill
 from .settings import DecodingSettings, GenerationStats, Timer
@@ -47,9 +48,6 @@ from .tree_policy import DraftTree, build_sampled_trees, build_trees
 
 if TYPE_CHECKING:
     from ..draft.modeling_specvlm import SpecVLMDraftModel
-
-# a batch's cost curve is measured up to this many verified tokens over the whole batch (B x tree size)
-MAX_COST_TOKENS = 256
 
 
 class _Rows:
@@ -190,10 +188,16 @@ def batch_decoding(
     mask = model_kwargs.get("attention_mask")
     valid = (mask if mask is not None else torch.ones_like(input_ids)).bool()  # (B, L): False on left padding
     rows = _Rows(input_ids, stopping_criteria, stats)
+    # the planner's times (automatic budget only): synchronized device timing, `clock.py`
+    clock = StepClock(
+        input_ids.device, enabled=settings.auto_chain if mode == "chain" else settings.auto_tree
+    )
 
     # ---- prefill: the target on the prompts, every row's first token
     with Timer(stats, "prefill_time_s"):
+        prefill_marks = [clock.mark()]
         outputs, prompt_embeds, prompt_feats = target_prefill(model, draft, input_ids, model_kwargs)
+        prefill_marks.append(clock.mark())
         cache = outputs.cache
         if cache is None:
             raise RuntimeError("SpecVLM speculative decoding needs the target's KV cache (use_cache=True).")
@@ -211,9 +215,20 @@ def batch_decoding(
     try:
         if active:
             loop = _BatchLoop(
-                model, draft, settings, stats, rows, selectors, draft_temperature, request, model_kwargs
+                model,
+                draft,
+                settings,
+                stats,
+                rows,
+                selectors,
+                draft_temperature,
+                request,
+                model_kwargs,
+                clock,
             )
-            loop.start(cache, active, valid, last_pos, roots, input_ids, prompt_embeds, prompt_feats)
+            loop.start(
+                cache, active, valid, last_pos, roots, input_ids, prompt_embeds, prompt_feats, prefill_marks
+            )
             loop.run()
     finally:
         restore_attention()
@@ -249,9 +264,10 @@ class _BatchLoop:
     """The state of the active (unfinished) rows between steps, and the step itself."""
 
     def __init__(
-        self, model, draft, settings, stats, rows, selectors, draft_temperature, request, model_kwargs
+        self, model, draft, settings, stats, rows, selectors, draft_temperature, request, model_kwargs, clock
     ):
         self.model, self.draft, self.settings, self.stats, self.rows = model, draft, settings, stats, rows
+        self.clock = clock
         self.selectors, self.draft_temperature, self.request = selectors, draft_temperature, request
         self.model_kwargs = model_kwargs
         self.chain = settings.decoding_mode == "chain"
@@ -261,7 +277,9 @@ class _BatchLoop:
         self.layer_types = getattr(targets.text_config(target_model), "layer_types", None)
 
     # ------------------------------------------------------------------------------------------------ set-up
-    def start(self, cache, active, valid, last_pos, roots, input_ids, prompt_embeds, prompt_feats) -> None:
+    def start(
+        self, cache, active, valid, last_pos, roots, input_ids, prompt_embeds, prompt_feats, prefill_marks
+    ) -> None:
         """After the prefill: drop the rows it finished, run the draft on every remaining row's prompt."""
         device = input_ids.device
         self.device, self.cache, self.active = device, cache, list(active)
@@ -277,7 +295,7 @@ class _BatchLoop:
             self._draft_prefill(input_ids, valid, prompt_embeds, prompt_feats, rows)
         # accepted tokens of plain steps the draft has not consumed yet ((R, p) each with its feature)
         self.pending_tokens, self.pending_feats = None, None
-        self.planner = self._planner()
+        self.planner = self._planner(prefill_marks, input_ids.shape[1])
 
     def _draft_prefill(self, input_ids, valid, prompt_embeds, prompt_feats, rows) -> None:
         draft, stats = self.draft, self.stats
@@ -335,24 +353,17 @@ class _BatchLoop:
         self.root_hidden = out[torch.arange(out.shape[0], device=self.device), last]  # (R, h)
         self.draft_valid = ctx.valid.clone()  # (R, P') over the draft cache
         self.row_positions = lengths.index_select(0, rows)  # (R,) draft position of each row's next row
+        self.positions_host = self.row_positions.tolist()  # the same on the host (no read per step)
 
-    def _planner(self) -> BudgetPlanner | None:
-        """The automatic budget (no explicit one): costs measured once per target, device, dtype and batch size."""
-        settings = self.settings
-        automatic = settings.auto_chain if self.chain else settings.auto_tree
-        if not automatic:
+    def _planner(self, prefill_marks, prompt_len: int) -> BudgetPlanner | None:
+        """The automatic budget (no explicit one): costs learned per target, device, dtype and batch size from the
+        steps decoding runs (`budget.planner_for`)."""
+        if not self.clock.enabled:
             return None
-        size = len(self.active)
-
-        def timed_forward(n: int) -> None:  # (first call for this target, device, dtype and batch size only)
-            depths = torch.arange(n, device=self.device).expand(size, n)
-            ancestors = torch.ones(n, n, dtype=torch.bool, device=self.device).tril().expand(size, n, n)
-            self.model(**self._verify_inputs(self.roots[:, None].expand(size, n), depths, ancestors))
-            empty = torch.zeros(size, 0, dtype=torch.long, device=self.device)
-            hf_private.realign_cache(self.cache, None, n, empty, empty.new_zeros(size))  # undo
-
-        sizes = [n for n in COST_SIZES if n * size <= MAX_COST_TOKENS] or [1]
-        return planner_for(self.draft, self.model, self.device, timed_forward, self.stats, size, sizes)
+        prefill_s = self.clock.seconds(*prefill_marks)
+        return planner_for(
+            self.draft, self.model, self.device, self.stats, prefill_s, prompt_len, len(self.active)
+        )
 
     # ------------------------------------------------------------------------------------------------ a step
     def _verify_inputs(self, tokens, depths, ancestors) -> dict:
@@ -391,7 +402,8 @@ class _BatchLoop:
         if plain:
             return [DraftTree.root_only(r) for r in self.roots]
         if self.pending_tokens is not None:  # catch up on the tokens of the plain steps before
-            counts = torch.full((len(self.active),), self.pending_tokens.shape[1], device=self.device)
+            pending = self.pending_tokens.shape[1]
+            counts = torch.full((len(self.active),), pending, device=self.device)
             self.root_hidden, self.draft_valid = feed_rows(
                 draft,
                 self.draft_cache,
@@ -400,12 +412,14 @@ class _BatchLoop:
                 self.pending_feats,
                 counts,
                 self.row_positions,
+                max_position=max(self.positions_host) + pending - 1,
             )
             self.row_positions = self.row_positions + counts
+            self.positions_host = [p + pending for p in self.positions_host]
             self.pending_tokens = self.pending_feats = None
         self.draft_prefix = self.draft_cache.get_seq_length()
         settings = self._step_settings()
-        common = dict(max_row_position=int(self.row_positions.max()), cache_valid=self.draft_valid)
+        common = dict(max_row_position=max(self.positions_host), cache_valid=self.draft_valid)
         if self.draft_temperature is None:
             return build_trees(
                 draft,
@@ -434,20 +448,21 @@ class _BatchLoop:
         stats, rows = self.stats, self.rows
         while self.active:
             plain = self.planner is not None and self.planner.plain_step()
-            step_start = time.perf_counter()
+            clock = self.clock
+            step_start = clock.mark()
             with Timer(stats, "draft_time_s"):
                 trees = self._draft(plain)
-            draft_s = time.perf_counter() - step_start
+            draft_end = clock.mark()
 
             # ---- verify every row's tree in one target forward
             with Timer(stats, "verify_time_s"):
                 with Timer(stats, "verify_mask_time_s"):
                     tokens, depths, ancestors = _pad_trees(trees, self.device)
                     inputs = self._verify_inputs(tokens, depths, ancestors)
-                forward_start = time.perf_counter()
+                forward_start = clock.mark()
                 with Timer(stats, "verify_forward_time_s"):
                     out = self.model(**inputs)
-                forward_s = time.perf_counter() - forward_start
+                forward_end = clock.mark()
                 stats.target_forwards += 1
                 with Timer(stats, "accept_time_s"):
                     walks = []
@@ -498,18 +513,23 @@ class _BatchLoop:
                     self.last_pos = self.last_pos.index_select(-2, keep_rows)
                 feats = feats.gather(1, keep[..., None].expand(-1, -1, feats.shape[-1]))  # (R', m, n*h)
                 self.last_pos = self.last_pos + counts[:, None]
-            feed_start = time.perf_counter()
+            feed_start = clock.mark()
             with Timer(stats, "draft_time_s"):
                 tokens_in = torch.tensor(
                     [[0] * (m - len(kept[i])) + emitted_all[i][: len(kept[i])] for i in still],
                     device=self.device,
                 )
-                self._feed(plain, keep_rows, tokens_in, feats, counts)
+                self._feed(plain, keep_rows, tokens_in, feats, counts, still, [len(kept[i]) for i in still])
                 self.roots = tokens_in[:, -1]
             self.active = [self.active[i] for i in still]
-            if self.planner is not None and not plain:
-                now = time.perf_counter()
-                feed_s, step_s = now - feed_start, now - step_start
+            if self.planner is not None and plain:
+                self.planner.observe_plain(clock.seconds(forward_start, forward_end))
+            elif self.planner is not None:
+                end = clock.mark()
+                step_s = clock.seconds(step_start, end)  # (the latest mark first: one wait for the step)
+                draft_s = clock.seconds(step_start, draft_end)
+                forward_s = clock.seconds(forward_start, forward_end)
+                feed_s = clock.seconds(feed_start, end)
                 mean = lambda values: sum(values) / len(values)  # noqa: E731
                 self.planner.observe(
                     n=n - 1,
@@ -524,12 +544,15 @@ class _BatchLoop:
                     spine=trees[0].child_q is not None,
                 )
         if self.planner is not None:
+            self.planner.report()
             stats.budget_steps = self.planner.steps
             stats.budget_calibration = self.planner.state.calibration
 
-    def _feed(self, plain: bool, keep_rows, tokens, feats, counts) -> None:
-        """The draft side after a step: drop finished rows, consume the accepted tokens (later, after plain steps)."""
+    def _feed(self, plain: bool, keep_rows, tokens, feats, counts, still, host_counts) -> None:
+        """The draft side after a step: drop finished rows, consume the accepted tokens (later, after plain steps).
+        still: the indices of the rows kept; host_counts: `counts` on the host."""
         if keep_rows is not None:
+            self.positions_host = [self.positions_host[i] for i in still]
             self.draft_cache.batch_select_indices(keep_rows)
             self.draft_valid = self.draft_valid.index_select(0, keep_rows)
             self.row_positions = self.row_positions.index_select(0, keep_rows)
@@ -546,7 +569,9 @@ class _BatchLoop:
         extra = self.draft_cache.get_seq_length() - self.draft_prefix
         if extra:
             self.draft_cache.crop(-extra)  # the tree rows
+        top = max(max(p + c - 1, 0) for p, c in zip(self.positions_host, host_counts))
         self.root_hidden, self.draft_valid = feed_rows(
-            self.draft, self.draft_cache, self.draft_valid, tokens, feats, counts, self.row_positions
+            self.draft, self.draft_cache, self.draft_valid, tokens, feats, counts, self.row_positions, top
         )
         self.row_positions = self.row_positions + counts
+        self.positions_host = [p + c for p, c in zip(self.positions_host, host_counts)]

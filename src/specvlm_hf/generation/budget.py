@@ -4,9 +4,11 @@ Speculation pays when the tokens a step emits outnumber what its time would buy 
 verifies n draft tokens emits, in expectation, `E(n) = 1 + a * (sum of the n nodes' cumulative draft probabilities)`
 tokens (EAGLE-2's scores: the draft's probability that the path to a node is the target's choice; `a` calibrates
 them against the acceptance measured so far) and costs `T(n) = c(n + 1) + (levels + 1) * d`: one target forward
-over the root and n nodes, plus the draft's tree levels and its pass over the accepted tokens. `c` is measured on
-the machine at hand (`VerifyCosts`: a few timed target forwards on the user's own prompt cache, kept per target,
-device and dtype and refined by every verify step), `d` likewise. The planner then
+over the root and n nodes, plus the draft's tree levels and its pass over the accepted tokens. `c` is learned on
+the machine at hand from the verify forwards decoding runs anyway (`VerifyCosts`: no forward is run to measure it,
+so a first call costs what plain generate costs; a prior from the prompt's prefill time per token until steps are
+seen, a plain first step measuring c(1); kept per target, device, dtype and batch size across calls), `d`
+likewise; on a GPU every time comes from CUDA events read once per step (`clock.py`). The planner then
 
 * grows the tree level by level while a level can still raise the rate `E / T` (its best children's probability
   mass against one more draft level's time),
@@ -28,7 +30,6 @@ Explicit `tree_*` / `num_draft_tokens` (config or per call) turn all of this off
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -48,41 +49,93 @@ AUTO_CHAIN_TOKENS, AUTO_CHAIN_CUMULATIVE = 8, 0.1
 CHAIN_BACKOFF_ACCEPTED = 0.3
 # plain steps before the next probe, doubling while speculation does not pay
 BACKOFF_START, BACKOFF_MAX = 4, 64
+EXPLORE = (
+    0.5  # beyond the largest verified size, c grows at this fraction of its estimated slope (`VerifyCosts`)
+)
 DECAY = 0.9  # weight of the past in the running estimates (calibration, acceptance, draft level time)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @dataclass
 class VerifyCosts:
-    """Seconds of one target forward over n new tokens on a cached prompt, at the measured sizes (interpolated
-    linearly between them, extrapolated linearly beyond the largest)."""
+    """c(n): seconds of one target forward over n new tokens per sequence on the cached prompt, learned from the
+    verify forwards decoding runs anyway (nothing is run to measure it).
 
-    sizes: list[int]
-    seconds: list[float]
+    `observed` holds a running estimate per verified size; between observed sizes c is linear, and beyond them it
+    follows `per_token` (the prior slope, seconds per extra token per sequence: the prompt's prefill time per
+    token, a fair compute cost on a CPU and an upper bound on a GPU, where small forwards cost the same), or the
+    observed points' own slope where that is smaller. Before anything is observed c(1) is `base`, and the first
+    step of a fresh state is a plain one (`BudgetPlanner.plain_step`) that measures it: a step plain generate
+    runs too, so learning costs nothing."""
+
+    per_token: float
+    base: float = 0.0
+    observed: dict[int, float] = field(default_factory=dict)
+    # the prompt's prefill (seconds, tokens per sequence), until c(1) is observed: then the prior slope is the
+    # prefill's time beyond a one-token forward, per further token (its fixed cost is not a per-token cost)
+    prefill: tuple[float, int] | None = None
+    sizes: tuple[int, ...] = COST_SIZES  # the sizes reported (`stats.budget_costs_ms`) and `top_k` compares
+
+    @classmethod
+    def from_curve(cls, sizes, seconds) -> VerifyCosts:
+        """A fully measured curve (bench, tests)."""
+        sizes, seconds = list(sizes), list(seconds)
+        slope = (seconds[-1] - seconds[-2]) / (sizes[-1] - sizes[-2]) if len(sizes) > 1 else 0.0
+        return cls(
+            per_token=max(slope, 0.0), base=seconds[0], observed=dict(zip(sizes, seconds)), sizes=tuple(sizes)
+        )
+
+    @property
+    def seconds(self) -> list[float]:
+        return [self(n) for n in self.sizes]
+
+    def _points(self) -> list[tuple[int, float]]:
+        points = sorted(self.observed.items())
+        if not points:
+            return [(1, self.base)]
+        for i in range(len(points) - 2, -1, -1):  # a smaller forward never costs more than a larger one
+            points[i] = (points[i][0], min(points[i][1], points[i + 1][1]))
+        if points[0][0] > 1:  # below the smallest observed size: the prior slope down to c(1)
+            n0, s0 = points[0]
+            points.insert(0, (1, max(s0 - self.per_token * (n0 - 1), 0.5 * s0)))
+        return points
+
+    def slope(self, points=None) -> float:
+        """Seconds per extra token beyond the largest observed size: the observed secant where it is flatter than
+        the prior (GPUs: flat to ~64 tokens), halved -- beyond what was seen, c is estimated optimistically, so
+        the planner tries a somewhat bigger tree and learns its real cost (within the seen sizes c is measured)."""
+        points = points or self._points()
+        (n0, s0), (n1, s1) = points[0], points[-1]
+        slope = self.per_token
+        if n1 > n0:
+            slope = min(slope, max((s1 - s0) / (n1 - n0), 0.0))
+        return EXPLORE * slope
 
     def __call__(self, n: int) -> float:
-        sizes, secs = self.sizes, self.seconds
-        if n <= sizes[0]:
-            return secs[0]
-        for (n0, s0), (n1, s1) in zip(zip(sizes, secs), zip(sizes[1:], secs[1:])):
+        points = self._points()
+        if n <= points[0][0]:
+            return points[0][1]
+        for (n0, s0), (n1, s1) in zip(points, points[1:]):
             if n <= n1:
                 return s0 + (s1 - s0) * (n - n0) / (n1 - n0)
-        slope = (secs[-1] - secs[-2]) / (sizes[-1] - sizes[-2]) if len(sizes) > 1 else 0.0
-        return secs[-1] + max(slope, 0.0) * (n - sizes[-1])
+        last_n, last_s = points[-1]
+        return last_s + self.slope(points) * (n - last_n)
 
     def observe(self, n: int, seconds: float) -> None:
-        """Refine the nearest measured size with a verify step's own forward time."""
-        i = min(range(len(self.sizes)), key=lambda j: abs(math.log(self.sizes[j]) - math.log(max(n, 1))))
-        if abs(self.sizes[i] - n) <= max(1, self.sizes[i] // 4):
-            self.seconds[i] = DECAY * self.seconds[i] + (1 - DECAY) * seconds
+        """A verify forward over n tokens per sequence took `seconds` (synchronized timing, `clock.StepClock`). A
+        lower time is taken at once (a stall of the machine only ever adds time); a higher one moves the estimate
+        a tenth of the way (the cache grows, the machine's load changes)."""
+        old = self.observed.get(n)
+        self.observed[n] = seconds if old is None or seconds < old else DECAY * old + (1 - DECAY) * seconds
+        if n == 1 and self.prefill is not None:
+            prefill_s, tokens = self.prefill
+            if tokens > 1:
+                self.per_token = min(self.per_token, max(prefill_s - seconds, 0.0) / (tokens - 1))
+            self.prefill = None
 
 
 def measure_verify_costs(forward, sizes=COST_SIZES, repeats: int = 3, device=None) -> VerifyCosts:
-    """`forward(n)` runs the target over n new tokens on the cache and undoes it; returns the measured curve.
+    """`forward(n)` runs the target over n new tokens on the cache and undoes it; returns the measured curve (the
+    bench's report of c(n); decoding never calls this).
 
     Sizes are timed in rounds (every size once per round) and each keeps its fastest time: a stall of the machine
     only ever adds time, and hits one sample of one size instead of every sample of a size."""
@@ -92,14 +145,16 @@ def measure_verify_costs(forward, sizes=COST_SIZES, repeats: int = 3, device=Non
     seconds = [float("inf")] * len(sizes)
     for _ in range(repeats):
         for i, n in enumerate(sizes):
-            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             start = time.perf_counter()
             forward(n)
-            _sync(device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             seconds[i] = min(seconds[i], time.perf_counter() - start)
     for i in range(len(seconds) - 2, -1, -1):  # a smaller forward never costs more than a larger one
         seconds[i] = min(seconds[i], seconds[i + 1])
-    return VerifyCosts(list(sizes), seconds)
+    return VerifyCosts.from_curve(sizes, seconds)
 
 
 @dataclass
@@ -172,6 +227,13 @@ class BudgetPlanner:
     def __init__(self, state: BudgetState):
         self.state = state
         self.steps: list[tuple[str, int]] = []  # this call's choices per step: ("spec", n) or ("plain", 0)
+        self.stats = None  # the call's GenerationStats (`report`)
+
+    def report(self) -> None:
+        """The cost curve as it stands, into the call's stats (`budget_costs_ms`)."""
+        if self.stats is not None:
+            costs = self.state.costs
+            self.stats.budget_costs_ms = {n: 1e3 * costs(n) for n in costs.sizes}
 
     # --------------------------------------------------------------------------------------------- cost
     def step_time(self, n: int, levels: int) -> float:
@@ -232,11 +294,16 @@ class BudgetPlanner:
 
     # --------------------------------------------------------------------------------------------- back-off
     def plain_step(self) -> bool:
-        """Whether this step should be a plain decoding step (no drafting)."""
-        if self.state.backoff.take():
+        """Whether this step should be a plain decoding step (no drafting): backing off, or the first step of a
+        fresh state, which measures c(1) (`observe_plain`)."""
+        if 1 not in self.state.costs.observed or self.state.backoff.take():
             self.steps.append(("plain", 0))
             return True
         return False
+
+    def observe_plain(self, forward_s: float) -> None:
+        """After a plain step: its forward is a one-token verify."""
+        self.state.costs.observe(1, forward_s)
 
     def observe(
         self,
@@ -294,18 +361,48 @@ def store_budget_state(draft, target, device, state: BudgetState, batch_size: in
     draft.__dict__.setdefault("_specvlm_budget_states", {})[_key(target, device, batch_size)] = state
 
 
-def planner_for(
-    draft, target, device, timed_forward, stats, batch_size: int = 1, sizes=COST_SIZES
-) -> BudgetPlanner:
-    """The planner for one generate call: what was learned for this target, device, dtype and batch size, or -- on
-    the first call -- a cost curve measured with `timed_forward(n)` (a target forward over n new tokens on the
-    call's own cache, undone) and kept on the draft. Records the curve in `stats.budget_costs_ms`."""
+def _nearest_known(draft, target, device, batch_size: int) -> BudgetState | None:
+    """The state learned for this target, device and dtype at the batch size nearest to `batch_size`, if any."""
+    key = _key(target, device, batch_size)
+    known = [
+        (abs(k[3] - batch_size), state)
+        for k, state in draft.__dict__.get("_specvlm_budget_states", {}).items()
+        if k[:3] == key[:3]
+    ]
+    return min(known, key=lambda item: item[0])[1] if known else None
+
+
+def planner_for(draft, target, device, stats, prefill_s: float, prompt_tokens: int, batch_size: int = 1):
+    """The planner for one generate call: what was learned for this target, device, dtype and batch size, or a
+    fresh state from a prior (nothing is run to measure): the cost of one more verified token is the prompt's
+    prefill time per token (`prefill_s` over `prompt_tokens` per sequence: synchronized timing); acceptance and
+    draft level time come from another batch size's state where one was learned. The fresh state's first step is
+    a plain one, which measures c(1). Records the cost curve as it stands in `stats.budget_costs_ms`."""
     state = budget_state(draft, target, device, batch_size)
-    if state is None:
-        state = BudgetState(measure_verify_costs(timed_forward, sizes=sizes, device=device))
+    per_token = prefill_s / max(prompt_tokens, 1)
+    if state is not None:  # the least seen: a process's first prefill also pays one-time set-up
+        state.costs.per_token = min(state.costs.per_token, per_token)
+    else:
+        prior = _nearest_known(draft, target, device, batch_size)
+        state = BudgetState(
+            VerifyCosts(per_token=per_token, base=prefill_s, prefill=(prefill_s, max(prompt_tokens, 1)))
+        )
+        if prior is not None:  # what the draft and the machine showed at another batch size
+            state.level_s = prior.level_s
+            state.accepted, state.predicted = prior.accepted, prior.predicted
+            state.spine_offered, state.spine_accepted = prior.spine_offered, prior.spine_accepted
         store_budget_state(draft, target, device, state, batch_size)
-    stats.budget_costs_ms = {n: 1e3 * t for n, t in zip(state.costs.sizes, state.costs.seconds)}
-    return BudgetPlanner(state)
+    planner = BudgetPlanner(state)
+    planner.stats = stats
+    planner.report()
+    return planner
+
+
+def forget_learned(draft) -> None:
+    """Drop what the automatic budget learned on `draft` (every target, device, dtype and batch size): its next call
+    starts as a first call does (the bench's first-call rows)."""
+    draft.__dict__.pop("_specvlm_budget_states", None)
+    draft.__dict__.pop("_specvlm_chain_backoff", None)
 
 
 def chain_backoff(draft, target, device) -> ChainBackOff:

@@ -160,13 +160,17 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         seq = input_ids
         position = self.row_position
         cumulative = 1.0
+        # the draft's confidence is read on the host only where a cut-off uses it (each read waits for the device)
+        read_confidence = threshold > 0 or cumulative_cut is not None
         for step in range(budget):  # (>= 1: a step without room is a plain one above)
             token, logits, top_prob = self._draft_token(seq, hidden[:, -1])
-            if step > 0 and threshold > 0 and float(top_prob) < threshold:
-                break
-            cumulative *= float(top_prob)
-            if step > 0 and cumulative_cut is not None and cumulative < cumulative_cut:
-                break
+            if read_confidence:
+                top = float(top_prob)
+                if step > 0 and threshold > 0 and top < threshold:
+                    break
+                cumulative *= top
+                if step > 0 and cumulative_cut is not None and cumulative < cumulative_cut:
+                    break
             drafted.append(token)
             drafted_logits.append(logits)
             seq = torch.cat([seq, token], dim=1)

@@ -128,13 +128,13 @@ def batch_visual_spans(model, input_ids: torch.Tensor, valid: torch.Tensor, layo
 
 
 def feed_rows(
-    draft, draft_cache, cache_valid, tokens, feats, counts, row_positions
+    draft, draft_cache, cache_valid, tokens, feats, counts, row_positions, max_position: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every sequence's draft consumes its verified tokens in one forward.
 
     tokens (R, m), feats (R, m, n*h): row r's counts[r] tokens (each with the target feature before it) right-
     aligned, padding on the left; cache_valid (R, P) over the draft cache; row_positions (R,) draft position of
-    each row's first token. Returns (the draft output of each row's last token (R, h), the new cache_valid)."""
+    each row's first token; max_position: the largest position fed, where the caller knows it on the host. Returns (the draft output of each row's last token (R, h), the new cache_valid)."""
     rows, m = tokens.shape
     device = tokens.device
     arange = torch.arange(m, device=device)
@@ -149,7 +149,7 @@ def feed_rows(
         tokens,
         feats,
         position_ids=positions,
-        max_position=int(positions.max()),
+        max_position=int(positions.max()) if max_position is None else max_position,
         attention_mask=additive_mask(allowed, feats.dtype)[:, None],
         past_key_values=draft_cache,
     )

@@ -39,6 +39,7 @@ from ..targets import families as targets
 from ..targets import features as target_features
 from .acceptance import Selector, accept_greedy, accept_sampled
 from .budget import planner_for
+from .clock import StepClock
 from .masks import verify_mask
 from .prefill import draft_prefill, draft_prompt_ids, feed_draft, last_prompt_positions, target_prefill
 from .settings import DecodingSettings, GenerationStats, Timer, refuse_inexact_processors
@@ -100,9 +101,13 @@ def tree_decoding(
     if model_kwargs.get("inputs_embeds") is not None:  # generate(inputs_embeds=...): input_ids may be empty
         prompt_len = max(prompt_len, model_kwargs["inputs_embeds"].shape[1])
 
+    # the planner's times (automatic budget only): synchronized device timing, `clock.py`
+    clock = StepClock(input_ids.device, enabled=settings.auto_tree)
     # ---- prefill: target on the prompt, first token, draft on the prompt's features
     with Timer(stats, "prefill_time_s"):
+        prefill_marks = [clock.mark()]
         outputs, prompt_embeds, prompt_feats = target_prefill(model, draft, input_ids, model_kwargs)
+        prefill_marks.append(clock.mark())
         stats.target_forwards += 1
         cache = outputs.cache
         if cache is None:
@@ -153,14 +158,8 @@ def tree_decoding(
     try:
         planner = None
         if settings.auto_tree and not finished:
-
-            def timed_forward(n: int) -> None:  # (first call for this target, device and dtype only)
-                depths = torch.arange(n, device=input_ids.device)
-                ancestors = torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril()
-                model(**verify_inputs(root_t.expand(n), ancestors, depths))
-                hf_private.compact_cache(cache, n, depths[:0])  # undo: keep none of the n
-
-            planner = planner_for(draft, model, input_ids.device, timed_forward, stats)
+            prefill_s = clock.seconds(*prefill_marks)
+            planner = planner_for(draft, model, input_ids.device, stats, prefill_s, prompt_embeds.shape[1])
 
         # accepted tokens the draft has not consumed yet, each with the target feature it pairs with (plain steps)
         pending_tokens: list[int] = []
@@ -168,7 +167,7 @@ def tree_decoding(
         while not finished:
             plain = planner is not None and planner.plain_step()
             # ---- draft a tree (or, backing off, verify the root alone: a plain decoding step)
-            step_start = time.perf_counter()
+            step_start = clock.mark()
             with Timer(stats, "draft_time_s"):
                 if plain:
                     tree = DraftTree.root_only(root_t)
@@ -203,17 +202,17 @@ def tree_decoding(
                             process=select.scores if len(logits_processor) > 0 else None,
                             prefix_ids=input_ids,
                         )
-            draft_s = time.perf_counter() - step_start
+            draft_end = clock.mark()
             n = tree.tokens.shape[0]
 
             # ---- verify it in one target forward
             with Timer(stats, "verify_time_s"):
                 with Timer(stats, "verify_mask_time_s"):
                     inputs = verify_inputs(tree.tokens, tree.ancestors, tree.depths)
-                forward_start = time.perf_counter()
+                forward_start = clock.mark()
                 with Timer(stats, "verify_forward_time_s"):
                     out = model(**inputs)
-                forward_s = time.perf_counter() - forward_start
+                forward_end = clock.mark()
                 stats.target_forwards += 1
                 logits = out.logits[0]  # (n, V)
 
@@ -240,7 +239,7 @@ def tree_decoding(
                 feats = target_features.select_features(out.hidden_states, draft.config.target_layers)[
                     0, keep
                 ]
-            feed_start = time.perf_counter()
+            feed_start = clock.mark()
             with Timer(stats, "draft_time_s"):
                 if plain:
                     pending_tokens += emitted
@@ -250,9 +249,14 @@ def tree_decoding(
                     root_hidden = feed_draft(draft, draft_cache, emitted, feats, row_position)
                     row_position += len(emitted)
                 root_t = torch.tensor(emitted[-1:], device=input_ids.device)
-            if planner is not None and not plain:
-                now = time.perf_counter()
-                feed_s, step_s = now - feed_start, now - step_start
+            if planner is not None and plain:
+                planner.observe_plain(clock.seconds(forward_start, forward_end))
+            elif planner is not None:
+                end = clock.mark()
+                step_s = clock.seconds(step_start, end)  # (the latest mark first: one wait for the step)
+                draft_s = clock.seconds(step_start, draft_end)
+                forward_s = clock.seconds(forward_start, forward_end)
+                feed_s = clock.seconds(feed_start, end)
                 planner.observe(
                     n=n - 1,
                     levels=tree.levels,
@@ -267,6 +271,7 @@ def tree_decoding(
                 )
 
         if planner is not None:
+            planner.report()
             stats.budget_steps = planner.steps
             stats.budget_calibration = planner.state.calibration
     finally:

@@ -41,6 +41,7 @@ class DraftTree:
     vocab_ids: torch.Tensor | None = None
     levels: int = 0  # draft forwards that built the tree (its cost)
     predicted: float | None = None  # greedy trees chosen by a planner: summed cumulative draft probabilities
+    token_list: list[int] | None = None  # `tokens` on the host, where the builder read them anyway
 
     @classmethod
     def root_only(cls, root_token: torch.Tensor) -> DraftTree:
@@ -171,16 +172,15 @@ def build_trees(
         total, _ = planner.best_size(ranked, len(cand_cols) - 1)
         predicted = sum(ranked[:total])
     keep = _best_candidates(scores, depths, total)
-    kept: list[list[int]] = [[] for _ in range(bsz)]
-    for (
-        b,
-        c,
-    ) in keep.nonzero().tolist():  # the layouts are worked out on the host: two transfers for the batch
-        kept[b].append(c)
-    parent_lists = parents.tolist()
+    # the layouts are worked out on the host: ONE transfer for the batch (which candidates are kept, their parents,
+    # their tokens and the roots: the acceptance walk reads the tokens too)
+    c = keep.shape[1]
+    host = torch.cat([keep.long(), parents, tokens, root_tokens.view(bsz, 1)], dim=1).tolist()
     trees = []
     for b in range(bsz):
-        tree = _select_tree(root_tokens[b], tokens[b], parent_lists[b], depths, kept[b])
+        row = host[b]
+        kept = [i for i, flag in enumerate(row[:c]) if flag]
+        tree = _select_tree(root_tokens[b], tokens[b], row[c : 2 * c], depths, kept, row[2 * c :])
         tree.levels, tree.predicted = len(cand_cols) - 1, predicted
         trees.append(tree)
     return trees
@@ -381,9 +381,17 @@ def _best_candidates(scores, depths, total: int) -> torch.Tensor:
     return keep
 
 
-def _select_tree(root_token, tokens, parent_list: list[int], depths, kept_list: list[int]) -> DraftTree:
+def _select_tree(
+    root_token,
+    tokens,
+    parent_list: list[int],
+    depths,
+    kept_list: list[int],
+    host_tokens: list[int] | None = None,
+) -> DraftTree:
     """Lay the kept candidates (`kept_list`, candidate ids; closed under ancestry here) out as the tree, given each
-    candidate's parent (`parent_list`, -1 for the root's children).
+    candidate's parent (`parent_list`, -1 for the root's children). host_tokens: the candidates' tokens and then
+    the root's, on the host (the tree keeps them for the acceptance walk).
 
     A tree holds tens of nodes: its layout is worked out on the host from two short lists, in a handful of kernels
     instead of one pass per depth."""
@@ -400,7 +408,10 @@ def _select_tree(root_token, tokens, parent_list: list[int], depths, kept_list: 
     kept_t = torch.tensor(order, dtype=torch.long, device=device)
     node_depths = torch.cat([depths.new_zeros(1), depths[kept_t]])
     tree_tokens = torch.cat([root_token.view(1), tokens[kept_t]])
-    return DraftTree(tree_tokens, parent_of, node_depths, _ancestor_mask(parent_of, device))
+    tree = DraftTree(tree_tokens, parent_of, node_depths, _ancestor_mask(parent_of, device))
+    if host_tokens is not None:
+        tree.token_list = host_tokens[-1:] + [host_tokens[c] for c in order]
+    return tree
 
 
 def _ancestor_mask(parent_of: list[int], device) -> torch.Tensor:

@@ -72,8 +72,10 @@ def run_batch_benchmark(
     temperatures=(0.0,),
     max_new_tokens: int = 64,
     seed: int = 0,
+    warmup: int = 1,
 ) -> list[dict]:
-    """One record per (batch size, method, temperature); see the module docstring."""
+    """One record per (batch size, method, temperature); see the module docstring. warmup: untimed calls per batch
+    size and method first (0: every batch size's first call is timed, as a process meets it)."""
     device = next(model.parameters()).device
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     eos = model.generation_config.eos_token_id
@@ -89,12 +91,10 @@ def run_batch_benchmark(
                 if temperature > 0:
                     opts["temperature"] = temperature
                 totals = {name: _Totals() for name, _ in BATCH_METHODS}
-                for (
-                    _name,
-                    mode,
-                ) in BATCH_METHODS:  # warm-up (kernels, the automatic budget's cost measurement)
-                    spec = {} if mode is None else dict(assistant_model=draft, decoding_mode=mode)
-                    model.generate(**batches[0], **dict(opts, max_new_tokens=8), **spec)
+                for _ in range(warmup):
+                    for _name, mode in BATCH_METHODS:  # warm-up (kernels, what the automatic budget learns)
+                        spec = {} if mode is None else dict(assistant_model=draft, decoding_mode=mode)
+                        model.generate(**batches[0], **dict(opts, max_new_tokens=8), **spec)
                 for i, inputs in enumerate(batches):
                     prompt_len = inputs["input_ids"].shape[1]
                     for name, mode in BATCH_METHODS:
@@ -221,7 +221,15 @@ def run_batch_bench_cli(args, vlm, label, drafts, build, dtypes, rows, processor
         draft = drafts.get("eagle") or next(iter(drafts.values()))
         print(f"target: {label}; batch sizes {args.batch_size}")
         records += run_batch_benchmark(
-            vlm, processor, rows, draft, args.batch_size, temperatures, args.max_new_tokens, args.seed
+            vlm,
+            processor,
+            rows,
+            draft,
+            args.batch_size,
+            temperatures,
+            args.max_new_tokens,
+            args.seed,
+            warmup=args.warmup,
         )
     table = batch_table(records)
     summary = batch_summary(records)

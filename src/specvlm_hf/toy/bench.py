@@ -81,6 +81,7 @@ from .methods import (
     _MethodRun,
     _progress,
     default_methods,
+    first_calls,
     sweep_methods,
     untrained_draft,
 )
@@ -115,6 +116,7 @@ def run_benchmark(
     warmup: int = 1,
     seed: int = 0,
     progress: bool = True,
+    first_call: bool = True,
 ) -> list[dict]:
     """Run every method on every prompt at every temperature; returns one record per (method, temperature).
 
@@ -122,12 +124,16 @@ def run_benchmark(
 
     Methods are interleaved prompt by prompt (prompt 1 with every method, then prompt 2, ...), so a machine whose
     speed drifts during the run (shared CPUs, thermal limits) slows every method alike and the ratios hold.
+
+    first_call: before any warm-up, each method's first call (`first_calls`) -- ``first_call_s`` and
+    ``first_call_vs_plain`` in its greedy record.
     """
     records: list[dict] = []
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     counter = _ForwardCounter(model)
     try:
         with torch.inference_mode():
+            firsts = first_calls(model, prompts[0], methods, max_new_tokens) if first_call else {}
             for temperature in temperatures:
                 runs = [_MethodRun(method) for method in methods]
                 for run in runs:
@@ -161,9 +167,26 @@ def run_benchmark(
                             record.update(greedy_check(model, prompts, reference, run.tokens))
                     records.append(record)
                     _add_speedups(record, plain_record)
+                    if temperature == temperatures[0] and run.method.name in firsts:
+                        seconds, plain_s = firsts[run.method.name]
+                        record["first_call_s"], record["first_call_plain_s"] = seconds, plain_s
+                        record["first_call_vs_plain"] = seconds / plain_s
     finally:
         counter.remove()
     return records
+
+
+def first_call_summary(records: list[dict]) -> list[str]:
+    """One line per dtype: every method's first call against plain's on the same prompt."""
+    lines = []
+    for dtype in dict.fromkeys(r.get("dtype") for r in records):
+        mine = [r for r in records if r.get("dtype") == dtype and "first_call_vs_plain" in r]
+        if mine:
+            parts = ", ".join(
+                f"{r['method']} {r['first_call_vs_plain']:.2f}x" for r in mine if r["kind"] != "plain"
+            )
+            lines.append(f"first call {dtype} (time / plain's on the same prompt, no warm-up): {parts}")
+    return lines
 
 
 def _add_speedups(record: dict, plain: dict | None) -> None:
@@ -410,11 +433,13 @@ def run_bench_cli(args) -> int:
 
     from ..targets.loading import reload_quantized
     from .demo import (
+        LLAVA7B_DIMS,
         TrainBudget,
         load_draft,
         load_or_train_draft,
         load_rows,
         load_target,
+        pick_device,
         prompt_inputs,
         unrouted_copy,
         widen_draft_for_timing,
@@ -422,9 +447,12 @@ def run_bench_cli(args) -> int:
     )
     from .tuning import print_tune, tune_tree
 
+    device = pick_device(getattr(args, "device", None))
     torch.manual_seed(args.seed)
     start = time.perf_counter()
-    toy_medium = args.target is None and args.toy_size == "medium"
+    # the medium toy target, or the tiny one widened to LLaVA-1.5-7B's decoder shape ("llava7b")
+    toy_medium = args.target is None and args.toy_size in ("medium", "llava7b")
+    dims = LLAVA7B_DIMS if args.toy_size == "llava7b" else None
     dtypes = bench_dtypes(getattr(args, "dtype", None), toy_medium)
     only = args.methods.split(",") if args.methods else None
     quantization = getattr(args, "quantization", None)
@@ -463,10 +491,17 @@ def run_bench_cli(args) -> int:
             draft_paths[mode or "eagle"] = path
 
     def build(dtype):
-        """(target, label, drafts) timed in ``dtype``."""
+        """(target, label, drafts) timed in ``dtype``, on ``device``."""
+        vlm, label, drafts = _build(dtype)
+        for model in (vlm, *drafts.values()):  # (in place: a draft keeps sharing its target's modules)
+            if not (quantization and model is vlm):  # a quantized model is placed by its loader, never moved
+                model.to(device)
+        return vlm, label, drafts
+
+    def _build(dtype):
         if toy_medium:
-            vlm = widen_for_timing(train_target, dtype)
-            label = f"toy-llava-medium-seed{args.seed}-{_dtype_name(dtype)}"
+            vlm = widen_for_timing(train_target, dtype, dims, device)
+            label = f"toy-llava-{args.toy_size}-seed{args.seed}-{_dtype_name(dtype)}"
             if quantization:  # the widened target loaded back quantized, as from_pretrained does it
                 vlm, label = reload_quantized(vlm, quantization), f"{label}-{quantization}"
             return vlm, label, {name: widen_draft_for_timing(d, vlm) for name, d in trained.items()}
@@ -485,7 +520,6 @@ def run_bench_cli(args) -> int:
     _resolve_tree_budgets(args, drafts)
     stratified = getattr(args, "prompt_mix", "stratified") == "stratified"
     rows = load_rows(args.dataset, args.prompts, args.seed, eval_rows=True, stratified=stratified)
-    device = next(vlm.parameters()).device
     prompts = [prompt_inputs(processor, row, device) for row in rows]
 
     if getattr(args, "batch_size", None):
@@ -538,17 +572,18 @@ def run_bench_cli(args) -> int:
         assistant = None
         if args.assistant is not None:
             assistant, _, _ = load_target(args.assistant, cache_dir=args.cache_dir, seed=args.seed)
-            assistant = assistant.to(target_dtype)
+            assistant = assistant.to(device, target_dtype)
         elif args.target is None and (only is None or "assisted" in only):
             # an independently trained small toy VLM with the target's tokenizer (toy.load_toy_assistant)
             from .world import load_toy_assistant
 
-            assistant = load_toy_assistant(args.cache_dir, args.seed).to(target_dtype)
+            assistant = load_toy_assistant(args.cache_dir, args.seed).to(device, target_dtype)
         peer = None
         if peer_tiny is not None:
             from .peer import peer_trainable_parameters, widen_peer
 
             peer = widen_peer(peer_tiny, vlm) if toy_medium else copy.deepcopy(peer_tiny).to(target_dtype)
+            peer.to(device)
             mine = sum(p.numel() for p in next(iter(drafts.values())).parameters()) if drafts else 0
             theirs = peer_trainable_parameters(peer)
             print(
@@ -556,7 +591,7 @@ def run_bench_cli(args) -> int:
             )
         untrained = None
         if only is None or any(name.startswith("untrained") for name in only):
-            untrained = untrained_draft(train_target, vlm, toy_medium, args.seed)
+            untrained = untrained_draft(train_target, vlm, toy_medium, args.seed).to(device)
         methods = default_methods(
             drafts, assistant=assistant, only=only, peer=peer, sweep=args.sweep, untrained=untrained
         )
@@ -577,7 +612,7 @@ def run_bench_cli(args) -> int:
         del vlm, drafts, assistant, peer, methods, untrained
     print()
     print(markdown_table(records))
-    summary = sweep_summary(records)
+    summary = sweep_summary(records) + first_call_summary(records)
     for line in summary:
         print(line)
     if args.output_dir:

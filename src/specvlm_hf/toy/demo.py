@@ -498,6 +498,7 @@ def run_demo(args) -> int:
         args.train_steps = min(args.train_steps, QUICK_STEPS)
         args.prompts = min(args.prompts, QUICK_PROMPTS)
         args.max_new_tokens = min(args.max_new_tokens, QUICK_TOKENS)
+    device = pick_device(getattr(args, "device", None))
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     what = args.target or f"the built-in toy LLaVA target ({args.toy_size})"
@@ -553,7 +554,9 @@ def run_demo(args) -> int:
         )
 
     rows = load_rows(None, args.prompts, args.seed, eval_rows=True)
-    device = next(vlm.parameters()).device
+    for model in (vlm, draft, *(check or ())):  # (in place: a draft keeps sharing its target's modules)
+        model.to(device)
+    print(f"device: {device}")
     # warm-up (first-call allocations), not timed
     warm = prompt_inputs(processor, rows[0], device)
     with torch.inference_mode():
@@ -607,16 +610,42 @@ def timing_dtype(choice: str = "auto") -> torch.dtype:
     if choice == "auto":
         native = torch.cuda.is_available() or bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
         return torch.bfloat16 if native else torch.float32
-    if choice not in ("float32", "bfloat16"):
-        raise ValueError(f"dtype {choice!r}: choose 'auto', 'float32' or 'bfloat16'")
+    if choice not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype {choice!r}: choose 'auto', 'float32', 'bfloat16' or 'float16'")
     return getattr(torch, choice)
 
 
-def widen_for_timing(tiny_target, dtype: torch.dtype):
-    """The medium toy target: the tiny one widened exactly (`widen.widen_toy_target`), cast to `dtype`."""
+def pick_device(choice: str | None = None) -> torch.device:
+    """``--device``: "cpu", "cuda", or None (cuda where a GPU is available, cpu otherwise). Raises before any work
+    when cuda is asked for and torch sees no GPU."""
+    if choice is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            "--device cuda: torch sees no CUDA GPU here (torch.cuda.is_available() is False; a CPU-only torch "
+            "build, or no driver). Install a CUDA build of torch, or pass --device cpu."
+        )
+    if choice not in ("cpu", "cuda"):
+        raise ValueError(f"--device {choice!r}: choose 'cpu' or 'cuda'")
+    return torch.device(choice)
+
+
+# LLaVA-1.5-7B's decoder shape (`--toy-size llava7b`): the tiny toy target widened exactly to it, so acceptance stays
+# the toy pair's while every target forward costs what a 7B's does
+LLAVA7B_DIMS = {"hidden": 4096, "intermediate": 11008, "heads": 32, "layers": 32}
+
+
+def widen_for_timing(tiny_target, dtype: torch.dtype, dims: dict | None = None, device=None):
+    """The medium toy target (or `dims`' shape): the tiny one widened exactly (`widen.widen_toy_target`), cast to
+    `dtype`; built directly on `device` when given (a 7B-shaped target is built in seconds on a GPU)."""
     from .world import widen_toy_target
 
-    return widen_toy_target(tiny_target, "medium").to(dtype).eval()
+    if device is None or torch.device(device).type == "cpu":
+        return widen_toy_target(tiny_target, "medium", dims).to(dtype).eval()
+    source = unrouted_copy(tiny_target).to(device)
+    with torch.device(device):
+        big = widen_toy_target(source, "medium", dims)
+    return big.to(dtype).eval()
 
 
 def widen_draft_for_timing(tiny_draft, medium_target):

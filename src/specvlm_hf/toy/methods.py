@@ -260,6 +260,39 @@ def _generate(model, method: Method, inputs: dict, max_new_tokens: int, temperat
     return model.generate(**inputs, **kwargs)
 
 
+def first_calls(
+    model, inputs: dict, methods: list[Method], max_new_tokens: int
+) -> dict[str, tuple[float, float]]:
+    """Each method's first greedy call on one prompt, against plain generate's call on it right before: {method:
+    (seconds, plain's seconds)}. No warm-up, and what the automatic budget learned is forgotten before each
+    method's call (`budget.forget_learned`), so every method pays what a process calling `generate` once pays."""
+    from ..generation.budget import forget_learned
+
+    plain = next((m for m in methods if m.kind == "plain"), None)
+    if plain is None:
+        return {}
+
+    def timed(method) -> float:
+        start = time.perf_counter()
+        out = _generate(model, method, inputs, max_new_tokens, 0.0)
+        out.view(-1)[-1:].tolist()  # (waits for a GPU's work)
+        return time.perf_counter() - start
+
+    timed(plain)  # the process's own first-forward costs (allocations, kernels) are no method's
+    firsts = {}
+    for method in methods:
+        if method.kind == "skip":
+            continue
+        if method.kind == "spec":
+            forget_learned(method.draft)
+        plain_s = timed(plain)
+        try:
+            firsts[method.name] = (timed(method), plain_s)
+        except Exception:  # noqa: BLE001 - a failing method is reported by the timed run
+            continue
+    return firsts
+
+
 def _progress(iterable, desc: str, enabled: bool, total: int | None = None):
     if not enabled:
         return iterable
@@ -282,6 +315,7 @@ class _MethodRun:
         # from forward hooks, prefill forwards excluded: target / assistant time per later target forward
         self.steps = self.step_tokens = 0
         self.target_step_s = self.assistant_step_s = 0.0
+        self.budget_costs_ms: dict[int, float] | None = None
 
     def call(
         self, model, inputs, max_new_tokens: int, temperature: float, counter, warm: bool = False
@@ -319,6 +353,8 @@ class _MethodRun:
             self.spec_prefill_s += stats.prefill_time_s
             self.draft_prefill_s += stats.draft_prefill_time_s
             self.have_verify = self.have_verify and stats.verify_time_s > 0
+            if stats.budget_costs_ms:  # the verify costs c(n) the automatic budget has learned so far
+                self.budget_costs_ms = {int(n): round(ms, 3) for n, ms in stats.budget_costs_ms.items()}
 
     def record(self, temperature: float, n_prompts: int, max_new_tokens: int) -> dict:
         method = self.method
@@ -332,6 +368,8 @@ class _MethodRun:
             "max_new_tokens": max_new_tokens,
             "budget": method.budget,
         }
+        if self.budget_costs_ms:
+            record["budget_costs_ms"] = self.budget_costs_ms
         if method.draft is not None:
             record["compressor_mode"] = method.draft.config.compressor_mode
             record["decoding_mode"] = method.decoding_mode
