@@ -24,7 +24,7 @@ from transformers import AutoModelForImageTextToText, CLIPVisionConfig, LlamaCon
 
 from sharp_models import sharpen
 from specvlm_hf.targets.loading import quantization_config
-from tiny_models import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, VOCAB_SIZE
+from tiny_models import IMAGE_ID, PAD_ID, _text_kwargs
 
 WIDTH = 64
 # LLM.int8's default outlier threshold (6.0) computes the input columns where ANY row of a forward exceeds it in
@@ -65,19 +65,7 @@ def _config() -> LlavaConfig:
         patch_size=8,
         projection_dim=WIDTH,
     )
-    text = LlamaConfig(
-        vocab_size=VOCAB_SIZE,
-        hidden_size=WIDTH,
-        intermediate_size=2 * WIDTH,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        pad_token_id=PAD_ID,
-        bos_token_id=BOS_ID,
-        eos_token_id=EOS_ID,
-        tie_word_embeddings=False,
-    )
+    text = LlamaConfig(**_text_kwargs(hidden_size=WIDTH, intermediate_size=2 * WIDTH))
     return LlavaConfig(
         vision_config=vision,
         text_config=text,

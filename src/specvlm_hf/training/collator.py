@@ -114,12 +114,7 @@ class SpecVLMDataCollator:
         images up to there, in order."""
         texts, all_images = [], []
         for messages, images in conversations:
-            n_images = sum(content_images(m) for m in messages)
-            if n_images != len(images):
-                raise ValueError(
-                    f"SpecVLMDataCollator: a prompt has {len(images)} images but its messages hold {n_images} "
-                    '{"type": "image"} items.'
-                )
+            _check_image_count(messages, images, "prompt")
             texts.append(self._render(messages, add_generation_prompt=True))
             all_images.extend(images)
         return dict(self._encode(texts, all_images, padding=True, padding_side=padding_side))
@@ -156,12 +151,7 @@ class SpecVLMDataCollator:
         for row in rows:
             images = list(row.get("images") or [])
             messages = row["messages"]
-            n_images = sum(content_images(m) for m in messages)
-            if n_images != len(images):
-                raise ValueError(
-                    f"SpecVLMDataCollator: a row has {len(images)} images but its messages hold {n_images} "
-                    '{"type": "image"} items.'
-                )
+            _check_image_count(messages, images, "row")
             texts.append(self._render(messages, add_generation_prompt=False))
             all_images.extend(images)
             per_row.append((messages, images))
@@ -210,3 +200,13 @@ class SpecVLMDataCollator:
 
 
 __all__ = ["SpecVLMDataCollator", "content_images"]
+
+
+def _check_image_count(messages: list[dict], images: list, what: str) -> None:
+    """A conversation's images match its `{"type": "image"}` items one for one."""
+    n_images = sum(content_images(m) for m in messages)
+    if n_images != len(images):
+        raise ValueError(
+            f"SpecVLMDataCollator: a {what} has {len(images)} images but its messages hold {n_images} "
+            '{"type": "image"} items.'
+        )
