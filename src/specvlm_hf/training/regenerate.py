@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ..targets.loading import execution_device
 from .collator import SpecVLMDataCollator, content_images
 
 FORMAT = "specvlm_hf regenerated dataset"
@@ -502,7 +503,8 @@ def regenerate_dataset(
 
     from tqdm.auto import tqdm
 
-    device = next(target.parameters()).device
+    # where the target's forward takes its inputs (an offloaded first module's weight is on the meta device)
+    device = execution_device(targets.input_embeddings(targets.unwrap_target(target)))
     eos = _eos_ids(target, renderer.tokenizer)
     features = None
     if getattr(dataset, "features", None) is not None:
