@@ -38,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ..targets import families as targets
 from ..targets.loading import execution_device
 from .collator import SpecVLMDataCollator, content_images
 
@@ -429,8 +430,6 @@ def regenerate_dataset(
             "already. Regenerate the source dataset, or remove those columns."
         )
     if draft is not None:
-        from ..targets import families as targets
-
         if not draft.is_bound:
             draft.bind(target)
         elif draft.target is not targets.unwrap_target(target):
