@@ -168,6 +168,7 @@ N_DRAWS = 300
 ALPHA = 1e-3
 
 
+@pytest.mark.slow  # ~17 s each
 @pytest.mark.parametrize("mode", ["tree", "chain"])
 def test_sampling_on_a_quantized_target_has_its_law(mode):
     """Speculative sampling on the nf4 target (lm_head nf4 too) draws the first two tokens with the exact law of the
