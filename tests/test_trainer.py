@@ -327,6 +327,7 @@ torch.save({{k: v.detach().clone() for k, v in draft.state_dict().items()}}, os.
 """
 
 
+@pytest.mark.slow  # ~20 s; 2-process runs are also in test_target_sharding (slow)
 def test_ddp_two_processes(tmp_path):
     """`torchrun --nproc_per_node 2` on CPU (gloo): both ranks end with the same draft weights (~40 s here)."""
     script = tmp_path / "ddp_train.py"
