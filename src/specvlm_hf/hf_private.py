@@ -62,6 +62,7 @@ def _needs_parameters(function, names: set[str]) -> str | None:
     return f"{function.__qualname__} lost parameters {sorted(missing)}" if missing else None
 
 
+@functools.cache  # read once per process: bind runs every check, and two of them scan the same loop
 def _source(function) -> str | None:
     try:
         return inspect.getsource(function)
