@@ -20,13 +20,16 @@ from specvlm_hf.toy.world import (
 
 
 @pytest.fixture(scope="session")
-def toy_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("specvlm_toy_cache")
+def toy_cache():
+    """The shared toy cache (`$SPECVLM_HF_CACHE` or ~/.cache/specvlm_hf), where `specvlm demo` keeps the target:
+    training it takes ~5 minutes, so the suite trains it at most once per machine, as the demo does (CI runs the
+    demo first)."""
+    return toy_cache_dir()
 
 
 @pytest.fixture(scope="session")
 def toy_target(toy_cache):
-    """The tiny target, trained once per test session into a temporary cache."""
+    """The tiny target, loaded from the shared cache (trained there on first use)."""
     return load_toy_target("tiny", cache_dir=toy_cache, seed=0, progress=False)
 
 
