@@ -52,6 +52,31 @@ def test_the_same_code_picks_a_big_tree_on_a_flat_curve_and_a_small_one_on_a_ste
     assert not cpu.keep_growing(probs[:10], [0.01, 0.01], levels=2)
 
 
+def test_a_level_is_worth_what_the_whole_tree_with_it_can_reach():
+    """A CPU's curve is steep for a few tokens, then flat: one level's own nodes do not pay for the steep part, the
+    deeper tree they lead to does (judged one level at a time, trees stopped at one node and speculation lost)."""
+    steep_then_flat = VerifyCosts.from_curve(SIZES, [80.0, 126.0, 196.0, 244.0, 257.0, 379.0, 546.0])
+    planner = _planner(steep_then_flat, level_s=6.0)
+    level_one = [0.95, 0.03]  # the root's two children; the likely one leads on
+    assert planner.best_size(level_one, levels=0)[0] == 1
+    assert planner.keep_growing(level_one, [0.95, 0.03], levels=0)
+    assert not planner.keep_growing(level_one, [0.02, 0.01], levels=0)  # unlikely rows never pay
+
+
+def test_a_fresh_state_verifies_at_most_twice_the_largest_size_measured():
+    """Beyond the measured sizes c is extrapolated (optimistically, to find a flat part); a fresh state stakes at
+    most one step twice the size it knows on that extrapolation: 2, 4, 8, ... tokens."""
+    fresh = BudgetPlanner(BudgetState(costs=VerifyCosts(per_token=1.0, base=80.0)))
+    sure = [0.99**i for i in range(1, 65)]  # a draft that is always right
+    fresh.observe_plain(80.0)  # the first (plain) step measured c(1)
+    limits = []
+    for _ in range(7):
+        n, _ = fresh.best_size(sure, levels=12)
+        limits.append(n + 1)
+        fresh.state.costs.observe(n + 1, 80.0 + 0.5 * n)
+    assert limits == [2, 4, 8, 16, 32, 64, 65], limits
+
+
 def test_spine_depth_follows_the_measured_acceptance():
     planner = _planner(CPU_LIKE, level_s=6.0)
     planner.state.spine_offered, planner.state.spine_accepted = 10.0, 9.0
@@ -63,6 +88,8 @@ def test_spine_depth_follows_the_measured_acceptance():
 def test_back_off_when_speculation_does_not_pay_and_probe_again():
     planner = _planner(CPU_LIKE, level_s=6.0)
     step = dict(levels=3, predicted=2.0, drafted=3, accepted=0, emitted=1, forward_s=150.0, overhead_s=5.0)
+    planner.observe(n=8, draft_s=20.0, **step)  # one failed step of a (so far) good draft: no back-off
+    assert planner.state.backoff.left == 0
     for _ in range(2):  # a draft that is never right: one token per (slower) step
         planner.observe(n=8, draft_s=20.0, **step)
     assert planner.state.backoff.left == BACKOFF_START
@@ -171,6 +198,10 @@ def test_the_first_call_runs_no_forward_beyond_decoding_and_learns_from_its_step
         assert torch.equal(out, reference)
         assert len(forwards) == stats.target_forwards  # every target forward is a decoding step
         assert stats.budget_steps[0] == ("plain", 0)  # the fresh state's first step measures c(1)
+        largest = 1  # every verify at most twice the largest size measured before it
+        for _, n in stats.budget_steps:
+            assert n + 1 <= 2 * largest, stats.budget_steps
+            largest = max(largest, n + 1)
         assert any(kind == "spec" and n > 0 for kind, n in stats.budget_steps), stats.budget_steps
         state = budget_state(forced, target, target.device)
         assert 1 in state.costs.observed and max(state.costs.observed) > 1 and state.level_s is not None

@@ -8,7 +8,9 @@ over the root and n nodes, plus the draft's tree levels and its pass over the ac
 the machine at hand from the verify forwards decoding runs anyway (`VerifyCosts`: no forward is run to measure it,
 so a first call costs what plain generate costs; a prior from the prompt's prefill time per token until steps are
 seen, a plain first step measuring c(1); kept per target, device, dtype and batch size across calls), `d`
-likewise; on a GPU every time comes from CUDA events read once per step (`clock.py`). The planner then
+likewise; on a GPU every time comes from CUDA events read once per step (`clock.py`). A step verifies at most twice
+the largest size measured so far (2, 4, 8, ... tokens on a fresh state), so what a first call stakes on an
+extrapolated cost is one step at most twice the size it knows. The planner then
 
 * grows the tree level by level while a level can still raise the rate `E / T` (its best children's probability
   mass against one more draft level's time),
@@ -52,6 +54,9 @@ BACKOFF_START, BACKOFF_MAX = 4, 64
 EXPLORE = (
     0.5  # beyond the largest verified size, c grows at this fraction of its estimated slope (`VerifyCosts`)
 )
+# weight of a speculative step's measured speed-up in the running one that decides backing off: one failed step of a
+# good draft does not back off, two or three in a row do
+SPEEDUP_WEIGHT = 0.2
 DECAY = 0.9  # weight of the past in the running estimates (calibration, acceptance, draft level time)
 
 
@@ -102,13 +107,22 @@ class VerifyCosts:
     def slope(self, points=None) -> float:
         """Seconds per extra token beyond the largest observed size: the observed secant where it is flatter than
         the prior (GPUs: flat to ~64 tokens), halved -- beyond what was seen, c is estimated optimistically, so
-        the planner tries a somewhat bigger tree and learns its real cost (within the seen sizes c is measured)."""
+        the planner tries a bigger tree (at most twice the largest size seen, `explore_limit`) and learns its
+        real cost; within the seen sizes c is measured. (On a CPU small forwards cost far more per token than the
+        prefill does, and then flatten: only trying the sizes finds the flat part.)"""
         points = points or self._points()
         (n0, s0), (n1, s1) = points[0], points[-1]
         slope = self.per_token
         if n1 > n0:
             slope = min(slope, max((s1 - s0) / (n1 - n0), 0.0))
         return EXPLORE * slope
+
+    @property
+    def explore_limit(self) -> int:
+        """The largest verify (tokens per sequence, root included) the planner may choose now: twice the largest
+        size measured. A fresh state grows 2, 4, 8, ... tokens, each step only as far as the sizes measured so far
+        say it pays, so a first call never stakes a big forward on an extrapolated cost."""
+        return 2 * max(self.observed, default=1)
 
     def __call__(self, n: int) -> float:
         points = self._points()
@@ -244,6 +258,11 @@ class BudgetPlanner:
         return 1.0 / (self.state.costs(1) + self.state.overhead_s)
 
     # --------------------------------------------------------------------------------------------- greedy tree
+    def max_tree_tokens(self) -> int:
+        """The most draft tokens a step may verify now: `MAX_TREE_TOKENS`, within the measured sizes' reach
+        (`VerifyCosts.explore_limit`)."""
+        return min(MAX_TREE_TOKENS, self.state.costs.explore_limit - 1)
+
     def top_k(self) -> int:
         """Children per expanded node: wide where a big tree costs about what a small one does (GPU), narrow
         where every verified token costs time (CPU)."""
@@ -255,7 +274,7 @@ class BudgetPlanner:
         """probs: candidates' cumulative draft probabilities, best first. Returns (n, rate E(n) / T(n))."""
         a = self.state.calibration
         best_n, best_rate, mass = 0, 1.0 / self.step_time(0, levels), 0.0
-        for n, p in enumerate(probs[:MAX_TREE_TOKENS], start=1):
+        for n, p in enumerate(probs[: self.max_tree_tokens()], start=1):
             mass += p
             rate = (1.0 + a * mass) / self.step_time(n, levels)
             if rate > best_rate:
@@ -263,15 +282,15 @@ class BudgetPlanner:
         return best_n, best_rate
 
     def keep_growing(self, probs: list[float], level_probs: list[float], levels: int) -> bool:
-        """Whether one more level (whose candidates can add at most `level_probs`' mass) can raise the rate."""
+        """Whether one more level (whose candidates' cumulative probabilities are `level_probs`) can raise the best
+        rate: the best size over the candidates with the level against the best without it (each the global best
+        over the cost curve, which on a CPU is steep for a few tokens and then flat: a level's worth is what the
+        whole tree with it can reach, not its own nodes' marginal cost)."""
         if levels >= MAX_DEPTH or not level_probs:
             return False
-        a = self.state.calibration
-        n, rate = self.best_size(probs, levels)
-        gain = a * sum(sorted(level_probs, reverse=True)[: max(MAX_TREE_TOKENS - n, 0)])
-        extra = self.state.costs(n + 1 + len(level_probs)) - self.state.costs(n + 1) + self.state.level_time
-        # (E + gain) / (T + extra) > E / T  <=>  gain / extra > E / T = rate
-        return gain > rate * extra
+        _, rate = self.best_size(probs, levels)
+        _, grown = self.best_size(sorted(probs + list(level_probs), reverse=True), levels + 1)
+        return grown > rate
 
     def chain_cut(self) -> float:
         """The cumulative draft probability below which one more chain token does not pay: its expected value
@@ -284,7 +303,7 @@ class BudgetPlanner:
     def spine_depth(self) -> int:
         alpha = self.state.alpha
         best_d, best_rate, expected, reach = 1, 0.0, 1.0, 1.0
-        for d in range(1, MAX_SPINE + 1):
+        for d in range(1, min(MAX_SPINE, self.max_tree_tokens()) + 1):
             reach *= alpha
             expected += reach
             rate = expected / self.step_time(d, d)
@@ -338,7 +357,7 @@ class BudgetPlanner:
             s.spine_accepted = DECAY * s.spine_accepted + accepted
         step_s = forward_s + overhead_s + draft_s
         speedup = emitted / step_s / self.plain_rate()
-        s.speedup = 0.7 * s.speedup + 0.3 * speedup
+        s.speedup = (1 - SPEEDUP_WEIGHT) * s.speedup + SPEEDUP_WEIGHT * speedup
         if s.speedup < 1.0:
             s.backoff.start()
             s.speedup = 1.0  # the probe after the back-off starts from a neutral estimate
