@@ -542,6 +542,11 @@ class _BatchLoop:
                     overhead_s=step_s - forward_s - draft_s - feed_s,
                     draft_s=draft_s + feed_s,
                     spine=trees[0].child_q is not None,
+                    nodes=[
+                        (t.node_probs, {i - 1 for i in p[1:]})
+                        for (p, _), t in zip(walks, trees)
+                        if t.node_probs is not None
+                    ],
                 )
         if self.planner is not None:
             self.planner.report()

@@ -1,9 +1,9 @@
 """The draft budget when none is given: chosen per step from measured costs and the draft's own probabilities.
 
 Speculation pays when the tokens a step emits outnumber what its time would buy with plain decoding. One step that
-verifies n draft tokens emits, in expectation, `E(n) = 1 + a * (sum of the n nodes' cumulative draft probabilities)`
-tokens (EAGLE-2's scores: the draft's probability that the path to a node is the target's choice; `a` calibrates
-them against the acceptance measured so far) and costs `T(n) = c(n + 1) + (levels + 1) * d`: one target forward
+verifies n draft tokens emits, in expectation, `E(n) = 1 + sum of a(p) over the n nodes` tokens, p a node's
+cumulative draft probability (EAGLE-2's score: the draft's probability that the path to the node is the target's
+choice) and a(p) the rate at which the target accepted nodes of about that probability so far (`NodeCalibration`) and costs `T(n) = c(n + 1) + (levels + 1) * d`: one target forward
 over the root and n nodes, plus the draft's tree levels and its pass over the accepted tokens. `c` is learned on
 the machine at hand from the verify forwards decoding runs anyway (`VerifyCosts`: no forward is run to measure it,
 so a first call costs what plain generate costs; a prior from the prompt's prefill time per token until steps are
@@ -33,6 +33,7 @@ Explicit `tree_*` / `num_draft_tokens` (config or per call) turn all of this off
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from dataclasses import dataclass, field
 
 import torch
@@ -57,6 +58,13 @@ EXPLORE = (
 # weight of a speculative step's measured speed-up in the running one that decides backing off: one failed step of a
 # good draft does not back off, two or three in a row do
 SPEEDUP_WEIGHT = 0.2
+# node calibration: bins of a verified node's cumulative draft probability (upper edges), and the prior of each bin
+# (accepted = expected: the draft taken at its word until the target says otherwise)
+CALIBRATION_EDGES = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0)
+CALIBRATION_PRIOR = 2.0  # nodes at the bin's middle probability
+_PRIOR_MASS = tuple(
+    CALIBRATION_PRIOR * (lo + hi) / 2 for lo, hi in zip((0.0, *CALIBRATION_EDGES[:-1]), CALIBRATION_EDGES)
+)
 DECAY = 0.9  # weight of the past in the running estimates (calibration, acceptance, draft level time)
 
 
@@ -204,14 +212,50 @@ class ChainBackOff(BackOff):
 
 
 @dataclass
+class NodeCalibration:
+    """What a verified draft node is worth: its cumulative draft probability p scaled by the rate at which the
+    target accepted nodes of about that probability, per bin of p (accepted nodes / their summed p, running sums
+    where a bin's past weighs `DECAY` per step that observes it; `CALIBRATION_PRIOR` nodes of prior at the draft's
+    word). A trained draft is often under-confident where it is likely right (toy pair: nodes rated ~0.5 accepted
+    ~2 times in 3) and over-confident in its tail; one scale for every node cannot say both, a per-bin one can."""
+
+    accepted: list[float] = field(default_factory=lambda: list(_PRIOR_MASS))
+    expected: list[float] = field(default_factory=lambda: list(_PRIOR_MASS))
+
+    @staticmethod
+    def _bin(p: float) -> int:
+        return min(bisect_left(CALIBRATION_EDGES, p), len(CALIBRATION_EDGES) - 1)
+
+    def __call__(self, p: float) -> float:
+        b = self._bin(p)
+        return min(p * self.accepted[b] / max(self.expected[b], 1e-9), 1.0)
+
+    def observe(self, probs: list[float], accepted: set[int]) -> None:
+        """One sequence's verified nodes: `probs[i]` is node i's cumulative draft probability, `accepted` the nodes
+        the target accepted (indices into probs)."""
+        sums: dict[int, list[float]] = {}
+        for i, p in enumerate(probs):
+            total = sums.setdefault(self._bin(p), [0.0, 0.0])
+            total[0] += i in accepted
+            total[1] += p
+        for b, (hits, expected) in sums.items():
+            self.accepted[b] = DECAY * self.accepted[b] + hits
+            self.expected[b] = DECAY * self.expected[b] + expected
+
+    def copy(self) -> NodeCalibration:
+        return NodeCalibration(list(self.accepted), list(self.expected))
+
+
+@dataclass
 class BudgetState:
     """What the planner learns, kept on the draft across `generate` calls (per target, device and dtype)."""
 
     costs: VerifyCosts
     overhead_s: float = 0.0  # per verify step beyond the forward (mask, acceptance, cache compaction)
     level_s: float | None = None  # one draft level (a batched draft forward plus its head)
-    accepted: float = 1.0  # running sums: accepted draft tokens / predicted ones (calibration `a`)
+    accepted: float = 1.0  # running sums: accepted draft tokens / predicted ones (reported: `calibration`)
     predicted: float = 1.0
+    nodes: NodeCalibration = field(default_factory=NodeCalibration)  # what the planner values a node at
     spine_offered: float = 2.0  # sampled spines: drawn children offered / accepted (alpha)
     spine_accepted: float = 1.4
     # running measured speed-up of speculative steps over 1 / c(1); starts optimistic so that one bad first step
@@ -226,9 +270,9 @@ class BudgetState:
 
     @property
     def calibration(self) -> float:
-        # never above 1: an under-confident draft's measured surplus sits in its likely nodes, and scaling every
-        # node up by it overvalues the unlikely tail (measured: trees grew by 10 nodes for 4% more acceptance)
-        return min(max(self.accepted / max(self.predicted, 1e-6), 0.05), 1.0)
+        """Accepted draft tokens per predicted one, over recent steps (reported in `stats.budget_calibration`; the
+        planner values each node through `nodes`)."""
+        return self.accepted / max(self.predicted, 1e-6)
 
     @property
     def alpha(self) -> float:
@@ -271,12 +315,13 @@ class BudgetPlanner:
         return int(min(max(affordable // 6, 2), 10))
 
     def best_size(self, probs: list[float], levels: int) -> tuple[int, float]:
-        """probs: candidates' cumulative draft probabilities, best first. Returns (n, rate E(n) / T(n))."""
-        a = self.state.calibration
+        """probs: candidates' cumulative draft probabilities, best first. Returns (n, rate E(n) / T(n)), each node
+        valued at the acceptance measured for its probability (`NodeCalibration`)."""
+        value = self.state.nodes
         best_n, best_rate, mass = 0, 1.0 / self.step_time(0, levels), 0.0
         for n, p in enumerate(probs[: self.max_tree_tokens()], start=1):
-            mass += p
-            rate = (1.0 + a * mass) / self.step_time(n, levels)
+            mass += value(p)
+            rate = (1.0 + mass) / self.step_time(n, levels)
             if rate > best_rate:
                 best_n, best_rate = n, rate
         return best_n, best_rate
@@ -337,11 +382,14 @@ class BudgetPlanner:
         overhead_s: float,
         draft_s: float,
         spine: bool = False,
+        nodes: list[tuple[list[float], set[int]]] | None = None,
     ) -> None:
         """After a speculative step: refine costs, calibration and acceptance, and decide whether to back off.
 
         predicted: the summed cumulative draft probabilities of the verified nodes (greedy trees); drafted: draft
-        tokens offered along the accepted path's spine (sampled trees); accepted: draft tokens accepted."""
+        tokens offered along the accepted path's spine (sampled trees); accepted: draft tokens accepted; nodes: per
+        sequence, its verified nodes' cumulative draft probabilities and which of them were accepted (greedy trees
+        built by the planner)."""
         s = self.state
         self.steps.append(("spec", n))
         s.costs.observe(n + 1, forward_s)
@@ -352,6 +400,8 @@ class BudgetPlanner:
         if predicted is not None:
             s.accepted = DECAY * s.accepted + accepted
             s.predicted = DECAY * s.predicted + predicted
+        for probs, hits in nodes or ():
+            s.nodes.observe(probs, hits)
         if spine:
             s.spine_offered = DECAY * s.spine_offered + drafted
             s.spine_accepted = DECAY * s.spine_accepted + accepted
@@ -409,6 +459,7 @@ def planner_for(draft, target, device, stats, prefill_s: float, prompt_tokens: i
         if prior is not None:  # what the draft and the machine showed at another batch size
             state.level_s = prior.level_s
             state.accepted, state.predicted = prior.accepted, prior.predicted
+            state.nodes = prior.nodes.copy()
             state.spine_offered, state.spine_accepted = prior.spine_offered, prior.spine_accepted
         store_budget_state(draft, target, device, state, batch_size)
     planner = BudgetPlanner(state)

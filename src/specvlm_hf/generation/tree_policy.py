@@ -41,7 +41,11 @@ class DraftTree:
     vocab_ids: torch.Tensor | None = None
     levels: int = 0  # draft forwards that built the tree (its cost)
     predicted: float | None = None  # greedy trees chosen by a planner: summed cumulative draft probabilities
+    node_probs: list[float] | None = None  # greedy trees chosen by a planner: each node's (root excluded)
     token_list: list[int] | None = None  # `tokens` on the host, where the builder read them anyway
+    candidates: list[int] | None = (
+        None  # greedy trees: each node's candidate id in the builder (root excluded)
+    )
 
     @classmethod
     def root_only(cls, root_token: torch.Tensor) -> DraftTree:
@@ -174,16 +178,26 @@ def build_trees(
     keep = _best_candidates(scores, depths, total)
     # the layouts are worked out on the host: ONE transfer for the batch (which candidates are kept, their parents,
     # their tokens and the roots: the acceptance walk reads the tokens too)
+    # (a planner also reads every candidate's cumulative probability, in fixed point in the same transfer)
     c = keep.shape[1]
-    host = torch.cat([keep.long(), parents, tokens, root_tokens.view(bsz, 1)], dim=1).tolist()
+    parts = [keep.long(), parents, tokens, root_tokens.view(bsz, 1)]
+    if planner is not None:
+        parts.append((scores.exp() * _PROB_SCALE).round().long())
+    host = torch.cat(parts, dim=1).tolist()
     trees = []
     for b in range(bsz):
         row = host[b]
         kept = [i for i, flag in enumerate(row[:c]) if flag]
-        tree = _select_tree(root_tokens[b], tokens[b], row[c : 2 * c], depths, kept, row[2 * c :])
+        tree = _select_tree(root_tokens[b], tokens[b], row[c : 2 * c], depths, kept, row[2 * c : 3 * c + 1])
         tree.levels, tree.predicted = len(cand_cols) - 1, predicted
+        if planner is not None:
+            probs = row[3 * c + 1 :]
+            tree.node_probs = [probs[i] / _PROB_SCALE for i in tree.candidates]
         trees.append(tree)
     return trees
+
+
+_PROB_SCALE = 1 << 30  # cumulative draft probabilities cross to the host as integers in the layout's transfer
 
 
 def _mean_sorted(scores: torch.Tensor) -> list[float]:
@@ -411,6 +425,7 @@ def _select_tree(
     tree = DraftTree(tree_tokens, parent_of, node_depths, _ancestor_mask(parent_of, device))
     if host_tokens is not None:
         tree.token_list = host_tokens[-1:] + [host_tokens[c] for c in order]
+    tree.candidates = order
     return tree
 
 
