@@ -77,6 +77,23 @@ def test_a_fresh_state_verifies_at_most_twice_the_largest_size_measured():
     assert limits == [2, 4, 8, 16, 32, 64, 65], limits
 
 
+def test_nodes_are_valued_at_the_acceptance_measured_for_their_probability():
+    """An under-confident draft (nodes rated ~0.5 always accepted) and an over-confident tail (nodes rated ~0.15
+    never accepted): each probability range is valued at what the target accepted there, and the planner keeps the
+    likely nodes it would have dropped at the draft's word."""
+    planner = _planner(VerifyCosts.from_curve(SIZES, [1.0 + n for n in SIZES]), level_s=0.1)  # steep
+    nodes = planner.state.nodes
+    assert nodes(0.5) == 0.5 and nodes(0.01) == 0.01  # the prior: the draft taken at its word
+    chain = [0.5, 0.45, 0.4, 0.36]
+    before, _ = planner.best_size(chain, levels=4)
+    for _ in range(10):
+        nodes.observe([0.5, 0.45, 0.15], {0, 1})
+    assert nodes(0.5) == 1.0 and nodes(0.45) > 0.9 and nodes(0.15) < 0.5 * 0.15
+    assert nodes(0.05) > 0.05  # a range never verified: valued like the draft's nodes overall (under-confident)
+    after, _ = planner.best_size(chain, levels=4)
+    assert after > before, (before, after)
+
+
 def test_spine_depth_follows_the_measured_acceptance():
     planner = _planner(CPU_LIKE, level_s=6.0)
     planner.state.spine_offered, planner.state.spine_accepted = 10.0, 9.0

@@ -58,10 +58,10 @@ EXPLORE = (
 # weight of a speculative step's measured speed-up in the running one that decides backing off: one failed step of a
 # good draft does not back off, two or three in a row do
 SPEEDUP_WEIGHT = 0.2
-# node calibration: bins of a verified node's cumulative draft probability (upper edges), and the prior of each bin
-# (accepted = expected: the draft taken at its word until the target says otherwise)
+# node calibration: bins of a verified node's cumulative draft probability (upper edges), and how many nodes' worth
+# of evidence a bin's rate leans on the rate over all nodes with (and that one on the draft's word)
 CALIBRATION_EDGES = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0)
-CALIBRATION_PRIOR = 2.0  # nodes at the bin's middle probability
+CALIBRATION_PRIOR = 2.0  # nodes (at the bin's middle probability)
 _PRIOR_MASS = tuple(
     CALIBRATION_PRIOR * (lo + hi) / 2 for lo, hi in zip((0.0, *CALIBRATION_EDGES[:-1]), CALIBRATION_EDGES)
 )
@@ -214,21 +214,30 @@ class ChainBackOff(BackOff):
 @dataclass
 class NodeCalibration:
     """What a verified draft node is worth: its cumulative draft probability p scaled by the rate at which the
-    target accepted nodes of about that probability, per bin of p (accepted nodes / their summed p, running sums
-    where a bin's past weighs `DECAY` per step that observes it; `CALIBRATION_PRIOR` nodes of prior at the draft's
-    word). A trained draft is often under-confident where it is likely right (toy pair: nodes rated ~0.5 accepted
-    ~2 times in 3) and over-confident in its tail; one scale for every node cannot say both, a per-bin one can."""
+    target accepted nodes of about that probability (accepted nodes / their summed p, per bin of p; running sums
+    where a bin's past weighs `DECAY` per step that observes it). A bin with little evidence leans on the rate
+    over all nodes (`CALIBRATION_PRIOR` nodes' worth of it), which leans on the draft's word (rate 1) until nodes
+    are seen. A trained draft is often under-confident where it is likely right (toy pair: nodes rated ~0.5
+    accepted ~2 times in 3) and over-confident in its tail: one scale for every node cannot say both, and a deep
+    node the planner never verified is valued like the rest of the draft's nodes, not at its word."""
 
-    accepted: list[float] = field(default_factory=lambda: list(_PRIOR_MASS))
-    expected: list[float] = field(default_factory=lambda: list(_PRIOR_MASS))
+    accepted: list[float] = field(default_factory=lambda: [0.0] * len(CALIBRATION_EDGES))
+    expected: list[float] = field(default_factory=lambda: [0.0] * len(CALIBRATION_EDGES))
 
     @staticmethod
     def _bin(p: float) -> int:
         return min(bisect_left(CALIBRATION_EDGES, p), len(CALIBRATION_EDGES) - 1)
 
+    @property
+    def overall(self) -> float:
+        """Accepted nodes per unit of draft probability over every bin (1 before any node is seen)."""
+        return (sum(self.accepted) + CALIBRATION_PRIOR) / (sum(self.expected) + CALIBRATION_PRIOR)
+
     def __call__(self, p: float) -> float:
         b = self._bin(p)
-        return min(p * self.accepted[b] / max(self.expected[b], 1e-9), 1.0)
+        weight = _PRIOR_MASS[b]
+        rate = (self.accepted[b] + weight * self.overall) / (self.expected[b] + weight)
+        return min(p * rate, 1.0)
 
     def observe(self, probs: list[float], accepted: set[int]) -> None:
         """One sequence's verified nodes: `probs[i]` is node i's cumulative draft probability, `accepted` the nodes
