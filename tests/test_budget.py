@@ -42,6 +42,13 @@ def test_the_same_code_picks_a_big_tree_on_a_flat_curve_and_a_small_one_on_a_ste
     probs = [0.9**i for i in range(1, 41)]
     gpu, cpu = _planner(GPU_LIKE, level_s=0.5), _planner(CPU_LIKE, level_s=6.0)
     assert gpu.top_k() == 10 and cpu.top_k() == 2
+    # a chain where even two tokens cost half as much again as one, and before any size beyond one is measured
+    steep_pair = _planner(
+        VerifyCosts.from_curve(SIZES, [75.0, 121.0, 166.0, 190.0, 230.0, 320.0, 500.0]), 6.0
+    )
+    fresh = BudgetPlanner(BudgetState(costs=VerifyCosts(per_token=0.01, base=10.0)))
+    fresh.observe_plain(10.0)
+    assert steep_pair.top_k() == 1 and fresh.top_k() == 1
     n_gpu, _ = gpu.best_size(probs, levels=6)
     n_cpu, _ = cpu.best_size(probs, levels=6)
     assert n_gpu >= 30 and n_cpu < n_gpu, (n_gpu, n_cpu)
@@ -89,7 +96,9 @@ def test_nodes_are_valued_at_the_acceptance_measured_for_their_probability():
     for _ in range(10):
         nodes.observe([0.5, 0.45, 0.15], {0, 1})
     assert nodes(0.5) == 1.0 and nodes(0.45) > 0.9 and nodes(0.15) < 0.5 * 0.15
-    assert nodes(0.05) > 0.05  # a range never verified: valued like the draft's nodes overall (under-confident)
+    assert (
+        nodes(0.05) > 0.05
+    )  # a range never verified: valued like the draft's nodes overall (under-confident)
     after, _ = planner.best_size(chain, levels=4)
     assert after > before, (before, after)
 

@@ -318,10 +318,12 @@ class BudgetPlanner:
 
     def top_k(self) -> int:
         """Children per expanded node: wide where a big tree costs about what a small one does (GPU), narrow
-        where every verified token costs time (CPU)."""
+        where every verified token costs time (CPU), and one -- a chain, spending every verified token on depth --
+        where even two tokens cost half as much again as one (a CPU's small products), or before any size beyond
+        one is measured (a first call starts as a chain and widens as measured sizes show big trees cheap)."""
         costs = self.state.costs
-        affordable = max(n for n in costs.sizes if costs(n) <= 1.5 * costs(1))
-        return int(min(max(affordable // 6, 2), 10))
+        affordable = max((n for n in costs.observed if costs(n) <= 1.5 * costs(1)), default=1)
+        return 1 if affordable < 2 else int(min(max(affordable // 6, 2), 10))
 
     def best_size(self, probs: list[float], levels: int) -> tuple[int, float]:
         """probs: candidates' cumulative draft probabilities, best first. Returns (n, rate E(n) / T(n)), each node
