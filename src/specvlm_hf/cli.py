@@ -90,10 +90,12 @@ def _int_list(value: str) -> list[int]:
 
 
 def _add_tree_args(p: argparse.ArgumentParser) -> None:
-    # CPU-sized defaults: verifying many tokens at once is not free on a CPU (see `specvlm bench --tune`)
-    p.add_argument("--tree-top-k", type=int, default=4, help="tree top-k (default: 4).")
-    p.add_argument("--tree-depth", type=int, default=6, help="tree depth (default: 6).")
-    p.add_argument("--tree-total-tokens", type=int, default=16, help="tree size (default: 16).")
+    # default: what `generate` does without a budget (the automatic one, learned from the steps it runs); a value
+    # fixes that part of the tree, as the same generate kwarg does
+    auto = "default: automatic, chosen per step from measured costs"
+    p.add_argument("--tree-top-k", type=int, default=None, help=f"tree top-k ({auto}).")
+    p.add_argument("--tree-depth", type=int, default=None, help=f"tree depth ({auto}).")
+    p.add_argument("--tree-total-tokens", type=int, default=None, help=f"tree size ({auto}).")
 
 
 def _add_dtype_arg(p: argparse.ArgumentParser) -> None:

@@ -548,10 +548,11 @@ def run_demo(args) -> int:
             "greedy outputs are compared in float32 (a float32 copy of the target and draft); timed as loaded"
         )
     spec_kwargs = {"decoding_mode": args.decoding_mode}
-    if args.decoding_mode == "tree":
-        spec_kwargs.update(
+    if args.decoding_mode == "tree":  # only what was given: unset, the draft's own (automatic) budget applies
+        tree = dict(
             tree_top_k=args.tree_top_k, tree_depth=args.tree_depth, tree_total_tokens=args.tree_total_tokens
         )
+        spec_kwargs.update({k: v for k, v in tree.items() if v is not None})
 
     rows = load_rows(None, args.prompts, args.seed, eval_rows=True)
     for model in (vlm, draft, *(check or ())):  # (in place: a draft keeps sharing its target's modules)
