@@ -3,7 +3,8 @@
 Speculation pays when the tokens a step emits outnumber what its time would buy with plain decoding. One step that
 verifies n draft tokens emits, in expectation, `E(n) = 1 + sum of a(p) over the n nodes` tokens, p a node's
 cumulative draft probability (EAGLE-2's score: the draft's probability that the path to the node is the target's
-choice) and a(p) the rate at which the target accepted nodes of about that probability so far (`NodeCalibration`) and costs `T(n) = c(n + 1) + (levels + 1) * d`: one target forward
+choice) and a(p) the rate at which the target accepted nodes of about that probability so far
+(`NodeCalibration`), and costs `T(n) = c(n + 1) + (levels + 1) * d`: one target forward
 over the root and n nodes, plus the draft's tree levels and its pass over the accepted tokens. `c` is learned on
 the machine at hand from the verify forwards decoding runs anyway (`VerifyCosts`: no forward is run to measure it,
 so a first call costs what plain generate costs; a prior from the prompt's prefill time per token until steps are
@@ -12,8 +13,9 @@ likewise; on a GPU every time comes from CUDA events read once per step (`clock.
 the largest size measured so far (2, 4, 8, ... tokens on a fresh state), so what a first call stakes on an
 extrapolated cost is one step at most twice the size it knows. The planner then
 
-* grows the tree level by level while a level can still raise the rate `E / T` (its best children's probability
-  mass against one more draft level's time),
+* grows the tree level by level while a level can still raise the best rate `E / T` the tree can reach (the best
+  size with the level's candidates against the best without them: on a CPU one level rarely pays for the steep
+  first tokens of the curve, the deeper tree it leads to does),
 * keeps the n best candidates that maximise `E(n) / T(n)` (a GPU, where c is flat to ~64 tokens, keeps big
   trees; a CPU, where c grows with n, small ones),
 * backs off to plain decoding steps (no drafting at all) when speculation does not pay -- measured speed-up over
@@ -224,6 +226,9 @@ class NodeCalibration:
     accepted: list[float] = field(default_factory=lambda: [0.0] * len(CALIBRATION_EDGES))
     expected: list[float] = field(default_factory=lambda: [0.0] * len(CALIBRATION_EDGES))
 
+    def __post_init__(self):
+        self._rates()
+
     @staticmethod
     def _bin(p: float) -> int:
         return min(bisect_left(CALIBRATION_EDGES, p), len(CALIBRATION_EDGES) - 1)
@@ -233,11 +238,16 @@ class NodeCalibration:
         """Accepted nodes per unit of draft probability over every bin (1 before any node is seen)."""
         return (sum(self.accepted) + CALIBRATION_PRIOR) / (sum(self.expected) + CALIBRATION_PRIOR)
 
+    def _rates(self) -> None:
+        """Each bin's rate, worked out when the sums change (the planner values nodes many times per step)."""
+        overall = self.overall
+        self.rates = [
+            (hits + weight * overall) / (expected + weight)
+            for hits, expected, weight in zip(self.accepted, self.expected, _PRIOR_MASS)
+        ]
+
     def __call__(self, p: float) -> float:
-        b = self._bin(p)
-        weight = _PRIOR_MASS[b]
-        rate = (self.accepted[b] + weight * self.overall) / (self.expected[b] + weight)
-        return min(p * rate, 1.0)
+        return min(p * self.rates[self._bin(p)], 1.0)
 
     def observe(self, probs: list[float], accepted: set[int]) -> None:
         """One sequence's verified nodes: `probs[i]` is node i's cumulative draft probability, `accepted` the nodes
@@ -250,6 +260,7 @@ class NodeCalibration:
         for b, (hits, expected) in sums.items():
             self.accepted[b] = DECAY * self.accepted[b] + hits
             self.expected[b] = DECAY * self.expected[b] + expected
+        self._rates()
 
     def copy(self) -> NodeCalibration:
         return NodeCalibration(list(self.accepted), list(self.expected))

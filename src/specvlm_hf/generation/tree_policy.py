@@ -43,9 +43,6 @@ class DraftTree:
     predicted: float | None = None  # greedy trees chosen by a planner: summed cumulative draft probabilities
     node_probs: list[float] | None = None  # greedy trees chosen by a planner: each node's (root excluded)
     token_list: list[int] | None = None  # `tokens` on the host, where the builder read them anyway
-    candidates: list[int] | None = (
-        None  # greedy trees: each node's candidate id in the builder (root excluded)
-    )
 
     @classmethod
     def root_only(cls, root_token: torch.Tensor) -> DraftTree:
@@ -188,11 +185,10 @@ def build_trees(
     for b in range(bsz):
         row = host[b]
         kept = [i for i, flag in enumerate(row[:c]) if flag]
-        tree = _select_tree(root_tokens[b], tokens[b], row[c : 2 * c], depths, kept, row[2 * c : 3 * c + 1])
+        tree = _select_tree(
+            root_tokens[b], tokens[b], row[c : 2 * c], depths, kept, row[2 * c : 3 * c + 1], row[3 * c + 1 :]
+        )
         tree.levels, tree.predicted = len(cand_cols) - 1, predicted
-        if planner is not None:
-            probs = row[3 * c + 1 :]
-            tree.node_probs = [probs[i] / _PROB_SCALE for i in tree.candidates]
         trees.append(tree)
     return trees
 
@@ -402,10 +398,12 @@ def _select_tree(
     depths,
     kept_list: list[int],
     host_tokens: list[int] | None = None,
+    host_probs: list[int] | None = None,
 ) -> DraftTree:
     """Lay the kept candidates (`kept_list`, candidate ids; closed under ancestry here) out as the tree, given each
     candidate's parent (`parent_list`, -1 for the root's children). host_tokens: the candidates' tokens and then
-    the root's, on the host (the tree keeps them for the acceptance walk).
+    the root's, on the host (the tree keeps them for the acceptance walk); host_probs: the candidates' cumulative
+    draft probabilities in fixed point (`_PROB_SCALE`; the tree keeps them for the planner).
 
     A tree holds tens of nodes: its layout is worked out on the host from two short lists, in a handful of kernels
     instead of one pass per depth."""
@@ -425,7 +423,8 @@ def _select_tree(
     tree = DraftTree(tree_tokens, parent_of, node_depths, _ancestor_mask(parent_of, device))
     if host_tokens is not None:
         tree.token_list = host_tokens[-1:] + [host_tokens[c] for c in order]
-    tree.candidates = order
+    if host_probs:
+        tree.node_probs = [host_probs[c] / _PROB_SCALE for c in order]
     return tree
 
 
