@@ -10,8 +10,11 @@ from forced_draft import make_forced_draft
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
 from specvlm_hf.generation.budget import (
     BACKOFF_START,
+    FIRST,
+    SIBLING,
     BudgetPlanner,
     BudgetState,
+    NodeCalibration,
     VerifyCosts,
     budget_state,
     measure_verify_costs,
@@ -84,23 +87,48 @@ def test_a_fresh_state_verifies_at_most_twice_the_largest_size_measured():
     assert limits == [2, 4, 8, 16, 32, 64, 65], limits
 
 
-def test_nodes_are_valued_at_the_acceptance_measured_for_their_probability():
-    """An under-confident draft (nodes rated ~0.5 always accepted) and an over-confident tail (nodes rated ~0.15
-    never accepted): each probability range is valued at what the target accepted there, and the planner keeps the
-    likely nodes it would have dropped at the draft's word."""
+def test_nodes_are_valued_at_the_acceptance_measured_for_their_kind_and_probability():
+    """An under-confident draft along its first choices (first children rated ~0.5 always accepted) and an
+    over-confident tail (siblings rated ~0.15 never accepted): each kind and probability range is valued at what the
+    target accepted there, and the planner keeps the likely nodes it would have dropped at the draft's word."""
     planner = _planner(VerifyCosts.from_curve(SIZES, [1.0 + n for n in SIZES]), level_s=0.1)  # steep
     nodes = planner.state.nodes
-    assert nodes(0.5) == 0.5 and nodes(0.01) == 0.01  # the prior: the draft taken at its word
+    assert nodes(0.5) == 0.5 and nodes(0.01, SIBLING) == 0.01  # the prior: the draft taken at its word
     chain = [0.5, 0.45, 0.4, 0.36]
-    before, _ = planner.best_size(chain, levels=4)
+    before, _ = planner.best_size([nodes(p) for p in chain], levels=4)
     for _ in range(10):
-        nodes.observe([0.5, 0.45, 0.15], {0, 1})
-    assert nodes(0.5) == 1.0 and nodes(0.45) > 0.9 and nodes(0.15) < 0.5 * 0.15
-    assert (
-        nodes(0.05) > 0.05
-    )  # a range never verified: valued like the draft's nodes overall (under-confident)
-    after, _ = planner.best_size(chain, levels=4)
+        nodes.observe([0.5, 0.45, 0.15, 0.45], [FIRST, FIRST, SIBLING, SIBLING], {0, 1})
+    assert nodes(0.5) == 1.0 and nodes(0.45) > 0.9 and nodes(0.15, SIBLING) < 0.5 * 0.15
+    assert nodes(0.45, SIBLING) < 0.1 * 0.45  # the same probability, the other kind: hardly ever accepted
+    # a range never verified: valued like its kind's nodes overall (first children: under-confident)
+    assert nodes(0.05) > 0.05 and nodes(0.05, SIBLING) < 0.05
+    after, _ = planner.best_size([nodes(p) for p in chain], levels=4)
     assert after > before, (before, after)
+
+
+def test_a_tree_ranks_candidates_by_their_worth_and_stays_ancestor_closed():
+    """The tree builder values every candidate where it is drafted (`tree_policy._worth`): a deep first child of a
+    well-accepted kind outranks a shallow sibling the target keeps rejecting (ranked by probability alone, the
+    sibling would be verified and the grandchild not), and no child is worth more than its parent."""
+    from specvlm_hf.generation.tree_policy import _best_candidates, _worth
+
+    nodes = NodeCalibration()
+    for _ in range(20):
+        nodes.observe([0.3, 0.15, 0.3], [FIRST, FIRST, SIBLING], {0, 1})
+    table = nodes.log_rates(torch.device("cpu"))
+    k = 2
+    level_one = torch.tensor([[0.6, 0.3]]).log()  # the root's two children: a first choice and a sibling
+    worth_one = _worth(level_one, torch.zeros(1, 1), k, table)
+    children = (level_one.repeat_interleave(k, dim=-1) + torch.tensor([[0.4, 0.3, 0.5, 0.4]]).log()).exp()
+    worth_two = _worth(children.log(), worth_one, k, table)
+    assert torch.all(worth_two <= worth_one.repeat_interleave(k, dim=-1))  # never above the parent
+    ranks = torch.cat([worth_one, worth_two], dim=1)
+    depths = torch.tensor([1, 1, 2, 2, 2, 2])
+    keep = _best_candidates(ranks, depths, total=2)[0].tolist()
+    # by worth: the first choice and ITS first child (0.6 x 0.4 = 0.24 as a first child, accepted 3x its rate)
+    assert keep == [True, False, True, False, False, False], keep
+    by_probability = _best_candidates(torch.cat([level_one, children.log()], dim=1), depths, total=2)[0]
+    assert by_probability.tolist() == [True, True, False, False, False, False]  # the sibling (0.3) over 0.24
 
 
 def test_spine_depth_follows_the_measured_acceptance():

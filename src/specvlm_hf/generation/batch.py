@@ -362,7 +362,14 @@ class _BatchLoop:
             return None
         prefill_s = self.clock.seconds(*prefill_marks)
         return planner_for(
-            self.draft, self.model, self.device, self.stats, prefill_s, prompt_len, len(self.active)
+            self.draft,
+            self.model,
+            self.device,
+            self.stats,
+            prefill_s,
+            prompt_len,
+            len(self.active),
+            "chain" if self.chain else "tree",
         )
 
     # ------------------------------------------------------------------------------------------------ a step
@@ -543,9 +550,7 @@ class _BatchLoop:
                     draft_s=draft_s + feed_s,
                     spine=trees[0].child_q is not None,
                     nodes=[
-                        (t.node_probs, {i - 1 for i in p[1:]})
-                        for (p, _), t in zip(walks, trees)
-                        if t.node_probs is not None
+                        t.verified_nodes(p) for (p, _), t in zip(walks, trees) if t.node_probs is not None
                     ],
                 )
         if self.planner is not None:

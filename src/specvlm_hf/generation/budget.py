@@ -3,8 +3,8 @@
 Speculation pays when the tokens a step emits outnumber what its time would buy with plain decoding. One step that
 verifies n draft tokens emits, in expectation, `E(n) = 1 + sum of a(p) over the n nodes` tokens, p a node's
 cumulative draft probability (EAGLE-2's score: the draft's probability that the path to the node is the target's
-choice) and a(p) the rate at which the target accepted nodes of about that probability so far
-(`NodeCalibration`), and costs `T(n) = c(n + 1) + (levels + 1) * d`: one target forward
+choice) and a(p) the rate at which the target accepted nodes of its kind (its parent's first choice, or a sibling)
+and about that probability so far (`NodeCalibration`; a node is worth no more than its parent), and costs `T(n) = c(n + 1) + (levels + 1) * d`: one target forward
 over the root and n nodes, plus the draft's tree levels and its pass over the accepted tokens. `c` is learned on
 the machine at hand from the verify forwards decoding runs anyway (`VerifyCosts`: no forward is run to measure it,
 so a first call costs what plain generate costs; a prior from the prompt's prefill time per token until steps are
@@ -61,7 +61,8 @@ EXPLORE = (
 # good draft does not back off, two or three in a row do
 SPEEDUP_WEIGHT = 0.2
 # node calibration: bins of a verified node's cumulative draft probability (upper edges), and how many nodes' worth
-# of evidence a bin's rate leans on the rate over all nodes with (and that one on the draft's word)
+# of evidence a bin's rate leans on its kind's rate with (a kind's on the rate over all nodes, that on the draft's
+# word)
 CALIBRATION_EDGES = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0)
 CALIBRATION_PRIOR = 2.0  # nodes (at the bin's middle probability)
 _PRIOR_MASS = tuple(
@@ -213,18 +214,28 @@ class ChainBackOff(BackOff):
     accepted_ema: float = 1.0
 
 
+FIRST, SIBLING = 0, 1  # a node's kind: its parent's most likely child, or one of the others
+
+
 @dataclass
 class NodeCalibration:
     """What a verified draft node is worth: its cumulative draft probability p scaled by the rate at which the
-    target accepted nodes of about that probability (accepted nodes / their summed p, per bin of p; running sums
-    where a bin's past weighs `DECAY` per step that observes it). A bin with little evidence leans on the rate
-    over all nodes (`CALIBRATION_PRIOR` nodes' worth of it), which leans on the draft's word (rate 1) until nodes
-    are seen. A trained draft is often under-confident where it is likely right (toy pair: nodes rated ~0.5
-    accepted ~2 times in 3) and over-confident in its tail: one scale for every node cannot say both, and a deep
-    node the planner never verified is valued like the rest of the draft's nodes, not at its word."""
+    target accepted nodes of its kind and about that probability (accepted nodes / their summed p, per kind and bin
+    of p; running sums where a bin's past weighs `DECAY` per step that observes it). A bin with little evidence
+    leans on its kind's rate (`CALIBRATION_PRIOR` nodes' worth), a kind on the rate over all nodes, and that on the
+    draft's word (rate 1) until nodes are seen.
 
-    accepted: list[float] = field(default_factory=lambda: [0.0] * len(CALIBRATION_EDGES))
-    expected: list[float] = field(default_factory=lambda: [0.0] * len(CALIBRATION_EDGES))
+    The kinds: a trained draft is often under-confident along its first choices (toy pair: first children rated ~0.5
+    accepted ~2 times in 3; chains rated 1.5 tokens accepted 3-4) and over-confident in its second ones (siblings):
+    one scale for every node cannot say both, and valued at one scale a tree spends on siblings what a deeper chain
+    would have earned (batches of 4 on a CPU: 0.84x chain mode)."""
+
+    accepted: list[list[float]] = field(
+        default_factory=lambda: [[0.0] * len(CALIBRATION_EDGES) for _ in range(2)]
+    )
+    expected: list[list[float]] = field(
+        default_factory=lambda: [[0.0] * len(CALIBRATION_EDGES) for _ in range(2)]
+    )
 
     def __post_init__(self):
         self._rates()
@@ -235,35 +246,45 @@ class NodeCalibration:
 
     @property
     def overall(self) -> float:
-        """Accepted nodes per unit of draft probability over every bin (1 before any node is seen)."""
-        return (sum(self.accepted) + CALIBRATION_PRIOR) / (sum(self.expected) + CALIBRATION_PRIOR)
+        """Accepted nodes per unit of draft probability over every node (1 before any node is seen)."""
+        hits = sum(map(sum, self.accepted))
+        return (hits + CALIBRATION_PRIOR) / (sum(map(sum, self.expected)) + CALIBRATION_PRIOR)
 
     def _rates(self) -> None:
-        """Each bin's rate, worked out when the sums change (the planner values nodes many times per step)."""
+        """Each kind's and bin's rate, worked out when the sums change (the planner values nodes every step)."""
         overall = self.overall
-        self.rates = [
-            (hits + weight * overall) / (expected + weight)
-            for hits, expected, weight in zip(self.accepted, self.expected, _PRIOR_MASS)
-        ]
+        self.rates = []
+        for hits, expected in zip(self.accepted, self.expected):
+            kind = (sum(hits) + CALIBRATION_PRIOR * overall) / (sum(expected) + CALIBRATION_PRIOR)
+            self.rates.append([(h + m * kind) / (e + m) for h, e, m in zip(hits, expected, _PRIOR_MASS)])
+        self._tables: dict = {}
 
-    def __call__(self, p: float) -> float:
-        return min(p * self.rates[self._bin(p)], 1.0)
+    def __call__(self, p: float, kind: int = FIRST) -> float:
+        return min(p * self.rates[kind][self._bin(p)], 1.0)
 
-    def observe(self, probs: list[float], accepted: set[int]) -> None:
-        """One sequence's verified nodes: `probs[i]` is node i's cumulative draft probability, `accepted` the nodes
-        the target accepted (indices into probs)."""
-        sums: dict[int, list[float]] = {}
-        for i, p in enumerate(probs):
-            total = sums.setdefault(self._bin(p), [0.0, 0.0])
+    def log_rates(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bin edges (bins,), log rates (2, bins)) on `device`, for valuing a tree's candidates where they are
+        drafted (`tree_policy.build_trees`); made once per device until the rates change."""
+        if device not in self._tables:
+            rates = torch.tensor(self.rates, dtype=torch.float32).clamp_(min=1e-12).log_()
+            self._tables[device] = (torch.tensor(CALIBRATION_EDGES).to(device), rates.to(device))
+        return self._tables[device]
+
+    def observe(self, probs: list[float], kinds: list[int], accepted: set[int]) -> None:
+        """One sequence's verified nodes: `probs[i]` is node i's cumulative draft probability, `kinds[i]` its kind
+        (`FIRST` / `SIBLING`), `accepted` the nodes the target accepted (indices into probs)."""
+        sums: dict[tuple[int, int], list[float]] = {}
+        for i, (p, kind) in enumerate(zip(probs, kinds)):
+            total = sums.setdefault((kind, self._bin(p)), [0.0, 0.0])
             total[0] += i in accepted
             total[1] += p
-        for b, (hits, expected) in sums.items():
-            self.accepted[b] = DECAY * self.accepted[b] + hits
-            self.expected[b] = DECAY * self.expected[b] + expected
+        for (kind, b), (hits, expected) in sums.items():
+            self.accepted[kind][b] = DECAY * self.accepted[kind][b] + hits
+            self.expected[kind][b] = DECAY * self.expected[kind][b] + expected
         self._rates()
 
     def copy(self) -> NodeCalibration:
-        return NodeCalibration(list(self.accepted), list(self.expected))
+        return NodeCalibration([list(r) for r in self.accepted], [list(r) for r in self.expected])
 
 
 @dataclass
@@ -273,7 +294,9 @@ class BudgetState:
     costs: VerifyCosts
     overhead_s: float = 0.0  # per verify step beyond the forward (mask, acceptance, cache compaction)
     level_s: float | None = None  # one draft level (a batched draft forward plus its head)
-    accepted: float = 1.0  # running sums: accepted draft tokens / predicted ones (reported: `calibration`)
+    accepted: float = (
+        1.0  # running sums: accepted draft tokens / the planner's worth (reported: `calibration`)
+    )
     predicted: float = 1.0
     nodes: NodeCalibration = field(default_factory=NodeCalibration)  # what the planner values a node at
     spine_offered: float = 2.0  # sampled spines: drawn children offered / accepted (alpha)
@@ -336,27 +359,26 @@ class BudgetPlanner:
         affordable = max((n for n in costs.observed if costs(n) <= 1.5 * costs(1)), default=1)
         return 1 if affordable < 2 else int(min(max(affordable // 6, 2), 10))
 
-    def best_size(self, probs: list[float], levels: int) -> tuple[int, float]:
-        """probs: candidates' cumulative draft probabilities, best first. Returns (n, rate E(n) / T(n)), each node
-        valued at the acceptance measured for its probability (`NodeCalibration`)."""
-        value = self.state.nodes
+    def best_size(self, values: list[float], levels: int) -> tuple[int, float]:
+        """values: candidates' worth, best first (each the acceptance measured for its kind and probability,
+        `NodeCalibration`, no more than its parent's). Returns (n, rate E(n) / T(n))."""
         best_n, best_rate, mass = 0, 1.0 / self.step_time(0, levels), 0.0
-        for n, p in enumerate(probs[: self.max_tree_tokens()], start=1):
-            mass += value(p)
+        for n, value in enumerate(values[: self.max_tree_tokens()], start=1):
+            mass += value
             rate = (1.0 + mass) / self.step_time(n, levels)
             if rate > best_rate:
                 best_n, best_rate = n, rate
         return best_n, best_rate
 
-    def keep_growing(self, probs: list[float], level_probs: list[float], levels: int) -> bool:
-        """Whether one more level (whose candidates' cumulative probabilities are `level_probs`) can raise the best
+    def keep_growing(self, values: list[float], level_values: list[float], levels: int) -> bool:
+        """Whether one more level (whose candidates are worth `level_values`) can raise the best
         rate: the best size over the candidates with the level against the best without it (each the global best
         over the cost curve, which on a CPU is steep for a few tokens and then flat: a level's worth is what the
         whole tree with it can reach, not its own nodes' marginal cost)."""
-        if levels >= MAX_DEPTH or not level_probs:
+        if levels >= MAX_DEPTH or not level_values:
             return False
-        _, rate = self.best_size(probs, levels)
-        _, grown = self.best_size(sorted(probs + list(level_probs), reverse=True), levels + 1)
+        _, rate = self.best_size(values, levels)
+        _, grown = self.best_size(sorted(values + list(level_values), reverse=True), levels + 1)
         return grown > rate
 
     def chain_cut(self) -> float:
@@ -404,14 +426,14 @@ class BudgetPlanner:
         overhead_s: float,
         draft_s: float,
         spine: bool = False,
-        nodes: list[tuple[list[float], set[int]]] | None = None,
+        nodes: list[tuple[list[float], list[int], set[int]]] | None = None,
     ) -> None:
         """After a speculative step: refine costs, calibration and acceptance, and decide whether to back off.
 
-        predicted: the summed cumulative draft probabilities of the verified nodes (greedy trees); drafted: draft
+        predicted: the verified nodes' summed worth as the planner valued them (greedy trees); drafted: draft
         tokens offered along the accepted path's spine (sampled trees); accepted: draft tokens accepted; nodes: per
-        sequence, its verified nodes' cumulative draft probabilities and which of them were accepted (greedy trees
-        built by the planner)."""
+        sequence, its verified nodes' cumulative draft probabilities, kinds and which of them were accepted (greedy
+        trees built by the planner, `DraftTree.verified_nodes`)."""
         s = self.state
         self.steps.append(("spec", n))
         s.costs.observe(n + 1, forward_s)
@@ -422,8 +444,8 @@ class BudgetPlanner:
         if predicted is not None:
             s.accepted = DECAY * s.accepted + accepted
             s.predicted = DECAY * s.predicted + predicted
-        for probs, hits in nodes or ():
-            s.nodes.observe(probs, hits)
+        for probs, kinds, hits in nodes or ():
+            s.nodes.observe(probs, kinds, hits)
         if spine:
             s.spine_offered = DECAY * s.spine_offered + drafted
             s.spine_accepted = DECAY * s.spine_accepted + accepted
@@ -437,53 +459,69 @@ class BudgetPlanner:
             s.backoff.paid()
 
 
-def _key(target, device, batch_size: int) -> tuple:
+def _key(target, device, batch_size: int, mode: str) -> tuple:
     model = families.unwrap_target(target)
-    return (id(model), str(device), str(next(model.parameters()).dtype), batch_size)
+    return (id(model), str(device), str(next(model.parameters()).dtype), batch_size, mode)
 
 
-def budget_state(draft, target, device, batch_size: int = 1) -> BudgetState | None:
-    """What the planner learned for this target, device, dtype and batch size, kept on the draft across generate
-    calls."""
-    return draft.__dict__.get("_specvlm_budget_states", {}).get(_key(target, device, batch_size))
+def budget_state(draft, target, device, batch_size: int = 1, mode: str = "tree") -> BudgetState | None:
+    """What the planner learned for this target, device, dtype, batch size and decoding mode (a batch's chain mode
+    is planned too), kept on the draft across generate calls."""
+    return draft.__dict__.get("_specvlm_budget_states", {}).get(_key(target, device, batch_size, mode))
 
 
-def store_budget_state(draft, target, device, state: BudgetState, batch_size: int = 1) -> None:
-    draft.__dict__.setdefault("_specvlm_budget_states", {})[_key(target, device, batch_size)] = state
+def store_budget_state(
+    draft, target, device, state: BudgetState, batch_size: int = 1, mode: str = "tree"
+) -> None:
+    draft.__dict__.setdefault("_specvlm_budget_states", {})[_key(target, device, batch_size, mode)] = state
 
 
-def _nearest_known(draft, target, device, batch_size: int) -> BudgetState | None:
-    """The state learned for this target, device and dtype at the batch size nearest to `batch_size`, if any."""
-    key = _key(target, device, batch_size)
+def _nearest_known(draft, target, device, batch_size: int, mode: str) -> BudgetState | None:
+    """The state learned for this target, device and dtype at the batch size nearest to `batch_size`, in this
+    decoding mode where there is one, else in the other, if any."""
+    key = _key(target, device, batch_size, mode)
     known = [
-        (abs(k[3] - batch_size), state)
+        (k[4] != mode, abs(k[3] - batch_size), state)
         for k, state in draft.__dict__.get("_specvlm_budget_states", {}).items()
         if k[:3] == key[:3]
     ]
-    return min(known, key=lambda item: item[0])[1] if known else None
+    return min(known, key=lambda item: item[:2])[2] if known else None
 
 
-def planner_for(draft, target, device, stats, prefill_s: float, prompt_tokens: int, batch_size: int = 1):
-    """The planner for one generate call: what was learned for this target, device, dtype and batch size, or a
-    fresh state from a prior (nothing is run to measure): the cost of one more verified token is the prompt's
-    prefill time per token (`prefill_s` over `prompt_tokens` per sequence: synchronized timing); acceptance and
-    draft level time come from another batch size's state where one was learned. The fresh state's first step is
-    a plain one, which measures c(1). Records the cost curve as it stands in `stats.budget_costs_ms`."""
-    state = budget_state(draft, target, device, batch_size)
+def planner_for(
+    draft,
+    target,
+    device,
+    stats,
+    prefill_s: float,
+    prompt_tokens: int,
+    batch_size: int = 1,
+    mode: str = "tree",
+):
+    """The planner for one generate call: what was learned for this target, device, dtype, batch size and decoding
+    mode, or a fresh state from a prior (nothing is run to measure): the cost of one more verified token is the
+    prompt's prefill time per token (`prefill_s` over `prompt_tokens` per sequence: synchronized timing);
+    acceptance and draft level time come from another batch size's (or mode's) state where one was learned. The
+    fresh state's first step is a plain one, which measures c(1). Each mode learns its own costs and back-off: a
+    tree's failed probes do not back a chain off, and each mode's first call at a batch size is what a process
+    running only that mode meets. Records the cost curve as it stands in `stats.budget_costs_ms`."""
+    state = budget_state(draft, target, device, batch_size, mode)
     per_token = prefill_s / max(prompt_tokens, 1)
     if state is not None:  # the least seen: a process's first prefill also pays one-time set-up
         state.costs.per_token = min(state.costs.per_token, per_token)
     else:
-        prior = _nearest_known(draft, target, device, batch_size)
+        prior = _nearest_known(draft, target, device, batch_size, mode)
         state = BudgetState(
             VerifyCosts(per_token=per_token, base=prefill_s, prefill=(prefill_s, max(prompt_tokens, 1)))
         )
-        if prior is not None:  # what the draft and the machine showed at another batch size
+        if (
+            prior is not None
+        ):  # what the draft and the machine showed at another batch size or in the other mode
             state.level_s = prior.level_s
             state.accepted, state.predicted = prior.accepted, prior.predicted
             state.nodes = prior.nodes.copy()
             state.spine_offered, state.spine_accepted = prior.spine_offered, prior.spine_accepted
-        store_budget_state(draft, target, device, state, batch_size)
+        store_budget_state(draft, target, device, state, batch_size, mode)
     planner = BudgetPlanner(state)
     planner.stats = stats
     planner.report()
@@ -502,4 +540,4 @@ def chain_backoff(draft, target, device) -> ChainBackOff:
     tree planner's is), so a draft that does not pay keeps its long back-off in the next call instead of probing
     from scratch."""
     states = draft.__dict__.setdefault("_specvlm_chain_backoff", {})
-    return states.setdefault(_key(target, device, 1), ChainBackOff())
+    return states.setdefault(_key(target, device, 1, "chain"), ChainBackOff())

@@ -268,7 +268,7 @@ def tree_decoding(
                     overhead_s=step_s - forward_s - draft_s - feed_s,
                     draft_s=draft_s + feed_s,
                     spine=tree.child_q is not None,
-                    nodes=None if tree.node_probs is None else [(tree.node_probs, {i - 1 for i in path[1:]})],
+                    nodes=None if tree.node_probs is None else [tree.verified_nodes(path)],
                 )
 
         if planner is not None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..backends import draft_logits, draft_step
-from .budget import MAX_DEPTH, BudgetPlanner
+from .budget import FIRST, MAX_DEPTH, SIBLING, BudgetPlanner
 from .masks import additive_mask
 from .settings import DecodingSettings
 
@@ -40,9 +40,20 @@ class DraftTree:
     child_q: dict[int, torch.Tensor] | None = None
     vocab_ids: torch.Tensor | None = None
     levels: int = 0  # draft forwards that built the tree (its cost)
-    predicted: float | None = None  # greedy trees chosen by a planner: summed cumulative draft probabilities
-    node_probs: list[float] | None = None  # greedy trees chosen by a planner: each node's (root excluded)
+    predicted: float | None = None  # greedy trees chosen by a planner: the verified nodes' summed worth
+    # greedy trees chosen by a planner, per node (root excluded): cumulative draft probability and kind
+    # (`budget.FIRST`: its parent's most likely child; `budget.SIBLING`)
+    node_probs: list[float] | None = None
+    node_kinds: list[int] | None = None
     token_list: list[int] | None = None  # `tokens` on the host, where the builder read them anyway
+
+    def verified_nodes(self, path: list[int]) -> tuple[list[float], list[int], set[int]] | None:
+        """What the planner learns from this tree's verification (`BudgetPlanner.observe`'s `nodes`): the nodes'
+        probabilities and kinds, and which nodes (indices into them) the accepted path (tree indices, root first)
+        holds."""
+        if self.node_probs is None:
+            return None
+        return self.node_probs, self.node_kinds, {i - 1 for i in path[1:]}
 
     @classmethod
     def root_only(cls, root_token: torch.Tensor) -> DraftTree:
@@ -106,7 +117,10 @@ def build_trees(
     logp = _draft_logp(logits, None)  # (B, Vd)
     k = min(k, logp.shape[-1])
     row_scores, row_cols = logp.topk(k)  # level-1 candidates, (B, k), most likely first
-    cand_cols, cand_scores, row_cands = [row_cols], [row_scores], []
+    # a planner ranks candidates by their worth (log, `_worth`); a given budget by cumulative draft log-probability
+    table = None if planner is None else planner.state.nodes.log_rates(device)
+    row_ranks = row_scores if table is None else _worth(row_scores, row_scores.new_zeros(bsz, 1), k, table)
+    cand_cols, cand_scores, cand_ranks, row_cands = [row_cols], [row_scores], [row_ranks], []
     row_cand = torch.arange(k, device=device).expand(bsz, k)  # candidate id of each row at the current level
     parent_hidden = root_hidden[:, None].expand(bsz, k, h)
     n_rows = k * max(depth - 1, 0)
@@ -123,11 +137,11 @@ def build_trees(
     mask = torch.cat([prefix_part, tree_part], dim=2)  # (B, n_rows, prefix + n_rows)
     level_positions = row_positions[:, None].expand(bsz, k)
     n_cands = k
-    probs: list[float] = []  # planner: every candidate's cumulative draft probability so far (batch mean)
+    values: list[float] = []  # planner: every candidate's worth so far (batch mean)
     for level in range(1, depth):
         if planner is not None:
-            probs += _mean_sorted(cand_scores[-1])
-            if not planner.keep_growing(sorted(probs, reverse=True), _mean_sorted(row_scores), level - 1):
+            values += _mean_sorted(cand_ranks[-1])
+            if not planner.keep_growing(sorted(values, reverse=True), _mean_sorted(row_ranks), level - 1):
                 break
         lo, hi = (level - 1) * k, level * k  # this level's rows
         hidden = draft_step(
@@ -142,15 +156,18 @@ def build_trees(
         logp = _draft_logp(draft_logits(draft, hidden)[0], None)  # (B, k, Vd)
         child_lp, child_cols = logp.topk(k, dim=-1)  # (B, k, k)
         child_scores = (row_scores[..., None] + child_lp).flatten(1)  # cumulative log-prob of each child
+        child_ranks = child_scores if table is None else _worth(child_scores, row_ranks, k, table)
         child_cols = child_cols.flatten(1)
         cand_cols.append(child_cols)
         cand_scores.append(child_scores)
+        cand_ranks.append(child_ranks)
         row_cands.append(row_cand)  # the parents of this level's k children each
         if level == depth - 1:
             break
-        best = child_scores.topk(k).indices  # (B, k): the k best children become the next level's rows
+        best = child_ranks.topk(k).indices  # (B, k): the k best children become the next level's rows
         parent_row = best // k
         row_cols, row_scores = child_cols.gather(1, best), child_scores.gather(1, best)
+        row_ranks = child_ranks.gather(1, best)
         row_cand = best + n_cands
         parent_hidden = hidden.gather(1, parent_row[..., None].expand(bsz, k, h))
         seen = mask[:, lo:hi, prefix_len : prefix_len + hi]  # (B, k, hi): this level's rows' view of the tree
@@ -161,7 +178,7 @@ def build_trees(
 
     cols = torch.cat(cand_cols, dim=1)  # (B, C)
     tokens = cols if vocab_ids is None else vocab_ids[cols]  # tokens outside the draft vocabulary never enter
-    scores = torch.cat(cand_scores, dim=1)
+    scores, ranks = torch.cat(cand_scores, dim=1), torch.cat(cand_ranks, dim=1)
     parents = torch.full((bsz, k), -1, dtype=torch.long, device=device)  # level 1: the root's children
     if row_cands:
         children = torch.stack(row_cands, dim=1)[..., None].expand(-1, -1, -1, k).flatten(1)  # (B, C - k)
@@ -169,10 +186,10 @@ def build_trees(
     depths = _candidate_depths(k, len(cand_cols), device)
     predicted = None
     if planner is not None:
-        ranked = _mean_sorted(scores)
+        ranked = _mean_sorted(ranks)
         total, _ = planner.best_size(ranked, len(cand_cols) - 1)
         predicted = sum(ranked[:total])
-    keep = _best_candidates(scores, depths, total)
+    keep = _best_candidates(ranks, depths, total)
     # the layouts are worked out on the host: ONE transfer for the batch (which candidates are kept, their parents,
     # their tokens and the roots: the acceptance walk reads the tokens too)
     # (a planner also reads every candidate's cumulative probability, in fixed point in the same transfer)
@@ -186,7 +203,14 @@ def build_trees(
         row = host[b]
         kept = [i for i, flag in enumerate(row[:c]) if flag]
         tree = _select_tree(
-            root_tokens[b], tokens[b], row[c : 2 * c], depths, kept, row[2 * c : 3 * c + 1], row[3 * c + 1 :]
+            root_tokens[b],
+            tokens[b],
+            row[c : 2 * c],
+            depths,
+            kept,
+            row[2 * c : 3 * c + 1],
+            row[3 * c + 1 :],
+            k,
         )
         tree.levels, tree.predicted = len(cand_cols) - 1, predicted
         trees.append(tree)
@@ -194,6 +218,19 @@ def build_trees(
 
 
 _PROB_SCALE = 1 << 30  # cumulative draft probabilities cross to the host as integers in the layout's transfer
+
+
+def _worth(scores: torch.Tensor, parent_worth: torch.Tensor, k: int, table) -> torch.Tensor:
+    """Log worth of a level's candidates (B, m * k): k children per parent, most likely first (the first is of kind
+    `FIRST`, the others `SIBLING`), valued at their cumulative draft probability (`scores`, log) times the measured
+    acceptance of their kind and probability bin (`table`: `NodeCalibration.log_rates`), at most 1, and no more
+    than their parent's worth (`parent_worth` (B, m), log): a node is verified only with its ancestors, so ranking
+    by worth keeps the kept set ancestor-closed."""
+    edges, log_rates = table
+    bins = torch.bucketize(scores.exp(), edges).clamp_(max=edges.numel() - 1)
+    kinds = (torch.arange(scores.shape[-1], device=scores.device) % k != 0).long()
+    own = (scores + log_rates[kinds, bins]).clamp_(max=0.0)
+    return torch.minimum(own, parent_worth.repeat_interleave(k, dim=-1))
 
 
 def _mean_sorted(scores: torch.Tensor) -> list[float]:
@@ -399,11 +436,13 @@ def _select_tree(
     kept_list: list[int],
     host_tokens: list[int] | None = None,
     host_probs: list[int] | None = None,
+    k: int = 1,
 ) -> DraftTree:
     """Lay the kept candidates (`kept_list`, candidate ids; closed under ancestry here) out as the tree, given each
     candidate's parent (`parent_list`, -1 for the root's children). host_tokens: the candidates' tokens and then
     the root's, on the host (the tree keeps them for the acceptance walk); host_probs: the candidates' cumulative
-    draft probabilities in fixed point (`_PROB_SCALE`; the tree keeps them for the planner).
+    draft probabilities in fixed point (`_PROB_SCALE`; the tree keeps them and the nodes' kinds for the planner,
+    k being the children per parent: a candidate id's remainder by k is its rank among its siblings).
 
     A tree holds tens of nodes: its layout is worked out on the host from two short lists, in a handful of kernels
     instead of one pass per depth."""
@@ -425,6 +464,7 @@ def _select_tree(
         tree.token_list = host_tokens[-1:] + [host_tokens[c] for c in order]
     if host_probs:
         tree.node_probs = [host_probs[c] / _PROB_SCALE for c in order]
+        tree.node_kinds = [SIBLING if c % k else FIRST for c in order]
     return tree
 
 
