@@ -58,8 +58,8 @@ def test_the_same_code_picks_a_big_tree_on_a_flat_curve_and_a_small_one_on_a_ste
     steep = _planner(VerifyCosts.from_curve(SIZES, [1.0 + 0.25 * n for n in SIZES]), level_s=0.1)
     assert steep.best_size(probs, levels=6)[0] <= 8
     # growing: another level of likely children pays on the GPU; unlikely ones never pay
-    assert gpu.keep_growing(probs[:10], [0.5] * 10, levels=2)
-    assert not cpu.keep_growing(probs[:10], [0.01, 0.01], levels=2)
+    assert gpu.keep_growing(probs[:10], [0.5] * 10, levels=2, ratio=0.9)
+    assert not cpu.keep_growing(probs[:10], [0.01, 0.01], levels=2, ratio=0.1)
 
 
 def test_a_level_is_worth_what_the_whole_tree_with_it_can_reach():
@@ -69,8 +69,29 @@ def test_a_level_is_worth_what_the_whole_tree_with_it_can_reach():
     planner = _planner(steep_then_flat, level_s=6.0)
     level_one = [0.95, 0.03]  # the root's two children; the likely one leads on
     assert planner.best_size(level_one, levels=0)[0] == 1
-    assert planner.keep_growing(level_one, [0.95, 0.03], levels=0)
-    assert not planner.keep_growing(level_one, [0.02, 0.01], levels=0)  # unlikely rows never pay
+    assert planner.keep_growing(level_one, [0.95, 0.03], levels=0, ratio=0.95)
+    assert not planner.keep_growing(level_one, [0.02, 0.01], levels=0, ratio=0.02)  # unlikely rows never pay
+
+
+def test_a_chain_grows_through_a_bump_of_the_cost_curve_to_the_flat_part_beyond():
+    """Measured on this project's CPU: c(3) = 200 ms, a bump at c(4) = 292 ms, then flat to c(8) = 316 ms. One more
+    node of a confident chain does not pay for the bump; the five after it do. Judged one level ahead, chains
+    stopped at two nodes (batch 1: 1.07x plain against chain mode's 1.58x)."""
+    bumpy = VerifyCosts.from_curve([1, 2, 3, 4, 8, 16], [85.0, 176.0, 200.0, 292.0, 316.0, 364.0])
+    planner = _planner(bumpy, level_s=6.0)
+    chain = [0.9, 0.85]  # two levels drafted, each node the first choice of its parent
+    assert planner.best_size(chain + [0.8], levels=2)[0] == 2  # the third node alone does not pay
+    assert planner.keep_growing(chain, [0.8], levels=1, ratio=0.94)  # the chain it leads to does
+    assert not planner.keep_growing(chain, [0.3], levels=1, ratio=0.35)  # an unsure draft stops
+    # one unsure token (the draft's own word falls to half) does not make the next ones unsure where the target
+    # has been going on along the draft's first choices: the measured rate carries the chain past it
+    assert not planner.keep_growing(chain, [0.6], levels=1, ratio=0.5)
+    nodes = planner.state.nodes
+    nodes.observe([0.6, 0.5, 0.4, 0.3, 0.1], [FIRST] * 4 + [SIBLING], [-1, 0, 1, 2, -1], {0, 1})
+    assert nodes.continuation == pytest.approx(2 / 3)  # the third first choice was offered and rejected
+    nodes.observe([0.6, 0.5, 0.4, 0.3], [FIRST] * 4, [-1, 0, 1, 2], {0, 1, 2, 3})
+    assert nodes.continuation == pytest.approx((0.9 * 2 + 4) / (0.9 * 3 + 4))
+    assert planner.keep_growing(chain, [0.6], levels=1, ratio=0.5)
 
 
 def test_a_fresh_state_verifies_at_most_twice_the_largest_size_measured():
@@ -97,7 +118,7 @@ def test_nodes_are_valued_at_the_acceptance_measured_for_their_kind_and_probabil
     chain = [0.5, 0.45, 0.4, 0.36]
     before, _ = planner.best_size([nodes(p) for p in chain], levels=4)
     for _ in range(10):
-        nodes.observe([0.5, 0.45, 0.15, 0.45], [FIRST, FIRST, SIBLING, SIBLING], {0, 1})
+        nodes.observe([0.5, 0.45, 0.15, 0.45], [FIRST, FIRST, SIBLING, SIBLING], [-1, 0, -1, 0], {0, 1})
     assert nodes(0.5) == 1.0 and nodes(0.45) > 0.9 and nodes(0.15, SIBLING) < 0.5 * 0.15
     assert nodes(0.45, SIBLING) < 0.1 * 0.45  # the same probability, the other kind: hardly ever accepted
     # a range never verified: valued like its kind's nodes overall (first children: under-confident)
@@ -114,7 +135,7 @@ def test_a_tree_ranks_candidates_by_their_worth_and_stays_ancestor_closed():
 
     nodes = NodeCalibration()
     for _ in range(20):
-        nodes.observe([0.3, 0.15, 0.3], [FIRST, FIRST, SIBLING], {0, 1})
+        nodes.observe([0.3, 0.15, 0.3], [FIRST, FIRST, SIBLING], [-1, 0, -1], {0, 1})
     table = nodes.log_rates(torch.device("cpu"))
     k = 2
     level_one = torch.tensor([[0.6, 0.3]]).log()  # the root's two children: a first choice and a sibling

@@ -236,6 +236,9 @@ class NodeCalibration:
     expected: list[list[float]] = field(
         default_factory=lambda: [[0.0] * len(CALIBRATION_EDGES) for _ in range(2)]
     )
+    # first children whose parent the target accepted (the root included), and how many of them it accepted too
+    offered: float = 0.0
+    continued: float = 0.0
 
     def __post_init__(self):
         self._rates()
@@ -270,21 +273,36 @@ class NodeCalibration:
             self._tables[device] = (torch.tensor(CALIBRATION_EDGES).to(device), rates.to(device))
         return self._tables[device]
 
-    def observe(self, probs: list[float], kinds: list[int], accepted: set[int]) -> None:
+    @property
+    def continuation(self) -> float | None:
+        """How often the target went on along the draft's first choice where it had accepted the parent (None
+        before any is seen): what a chain's next level is worth relative to the one before, measured."""
+        return self.continued / self.offered if self.offered > 0 else None
+
+    def observe(self, probs: list[float], kinds: list[int], parents: list[int], accepted: set[int]) -> None:
         """One sequence's verified nodes: `probs[i]` is node i's cumulative draft probability, `kinds[i]` its kind
-        (`FIRST` / `SIBLING`), `accepted` the nodes the target accepted (indices into probs)."""
+        (`FIRST` / `SIBLING`), `parents[i]` its parent (an index into probs, -1: the root), `accepted` the nodes
+        the target accepted (indices into probs)."""
         sums: dict[tuple[int, int], list[float]] = {}
+        offered = continued = 0
         for i, (p, kind) in enumerate(zip(probs, kinds)):
             total = sums.setdefault((kind, self._bin(p)), [0.0, 0.0])
             total[0] += i in accepted
             total[1] += p
+            if kind == FIRST and (parents[i] < 0 or parents[i] in accepted):
+                offered += 1
+                continued += i in accepted
+        self.offered = DECAY * self.offered + offered
+        self.continued = DECAY * self.continued + continued
         for (kind, b), (hits, expected) in sums.items():
             self.accepted[kind][b] = DECAY * self.accepted[kind][b] + hits
             self.expected[kind][b] = DECAY * self.expected[kind][b] + expected
         self._rates()
 
     def copy(self) -> NodeCalibration:
-        return NodeCalibration([list(r) for r in self.accepted], [list(r) for r in self.expected])
+        return NodeCalibration(
+            [list(r) for r in self.accepted], [list(r) for r in self.expected], self.offered, self.continued
+        )
 
 
 @dataclass
@@ -359,27 +377,51 @@ class BudgetPlanner:
         affordable = max((n for n in costs.observed if costs(n) <= 1.5 * costs(1)), default=1)
         return 1 if affordable < 2 else int(min(max(affordable // 6, 2), 10))
 
-    def best_size(self, values: list[float], levels: int) -> tuple[int, float]:
+    def best_size(
+        self, values: list[float], levels: int, depths: list[int] | None = None
+    ) -> tuple[int, float]:
         """values: candidates' worth, best first (each the acceptance measured for its kind and probability,
-        `NodeCalibration`, no more than its parent's). Returns (n, rate E(n) / T(n))."""
+        `NodeCalibration`, no more than its parent's). Returns (n, rate E(n) / T(n)). levels: the draft levels the
+        tree has run; depths (optional, beside values): each candidate's depth, where keeping it takes more levels."""
         best_n, best_rate, mass = 0, 1.0 / self.step_time(0, levels), 0.0
         for n, value in enumerate(values[: self.max_tree_tokens()], start=1):
             mass += value
+            if depths is not None:
+                levels = max(levels, depths[n - 1] - 1)
             rate = (1.0 + mass) / self.step_time(n, levels)
             if rate > best_rate:
                 best_n, best_rate = n, rate
         return best_n, best_rate
 
-    def keep_growing(self, values: list[float], level_values: list[float], levels: int) -> bool:
-        """Whether one more level (whose candidates are worth `level_values`) can raise the best
-        rate: the best size over the candidates with the level against the best without it (each the global best
-        over the cost curve, which on a CPU is steep for a few tokens and then flat: a level's worth is what the
-        whole tree with it can reach, not its own nodes' marginal cost)."""
+    def keep_growing(self, values: list[float], level_values: list[float], levels: int, ratio: float) -> bool:
+        """Whether one more level can raise the best rate the tree reaches. values: the candidates' worth so far;
+        level_values: the worth of the rows the level would expand (at most what their children are worth);
+        levels: draft levels run so far; ratio: how the best worth fell from the level before to this one.
+
+        The level is judged by the tree it leads to, not by its own nodes: the levels after it are taken to fall
+        at `ratio` per level, or at the measured rate the target goes on along the draft's first choices
+        (`NodeCalibration.continuation`) where that is higher (one unsure token does not make the next ones
+        unsure), and the best size over the
+        candidates with them (each size charged the levels it needs) is set against the best without. On a CPU the
+        cost curve is steep for a few tokens and then flat, with bumps: one level, or one more node of a chain,
+        rarely pays for the next stretch of the curve, the deeper tree does."""
         if levels >= MAX_DEPTH or not level_values:
             return False
         _, rate = self.best_size(values, levels)
-        _, grown = self.best_size(sorted(values + list(level_values), reverse=True), levels + 1)
-        return grown > rate
+        measured = (
+            self.state.nodes.continuation
+        )  # the draft's word for this step, or what was measured, if more
+        ratio = min(max(ratio, measured or 0.0, 0.0), 0.95)
+        grown = [(v, 0) for v in values]
+        scale = 1.0
+        for depth in range(levels + 2, MAX_DEPTH + 2):
+            grown += [(v * scale, depth) for v in level_values]
+            scale *= ratio
+            if scale * level_values[0] < 1e-3:
+                break
+        grown.sort(key=lambda item: -item[0])
+        _, rate_grown = self.best_size([v for v, _ in grown], levels, [d for _, d in grown])
+        return rate_grown > rate
 
     def chain_cut(self) -> float:
         """The cumulative draft probability below which one more chain token does not pay: its expected value
@@ -426,14 +468,14 @@ class BudgetPlanner:
         overhead_s: float,
         draft_s: float,
         spine: bool = False,
-        nodes: list[tuple[list[float], list[int], set[int]]] | None = None,
+        nodes: list[tuple[list[float], list[int], list[int], set[int]]] | None = None,
     ) -> None:
         """After a speculative step: refine costs, calibration and acceptance, and decide whether to back off.
 
         predicted: the verified nodes' summed worth as the planner valued them (greedy trees); drafted: draft
         tokens offered along the accepted path's spine (sampled trees); accepted: draft tokens accepted; nodes: per
-        sequence, its verified nodes' cumulative draft probabilities, kinds and which of them were accepted (greedy
-        trees built by the planner, `DraftTree.verified_nodes`)."""
+        sequence, its verified nodes' cumulative draft probabilities, kinds, parents and which of them were accepted
+        (greedy trees built by the planner, `DraftTree.verified_nodes`)."""
         s = self.state
         self.steps.append(("spec", n))
         s.costs.observe(n + 1, forward_s)
@@ -444,8 +486,8 @@ class BudgetPlanner:
         if predicted is not None:
             s.accepted = DECAY * s.accepted + accepted
             s.predicted = DECAY * s.predicted + predicted
-        for probs, kinds, hits in nodes or ():
-            s.nodes.observe(probs, kinds, hits)
+        for probs, kinds, parents, hits in nodes or ():
+            s.nodes.observe(probs, kinds, parents, hits)
         if spine:
             s.spine_offered = DECAY * s.spine_offered + drafted
             s.spine_accepted = DECAY * s.spine_accepted + accepted

@@ -47,13 +47,14 @@ class DraftTree:
     node_kinds: list[int] | None = None
     token_list: list[int] | None = None  # `tokens` on the host, where the builder read them anyway
 
-    def verified_nodes(self, path: list[int]) -> tuple[list[float], list[int], set[int]] | None:
+    def verified_nodes(self, path: list[int]) -> tuple[list[float], list[int], list[int], set[int]] | None:
         """What the planner learns from this tree's verification (`BudgetPlanner.observe`'s `nodes`): the nodes'
-        probabilities and kinds, and which nodes (indices into them) the accepted path (tree indices, root first)
-        holds."""
+        probabilities, kinds and parents (indices into them, -1: the root), and which nodes the accepted path (tree
+        indices, root first) holds."""
         if self.node_probs is None:
             return None
-        return self.node_probs, self.node_kinds, {i - 1 for i in path[1:]}
+        parents = [p - 1 for p in self.parents[1:]]
+        return self.node_probs, self.node_kinds, parents, {i - 1 for i in path[1:]}
 
     @classmethod
     def root_only(cls, root_token: torch.Tensor) -> DraftTree:
@@ -138,10 +139,13 @@ def build_trees(
     level_positions = row_positions[:, None].expand(bsz, k)
     n_cands = k
     values: list[float] = []  # planner: every candidate's worth so far (batch mean)
+    top = 1.0  # planner: the best row worth of the level before (the root's: 1)
     for level in range(1, depth):
         if planner is not None:
             values += _mean_sorted(cand_ranks[-1])
-            if not planner.keep_growing(sorted(values, reverse=True), _mean_sorted(row_ranks), level - 1):
+            rows = _mean_sorted(row_ranks)
+            ratio, top = rows[0] / max(top, 1e-12), rows[0]
+            if not planner.keep_growing(sorted(values, reverse=True), rows, level - 1, ratio):
                 break
         lo, hi = (level - 1) * k, level * k  # this level's rows
         hidden = draft_step(
