@@ -27,7 +27,8 @@ from transformers.utils import logging as hf_logging
 from specvlm_hf.generation.tree_policy import build_tree
 from specvlm_hf.targets import families as targets
 from specvlm_hf.targets.features import capture_decoder_inputs
-from specvlm_hf.toy.demo import TrainBudget, distill_draft, load_rows, load_target, new_draft, prompt_inputs
+from specvlm_hf.toy.demo import load_rows, load_target, prompt_inputs
+from specvlm_hf.toy.drafts import TrainBudget, distill_draft, new_draft
 
 MODES = [None, "prune", "pool", "conv", "resampler", "text_only", "select"]
 TREE_SETTINGS = {

@@ -22,7 +22,8 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.utils import logging as hf_logging
 
 from specvlm_hf import SpecVLMDataCollator, SpecVLMDistillationTrainer
-from specvlm_hf.toy.demo import TrainBudget, load_rows, load_target, new_draft, prompt_inputs
+from specvlm_hf.toy.demo import load_rows, load_target, prompt_inputs
+from specvlm_hf.toy.drafts import TrainBudget, new_draft
 
 TREE_SETTINGS = {
     "default": {},  # the config's tree: top_k 10, depth 7, total_tokens 60

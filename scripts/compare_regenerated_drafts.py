@@ -17,7 +17,8 @@ import json
 
 import torch
 
-from specvlm_hf.toy.demo import load_draft, load_rows, load_target, prompt_inputs
+from specvlm_hf.toy.demo import load_rows, load_target, prompt_inputs
+from specvlm_hf.toy.drafts import load_draft
 
 SETTINGS = {
     "chain8": {"decoding_mode": "chain", "num_draft_tokens": 8, "draft_confidence_threshold": 0.0},

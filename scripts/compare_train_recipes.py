@@ -21,7 +21,8 @@ from transformers import TrainingArguments
 
 from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel
 from specvlm_hf.toy.data import make_toy_rows
-from specvlm_hf.toy.demo import TrainBudget, distill_draft, load_rows, load_target, prompt_inputs
+from specvlm_hf.toy.demo import load_rows, load_target, prompt_inputs
+from specvlm_hf.toy.drafts import TrainBudget, distill_draft
 from specvlm_hf.training.collator import SpecVLMDataCollator
 from specvlm_hf.training.trainer import SpecVLMDistillationTrainer
 

@@ -73,8 +73,8 @@ def held_out_prompts(processor, n: int, seed: int) -> list[dict]:
 
 
 # The drafts checked: what `specvlm train --servable` trains (three target layers, EAGLE-3's training-time test
-# over toy.demo.SERVABLE_UNROLL_STEPS = 3 steps; the vLLM venv cannot import specvlm_hf, hence the literal), and a
-# one-target-layer draft (fc exported as the identity) trained with the training-time test as well.
+# over toy.train_command.SERVABLE_UNROLL_STEPS = 3 steps; the vLLM venv cannot import specvlm_hf, hence the
+# literal), and a one-target-layer draft (fc exported as the identity) trained with the training-time test as well.
 VARIANTS = {
     "eagle3_3layers_ttt": {"layers": "servable", "unroll_steps": 3},
     "eagle3_1layer_ttt": {"layers": "last_servable", "unroll_steps": 3},
@@ -87,7 +87,8 @@ def train_or_load_draft(vlm, processor, variant: str, args, log):
     from specvlm_hf import SpecVLMDraftConfig, SpecVLMDraftModel, __version__
     from specvlm_hf.sharing.export import servable_target_layers
     from specvlm_hf.targets import families as targets
-    from specvlm_hf.toy.demo import TrainBudget, cache_root, distill_draft, load_rows, new_draft, save_draft
+    from specvlm_hf.toy.demo import load_rows
+    from specvlm_hf.toy.drafts import TrainBudget, cache_root, distill_draft, new_draft, save_draft
 
     spec = VARIANTS[variant]
     name = f"toy-tiny-{variant}-s{args.train_steps}-t{args.train_seconds}-seed{args.seed}-v{__version__}"

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from specvlm_hf.toy import bench, methods, tuning
-from specvlm_hf.toy.demo import new_draft
+from specvlm_hf.toy.drafts import new_draft
 from tiny_models import make_inputs, make_tiny_target
 
 
@@ -262,7 +262,7 @@ def test_sampling_check_accepts_the_target_and_catches_a_biased_sampler():
 
 
 def _toy_cached() -> bool:
-    from specvlm_hf.toy.demo import cache_root
+    from specvlm_hf.toy.drafts import cache_root
 
     return any(cache_root().glob("toy-llava-tiny-*/config.json"))
 
@@ -274,7 +274,7 @@ def test_bench_cli_two_dtypes_peer_and_exit_status(break_greedy, monkeypatch, tm
     """`specvlm bench` on the cached tiny toy target: a record set per dtype, the trained peer, exit status 1 when a
     greedy output differs (the greedy check forced to report a real difference)."""
     from specvlm_hf import cli
-    from specvlm_hf.toy.demo import cache_root
+    from specvlm_hf.toy.drafts import cache_root
 
     for toy in cache_root().glob("toy-llava-tiny-*"):
         if (toy / "config.json").exists():

@@ -75,7 +75,8 @@ def test_compare_one_identical_on_tiny_llava():
     """The demo's comparison on a tiny random LLaVA with a random draft: greedy outputs are identical."""
     import torch
 
-    from specvlm_hf.toy.demo import compare_one, new_draft
+    from specvlm_hf.toy.demo import compare_one
+    from specvlm_hf.toy.drafts import new_draft
     from tiny_models import make_inputs, make_tiny_target
 
     vlm = make_tiny_target("llava")
@@ -93,7 +94,7 @@ def test_compare_one_identical_on_tiny_llava():
 
 
 def _toy_cached() -> bool:
-    from specvlm_hf.toy.demo import cache_root
+    from specvlm_hf.toy.drafts import cache_root
 
     return any(cache_root().glob("toy-llava-tiny-*/config.json"))
 
@@ -101,7 +102,7 @@ def _toy_cached() -> bool:
 @pytest.mark.skipif(not _toy_cached(), reason="toy target not cached yet (run `specvlm demo --quick` once)")
 def test_demo_quick_runs(tmp_path):
     """`specvlm demo --quick` on the cached tiny toy target: trains a small draft, outputs identical."""
-    from specvlm_hf.toy.demo import cache_root
+    from specvlm_hf.toy.drafts import cache_root
 
     for toy in cache_root().glob("toy-llava-tiny-*"):  # reuse the cached target, keep new drafts in tmp_path
         if (toy / "config.json").exists():

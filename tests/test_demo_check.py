@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from specvlm_hf.toy import demo
+from specvlm_hf.toy import demo, drafts
 from tiny_models import make_inputs, make_tiny_target
 
 
@@ -16,7 +16,7 @@ class _Tok:  # the tiny targets have no processor
 
 def test_compare_one_checks_a_float32_copy_and_times_bf16():
     vlm = make_tiny_target("llava")
-    draft = demo.new_draft(vlm)
+    draft = drafts.new_draft(vlm)
     timed = demo.unrouted_copy(vlm).to(torch.bfloat16)
     twin = type(draft)(draft.config)
     twin.load_state_dict(draft.state_dict())
@@ -74,7 +74,7 @@ def test_ties_are_mentioned_only_where_bf16_differs_and_float32_is_identical(cap
 
 
 def _toy_cached() -> bool:
-    return any(demo.cache_root().glob("toy-llava-tiny-*/config.json"))
+    return any(drafts.cache_root().glob("toy-llava-tiny-*/config.json"))
 
 
 @pytest.mark.skipif(not _toy_cached(), reason="toy target not cached yet (run `specvlm demo --quick` once)")
@@ -82,10 +82,10 @@ def _toy_cached() -> bool:
 def test_demo_quick_exit_status_follows_the_float32_comparison(identical, monkeypatch, tmp_path):
     from specvlm_hf import cli
 
-    for toy in demo.cache_root().glob("toy-llava-tiny-*"):
+    for toy in drafts.cache_root().glob("toy-llava-tiny-*"):
         if (toy / "config.json").exists():
             (tmp_path / toy.name).symlink_to(toy, target_is_directory=True)
-    monkeypatch.setattr(demo, "load_or_train_draft", lambda vlm, *a, **k: (demo.new_draft(vlm), None, {}))
+    monkeypatch.setattr(demo, "load_or_train_draft", lambda vlm, *a, **k: (drafts.new_draft(vlm), None, {}))
     seen = []
 
     def fake_compare(vlm, draft, processor, inputs, max_new_tokens, check=None, **kw):

@@ -293,7 +293,7 @@ def test_attention_bias_writes_zero_o_proj_bias(target, tmp_path):
 
 def test_specvlm_train_servable_makes_an_exportable_draft(target, tmp_path):
     from specvlm_hf.cli import build_parser
-    from specvlm_hf.toy.demo import new_draft
+    from specvlm_hf.toy.drafts import new_draft
 
     assert build_parser().parse_args(["train", "--output-dir", "out", "--servable"]).servable is True
     assert build_parser().parse_args(["train", "--output-dir", "out"]).servable is False
@@ -313,7 +313,7 @@ def test_specvlm_train_unrolls_servable_drafts(target, tmp_path, monkeypatch, fl
     """`specvlm train --servable` trains with the training-time test (3 steps) unless --unroll-steps says otherwise;
     the default draft keeps teacher forcing."""
     from specvlm_hf.cli import build_parser
-    from specvlm_hf.toy import demo
+    from specvlm_hf.toy import train_command
 
     seen = {}
 
@@ -321,11 +321,11 @@ def test_specvlm_train_unrolls_servable_drafts(target, tmp_path, monkeypatch, fl
         seen.update(kwargs, architecture=draft.config.draft_architecture)
         return {}
 
-    monkeypatch.setattr(demo, "load_target", lambda *a, **k: (target, None, "tiny"))
-    monkeypatch.setattr(demo, "load_rows", lambda *a, **k: [])
-    monkeypatch.setattr(demo, "distill_draft", fake_distill)
+    monkeypatch.setattr(train_command, "load_target", lambda *a, **k: (target, None, "tiny"))
+    monkeypatch.setattr(train_command, "load_rows", lambda *a, **k: [])
+    monkeypatch.setattr(train_command, "distill_draft", fake_distill)
     args = build_parser().parse_args(["train", "--output-dir", str(tmp_path), *flags])
-    assert demo.run_train(args) == 0
+    assert train_command.run_train(args) == 0
     assert seen["unroll_steps"] == unroll
     assert seen["architecture"] == ("eagle3" if "--servable" in flags else "eagle")
     assert json.loads((tmp_path / "training_metrics.json").read_text())["unroll_steps"] == unroll

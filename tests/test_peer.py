@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from specvlm_hf.toy import peer as peer_mod
-from specvlm_hf.toy.demo import TrainBudget, new_draft
+from specvlm_hf.toy.drafts import TrainBudget, new_draft
 from tiny_models import make_inputs, make_tiny_target
 
 

@@ -297,7 +297,7 @@ def test_sharded_run_saves_a_plain_draft_folder(fsdp_runs):
 
 
 def _toy_cached() -> bool:
-    from specvlm_hf.toy.demo import cache_root
+    from specvlm_hf.toy.drafts import cache_root
 
     return any((p / "config.json").exists() for p in cache_root().glob("toy-llava-tiny-*"))
 

@@ -52,7 +52,7 @@ def test_trees_built_by_a_real_draft_have_consistent_ancestry():
     from transformers.cache_utils import DynamicCache
 
     from specvlm_hf.generation.tree_policy import build_sampled_tree, build_tree
-    from specvlm_hf.toy.demo import new_draft
+    from specvlm_hf.toy.drafts import new_draft
     from tiny_models import make_tiny_target
 
     target = make_tiny_target("llava")

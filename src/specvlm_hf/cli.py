@@ -436,7 +436,7 @@ def _run_demo(args: argparse.Namespace) -> int:
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .toy.demo import run_train
+    from .toy.train_command import run_train
 
     return run_train(args)
 

@@ -434,9 +434,6 @@ def run_bench_cli(args) -> int:
     from ..targets.loading import reload_quantized
     from .demo import (
         LLAVA7B_DIMS,
-        TrainBudget,
-        load_draft,
-        load_or_train_draft,
         load_rows,
         load_target,
         pick_device,
@@ -445,6 +442,7 @@ def run_bench_cli(args) -> int:
         widen_draft_for_timing,
         widen_for_timing,
     )
+    from .drafts import TrainBudget, load_draft, load_or_train_draft
     from .tuning import print_tune, tune_tree
 
     device = pick_device(getattr(args, "device", None))

@@ -1,22 +1,21 @@
-"""What `specvlm demo` and `specvlm train` do: load a target, distill (or load) a draft, compare decoding.
+"""What `specvlm demo` does: load a target, distill (or load) a draft, compare plain and speculative decoding.
 
-The helpers here (`load_target`, `distill_draft`, `load_or_train_draft`, `prompt_inputs`) are shared with
-`bench.py`. Everything runs offline with the built-in toy target; `--target` / `--draft` take Hub ids or paths.
+The helpers here (`load_target`, `load_rows`, `prompt_inputs`, the timing set-up such as `widen_for_timing`) are
+shared with `bench.py`, `train_command.py` and `regenerate_command.py`; drafts come from `drafts.py`. Everything
+runs offline with the built-in toy target; `--target` / `--draft` take Hub ids or paths.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
+
+from .drafts import TrainBudget, cache_root, load_draft, load_or_train_draft
 
 QUICK_STEPS = 40
 QUICK_PROMPTS = 2
@@ -24,23 +23,6 @@ QUICK_TOKENS = 24
 
 
 # ---------------------------------------------------------------------------------------------- targets
-
-
-# cached toy drafts are keyed by the training recipe they were made with (bump it when training changes what a
-# draft learns), not by the library version
-TRAINING_RECIPE = "0.1.0"
-# `specvlm train --servable`: an "eagle3" draft on several target layers trained with teacher forcing alone almost
-# never has its second drafted token accepted; unrolled 3 steps it drafts as deep as the default draft (toy target,
-# docs/training.md "Which recipe")
-SERVABLE_UNROLL_STEPS = 3
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else ``$SPECVLM_HF_CACHE``, else ``~/.cache/specvlm_hf`` (as the toy target uses)."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("SPECVLM_HF_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "specvlm_hf"
 
 
 def load_target(
@@ -138,184 +120,6 @@ def load_rows(
     if n is not None and len(ds) > n:
         ds = ds.shuffle(seed=seed).select(range(n))
     return [ds[i] for i in range(len(ds))] if eval_rows else ds
-
-
-# ---------------------------------------------------------------------------------------------- drafts
-
-
-@dataclass
-class TrainBudget:
-    steps: int = 300
-    seconds: float | None = None
-    batch_size: int = 8
-    learning_rate: float = 3e-3
-
-
-def distill_draft(
-    draft,
-    target,
-    processor,
-    dataset,
-    budget: TrainBudget,
-    seed: int = 0,
-    progress: bool = True,
-    max_length: int | None = None,
-    args_overrides: dict[str, Any] | None = None,
-    **trainer_kwargs: Any,
-) -> dict[str, Any]:
-    """Train ``draft`` by online distillation from ``target`` for a step/time budget; returns final metrics.
-
-    args_overrides: extra `TrainingArguments` (e.g. ``bf16=True``). trainer_kwargs: passed to
-    `SpecVLMDistillationTrainer` (e.g. ``unroll_steps``, ``target_sharding``)."""
-    from transformers import TrainerCallback, TrainingArguments
-    from transformers.utils import logging as hf_logging
-
-    from ..training.collator import SpecVLMDataCollator
-    from ..training.trainer import SpecVLMDistillationTrainer
-
-    class _TimeBudget(TrainerCallback):
-        def __init__(self, seconds: float | None):
-            self.seconds, self.start = seconds, time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.seconds is not None and time.perf_counter() - self.start > self.seconds:
-                control.should_training_stop = True
-            return control
-
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    with tempfile.TemporaryDirectory(prefix="specvlm-train-") as tmp:
-        args = TrainingArguments(
-            output_dir=tmp,
-            max_steps=budget.steps,
-            per_device_train_batch_size=budget.batch_size,
-            learning_rate=budget.learning_rate,
-            lr_scheduler_type="cosine",
-            warmup_steps=max(1, budget.steps // 20),
-            weight_decay=0.0,
-            logging_steps=max(1, budget.steps // 5),
-            save_strategy="no",
-            report_to=[],
-            disable_tqdm=not progress,
-            seed=seed,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=False,
-            remove_unused_columns=False,
-            **(args_overrides or {}),
-        )
-        trainer = SpecVLMDistillationTrainer(
-            model=draft,
-            target_model=target,
-            args=args,
-            train_dataset=dataset,
-            data_collator=SpecVLMDataCollator(processor, max_length=max_length),
-            callbacks=[_TimeBudget(budget.seconds)],
-            **trainer_kwargs,
-        )
-        start = time.perf_counter()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # small models train much faster on one thread than on two contending ones
-        try:
-            trainer.train()
-        finally:
-            torch.set_num_threads(threads)
-        elapsed = time.perf_counter() - start
-    hf_logging.set_verbosity(verbosity)
-    draft.eval()
-    logs = [entry for entry in trainer.state.log_history if "top1_agreement" in entry]
-    metrics: dict[str, Any] = {"train_steps": trainer.state.global_step, "train_time_s": round(elapsed, 1)}
-    if logs:
-        for key in ("loss", "ce", "feature", "top1_agreement", "accepted_length_estimate"):
-            if key in logs[-1]:
-                metrics[key] = logs[-1][key]
-        for key in sorted(k for k in logs[-1] if k.startswith("top1_agreement_step")):  # unrolled training
-            metrics[key] = logs[-1][key]
-    return metrics
-
-
-def new_draft(
-    target, compressor_mode: str | None = None, num_layers: int = 1, seed: int = 0, servable: bool = False
-):
-    """A fresh draft bound to `target`. servable: an "eagle3" draft that vLLM serves exactly (`export.py`)."""
-    from ..draft.configuration_specvlm import SpecVLMDraftConfig
-    from ..draft.modeling_specvlm import SpecVLMDraftModel
-
-    torch.manual_seed(seed)
-    overrides = {}
-    if servable:
-        from ..sharing.export import servable_target_layers
-        from ..targets import families as targets
-
-        n_layers = targets.target_num_layers(targets.unwrap_target(target))
-        overrides = {"draft_architecture": "eagle3", "target_layers": servable_target_layers(n_layers)}
-    config = SpecVLMDraftConfig.from_target(
-        target, compressor_mode=compressor_mode, num_hidden_layers=num_layers, **overrides
-    )
-    return SpecVLMDraftModel(config).bind(target)
-
-
-def load_draft(path: str | os.PathLike, target):
-    from ..draft.modeling_specvlm import SpecVLMDraftModel
-
-    return SpecVLMDraftModel.from_pretrained(str(path), target=target).eval()
-
-
-def draft_cache_path(
-    label: str, compressor_mode: str | None, budget: TrainBudget, seed: int, cache_dir=None
-) -> Path:
-    name = f"{label}__{compressor_mode or 'eagle'}__s{budget.steps}-b{budget.batch_size}-seed{seed}-v{TRAINING_RECIPE}"
-    return cache_root(cache_dir) / "drafts" / name
-
-
-def save_draft(draft, path: Path, metrics: dict | None = None) -> None:
-    """``save_pretrained`` into ``path`` atomically (a concurrent process may write the same draft)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=path.name + ".tmp"))
-    draft.save_pretrained(tmp)
-    if metrics is not None:
-        (tmp / "training_metrics.json").write_text(json.dumps(metrics, indent=2))
-    if path.exists():
-        shutil.rmtree(path, ignore_errors=True)
-    try:
-        tmp.rename(path)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def load_or_train_draft(
-    target,
-    processor,
-    label: str,
-    compressor_mode: str | None,
-    budget: TrainBudget,
-    seed: int = 0,
-    cache_dir=None,
-    retrain: bool = False,
-    num_examples: int = 2000,
-    progress: bool = True,
-    log=print,
-):
-    """The cached draft for (target, compressor, budget), trained with the toy dataset on first use."""
-    path = draft_cache_path(label, compressor_mode, budget, seed, cache_dir)
-    if (path / "config.json").exists() and not retrain:
-        log(f"loading cached draft {path}")
-        return load_draft(path, target), path, _read_metrics(path)
-    budget_text = f"{budget.steps} steps" + (f" or {budget.seconds:.0f} s" if budget.seconds else "")
-    log(
-        f"distilling a draft ({compressor_mode or 'EagleVLM, no compressor'}) online from the target: {budget_text}"
-    )
-    draft = new_draft(target, compressor_mode, seed=seed)
-    # enough rows for the budget (each row seen about once), at most num_examples
-    dataset = load_rows(None, max(64, min(num_examples, budget.steps * budget.batch_size)), seed)
-    metrics = distill_draft(draft, target, processor, dataset, budget, seed=seed, progress=progress)
-    save_draft(draft, path, metrics)
-    log(f"draft trained in {metrics['train_time_s']} s, cached at {path}")
-    return draft, path, metrics
-
-
-def _read_metrics(path: Path) -> dict:
-    file = path / "training_metrics.json"
-    return json.loads(file.read_text()) if file.exists() else {}
 
 
 # ---------------------------------------------------------------------------------------------- compare
@@ -464,35 +268,6 @@ def print_summary(results: list[Comparison]) -> None:
 # ---------------------------------------------------------------------------------------------- commands
 
 
-def _launch_overrides(world: int, bf16: bool) -> dict[str, Any]:
-    """`TrainingArguments` for how the command was launched: without CUDA, the CPU (several processes over gloo;
-    else accelerate would start each process as a lone run, and bf16 would be refused); `--bf16`: bf16 autocast."""
-    overrides: dict[str, Any] = {"bf16": True} if bf16 else {}
-    if not torch.cuda.is_available():
-        overrides["use_cpu"] = True
-        if world > 1:
-            overrides["ddp_backend"] = "gloo"
-    return overrides
-
-
-def _peak_memory_mib() -> float:
-    """This process's peak memory: CUDA allocations on a GPU, else the resident set (MiB)."""
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-def _budget(args) -> TrainBudget:
-    return TrainBudget(
-        steps=args.train_steps,
-        seconds=args.train_seconds,
-        batch_size=args.train_batch_size,
-        learning_rate=args.learning_rate,
-    )
-
-
 def run_demo(args) -> int:
     if args.quick:
         args.train_steps = min(args.train_steps, QUICK_STEPS)
@@ -517,7 +292,7 @@ def run_demo(args) -> int:
             processor,
             label,
             args.compressor,
-            _budget(args),
+            TrainBudget.from_args(args),
             seed=args.seed,
             cache_dir=args.cache_dir,
             retrain=args.retrain,
@@ -672,88 +447,3 @@ def _widen_for_timing(vlm, draft, dtype: torch.dtype):
         f"{sum(p.numel() for p in wide.parameters()) / 1e6:.1f}M draft parameters"
     )
     return big, wide
-
-
-def run_train(args) -> int:
-    torch.manual_seed(args.seed)
-    sharding = getattr(args, "target_sharding", "none")
-    bf16 = getattr(args, "bf16", False)
-    quantization = getattr(args, "quantization", None)
-    if quantization and sharding == "fsdp":
-        raise SystemExit(
-            "--quantization and --target-sharding fsdp cannot be combined: FSDP shards dense parameters. Shard a "
-            "bf16 target across ranks, or train on one device from a quantized target."
-        )
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    # a sharded target stays on the CPU until the trainer shards it block by block onto each rank's device
-    vlm, processor, label = load_target(
-        args.target,
-        args.toy_size,
-        args.cache_dir,
-        args.seed,
-        progress=rank == 0,
-        to_device=sharding != "fsdp",
-        quantization=quantization,
-    )
-    if bf16 and not quantization:
-        vlm = vlm.to(torch.bfloat16)
-    servable = getattr(args, "servable", False)
-    draft = new_draft(vlm, args.compressor, num_layers=args.num_layers, seed=args.seed, servable=servable)
-    unroll_steps = getattr(args, "unroll_steps", None)
-    if unroll_steps is None:  # the servable (multi-layer eagle3) draft needs the training-time test
-        unroll_steps = SERVABLE_UNROLL_STEPS if servable else 1
-    streaming, image_folder = getattr(args, "streaming", False), getattr(args, "image_folder", None)
-    if args.dataset is None:
-        dataset = load_rows(None, args.num_examples, args.seed)
-    else:
-        from ..training.rows import load_training_rows
-
-        dataset = load_training_rows(
-            args.dataset,
-            split=args.dataset_split,
-            image_folder=image_folder,
-            streaming=streaming,
-            num_examples=args.num_examples,
-            seed=args.seed,
-        )
-    arch = f", eagle3 target_layers={draft.config.target_layers} (servable)" if servable else ""
-    rows = "streamed rows" if streaming else f"{len(dataset)} rows"
-    if rank == 0:
-        print(
-            f"training a draft for {label}: {rows}, {args.train_steps} steps, compressor={args.compressor}"
-            f"{arch}, unroll_steps={unroll_steps}, {world} process(es), target_sharding={sharding}"
-            f"{', bf16' if bf16 else ''}"
-        )
-    metrics = distill_draft(
-        draft,
-        vlm,
-        processor,
-        dataset,
-        _budget(args),
-        seed=args.seed,
-        progress=rank == 0,
-        max_length=args.max_length,
-        unroll_steps=unroll_steps,
-        target_sharding=None if sharding == "none" else sharding,
-        args_overrides=_launch_overrides(world, bf16),
-    )
-    metrics["unroll_steps"] = unroll_steps
-    if world > 1 or sharding == "fsdp":
-        from ..training.sharding import target_parameter_bytes
-
-        held = target_parameter_bytes(vlm)
-        print(
-            f"rank {rank}: target parameters held {held.local / 2**20:.2f} MiB of {held.full / 2**20:.2f} MiB "
-            f"(whole embedding + lm_head {held.whole / 2**20:.2f} MiB, shards {held.sharded / 2**20:.2f} MiB); "
-            f"peak {_peak_memory_mib():.0f} MiB",
-            flush=True,
-        )
-    metrics["target_quantization"] = quantization  # top1_agreement is measured against this very target
-    if rank != 0:  # every rank ends with the same draft (DDP); one writes it
-        return 0
-    out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    draft.save_pretrained(out)
-    (out / "training_metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"saved draft to {out}: {json.dumps(metrics)}")
-    return 0

@@ -90,7 +90,8 @@ def sweep_methods(drafts: dict[str, Any]) -> list[Method]:
 def untrained_draft(train_target, vlm, toy_medium: bool, seed: int):
     """A randomly initialised EagleVLM draft for ``vlm`` (built at the training target's width and widened with
     it for the medium toy target, as the trained drafts are), bound to ``vlm``."""
-    from .demo import new_draft, widen_draft_for_timing
+    from .demo import widen_draft_for_timing
+    from .drafts import new_draft
 
     draft = new_draft(train_target, seed=seed).eval()
     if toy_medium:

@@ -13,7 +13,7 @@
   the default init and a zero ``down_proj`` column, so the peer starts as a one-layer truncation of the target);
 * training (`train_peer`): plain next-token distillation -- soft cross-entropy to the target's next-token
   distribution (KL up to a constant), on response tokens -- from the same frozen target, on the same toy rows, for
-  the same steps / batch size / learning rate / schedule / time limit as our draft (`toy.demo.distill_draft`);
+  the same steps / batch size / learning rate / schedule / time limit as our draft (`toy.drafts.distill_draft`);
 * medium toy target: trained at the tiny target's width against the tiny target (as our drafts are), then widened
   exactly with the same construction (`toy.widen.widen_toy_target`: zero-padded residual width, rescaled norms; its
   heads and MLP keep their size, as `widen_draft` keeps our draft's), so both drafts are trained on the same
@@ -158,7 +158,7 @@ def peer_distillation_loss(peer, target, batch: dict) -> tuple[torch.Tensor, flo
 def train_peer(peer, target, batches, budget, seed: int = 0, log=None) -> dict[str, Any]:
     """Distill ``peer`` from ``target`` on an iterator of collated batches for a `TrainBudget`.
 
-    The optimiser settings are those `toy.demo.distill_draft` gives our draft through `TrainingArguments`: AdamW
+    The optimiser settings are those `toy.drafts.distill_draft` gives our draft through `TrainingArguments`: AdamW
     (no weight decay), ``budget.learning_rate`` with cosine decay after ``steps // 20`` warm-up steps, gradient
     norm clipped at 1, one intra-op thread, stop at ``budget.steps`` or ``budget.seconds``.
     """
@@ -209,7 +209,7 @@ def toy_batches(processor, rows, batch_size: int, seed: int = 0):
 
 
 def peer_cache_path(label: str, intermediate_size: int, budget, seed: int, cache_dir=None) -> Path:
-    from .demo import TRAINING_RECIPE, cache_root
+    from .drafts import TRAINING_RECIPE, cache_root
 
     name = f"{label}__assisted-peer-i{intermediate_size}__s{budget.steps}-b{budget.batch_size}-seed{seed}-v{TRAINING_RECIPE}"
     return cache_root(cache_dir) / "drafts" / name
@@ -227,7 +227,8 @@ def load_or_train_peer(
     log=print,
 ):
     """The cached peer for (target, MLP width, budget), distilled on the toy rows our drafts train on."""
-    from .demo import load_rows, save_draft
+    from .demo import load_rows
+    from .drafts import save_draft
 
     path = peer_cache_path(label, intermediate_size, budget, seed, cache_dir)
     if (path / "config.json").exists():

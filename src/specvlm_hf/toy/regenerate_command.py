@@ -14,7 +14,8 @@ import torch
 
 def run_regenerate(args) -> int:
     from ..training.regenerate import RegenerationSettings, regenerate_dataset
-    from .demo import load_draft, load_rows, load_target, widen_draft_for_timing, widen_for_timing
+    from .demo import load_rows, load_target, widen_draft_for_timing, widen_for_timing
+    from .drafts import load_draft
 
     # bad settings fail before the target is loaded
     RegenerationSettings(
