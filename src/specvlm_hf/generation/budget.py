@@ -136,7 +136,15 @@ class VerifyCosts:
         return 2 * max(self.observed, default=1)
 
     def __call__(self, n: int) -> float:
+        return self._at(self._points(), n)
+
+    def table(self, largest: int) -> list[float]:
+        """[c(0), c(1), ..., c(largest)] (c(0) = c(1)) in one pass over the curve: the planner prices every size of
+        a tree each level."""
         points = self._points()
+        return [self._at(points, max(n, 1)) for n in range(largest + 1)]
+
+    def _at(self, points: list[tuple[int, float]], n: int) -> float:
         if n <= points[0][0]:
             return points[0][1]
         for (n0, s0), (n1, s1) in zip(points, points[1:]):
@@ -383,12 +391,16 @@ class BudgetPlanner:
         """values: candidates' worth, best first (each the acceptance measured for its kind and probability,
         `NodeCalibration`, no more than its parent's). Returns (n, rate E(n) / T(n)). levels: the draft levels the
         tree has run; depths (optional, beside values): each candidate's depth, where keeping it takes more levels."""
+        s = self.state
+        values = values[: self.max_tree_tokens()]
+        verify = s.costs.table(len(values) + 1)  # verify[n + 1]: the root and n nodes
+        level_s, fixed = s.level_time, s.overhead_s
         best_n, best_rate, mass = 0, 1.0 / self.step_time(0, levels), 0.0
-        for n, value in enumerate(values[: self.max_tree_tokens()], start=1):
+        for n, value in enumerate(values, start=1):
             mass += value
             if depths is not None:
                 levels = max(levels, depths[n - 1] - 1)
-            rate = (1.0 + mass) / self.step_time(n, levels)
+            rate = (1.0 + mass) / (verify[n + 1] + fixed + (levels + 1) * level_s)  # `step_time`
             if rate > best_rate:
                 best_n, best_rate = n, rate
         return best_n, best_rate

@@ -141,9 +141,9 @@ def build_trees(
     values: list[float] = []  # planner: every candidate's worth so far (batch mean)
     top = 1.0  # planner: the best row worth of the level before (the root's: 1)
     for level in range(1, depth):
-        if planner is not None:
-            values += _mean_sorted(cand_ranks[-1])
-            rows = _mean_sorted(row_ranks)
+        if planner is not None:  # (one read for both)
+            latest, rows = _mean_sorted(cand_ranks[-1], row_ranks)
+            values += latest
             ratio, top = rows[0] / max(top, 1e-12), rows[0]
             if not planner.keep_growing(sorted(values, reverse=True), rows, level - 1, ratio):
                 break
@@ -237,10 +237,18 @@ def _worth(scores: torch.Tensor, parent_worth: torch.Tensor, k: int, table) -> t
     return torch.minimum(own, parent_worth.repeat_interleave(k, dim=-1))
 
 
-def _mean_sorted(scores: torch.Tensor) -> list[float]:
+def _mean_sorted(*scores: torch.Tensor):
     """Cumulative log-probabilities (B, C) -> the batch's mean of each sequence's probabilities sorted best first
-    (for one sequence: its probabilities, best first)."""
-    return scores.exp().sort(dim=-1, descending=True).values.mean(dim=0).tolist()
+    (for one sequence: its probabilities, best first); given several, a list for each, in one read."""
+    means = [s.exp().sort(dim=-1, descending=True).values.mean(dim=0) for s in scores]
+    if len(means) == 1:
+        return means[0].tolist()
+    host = torch.cat(means).tolist()
+    out, start = [], 0
+    for m in means:
+        out.append(host[start : start + m.numel()])
+        start += m.numel()
+    return out
 
 
 _DEPTHS: dict = {}
