@@ -14,8 +14,9 @@ the largest size measured so far (2, 4, 8, ... tokens on a fresh state), so what
 extrapolated cost is one step at most twice the size it knows. The planner then
 
 * grows the tree level by level while a level can still raise the best rate `E / T` the tree can reach (the best
-  size with the level's candidates against the best without them: on a CPU one level rarely pays for the steep
-  first tokens of the curve, the deeper tree it leads to does),
+  size with the level's candidates and the levels after it -- falling as the draft's confidence falls, or as the
+  target measurably goes on along the draft's first choices -- against the best without them: on a CPU one level
+  rarely pays for the steep first tokens of the curve or its bumps, the deeper tree it leads to does),
 * keeps the n best candidates that maximise `E(n) / T(n)` (a GPU, where c is flat to ~64 tokens, keeps big
   trees; a CPU, where c grows with n, small ones),
 * backs off to plain decoding steps (no drafting at all) when speculation does not pay -- measured speed-up over
