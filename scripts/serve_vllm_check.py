@@ -88,11 +88,12 @@ def train_or_load_draft(vlm, processor, variant: str, args, log):
     from specvlm_hf.sharing.export import servable_target_layers
     from specvlm_hf.targets import families as targets
     from specvlm_hf.toy.demo import load_rows
-    from specvlm_hf.toy.drafts import TrainBudget, cache_root, distill_draft, new_draft, save_draft
+    from specvlm_hf.toy.drafts import TrainBudget, distill_draft, new_draft, save_draft
+    from specvlm_hf.toy.world import toy_cache_dir
 
     spec = VARIANTS[variant]
     name = f"toy-tiny-{variant}-s{args.train_steps}-t{args.train_seconds}-seed{args.seed}-v{__version__}"
-    path = cache_root() / "serve_vllm_check" / name
+    path = toy_cache_dir() / "serve_vllm_check" / name
     if (path / "config.json").exists() and not args.retrain:
         log(f"{variant}: loading the cached draft {path}")
         draft = SpecVLMDraftModel.from_pretrained(str(path), target=vlm).eval()

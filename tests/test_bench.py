@@ -262,9 +262,9 @@ def test_sampling_check_accepts_the_target_and_catches_a_biased_sampler():
 
 
 def _toy_cached() -> bool:
-    from specvlm_hf.toy.drafts import cache_root
+    from specvlm_hf.toy.world import toy_cache_dir
 
-    return any(cache_root().glob("toy-llava-tiny-*/config.json"))
+    return any(toy_cache_dir().glob("toy-llava-tiny-*/config.json"))
 
 
 @pytest.mark.slow
@@ -274,9 +274,9 @@ def test_bench_cli_two_dtypes_peer_and_exit_status(break_greedy, monkeypatch, tm
     """`specvlm bench` on the cached tiny toy target: a record set per dtype, the trained peer, exit status 1 when a
     greedy output differs (the greedy check forced to report a real difference)."""
     from specvlm_hf import cli
-    from specvlm_hf.toy.drafts import cache_root
+    from specvlm_hf.toy.world import toy_cache_dir
 
-    for toy in cache_root().glob("toy-llava-tiny-*"):
+    for toy in toy_cache_dir().glob("toy-llava-tiny-*"):
         if (toy / "config.json").exists():
             (tmp_path / toy.name).symlink_to(toy, target_is_directory=True)
     if break_greedy:

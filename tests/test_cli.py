@@ -94,17 +94,19 @@ def test_compare_one_identical_on_tiny_llava():
 
 
 def _toy_cached() -> bool:
-    from specvlm_hf.toy.drafts import cache_root
+    from specvlm_hf.toy.world import toy_cache_dir
 
-    return any(cache_root().glob("toy-llava-tiny-*/config.json"))
+    return any(toy_cache_dir().glob("toy-llava-tiny-*/config.json"))
 
 
 @pytest.mark.skipif(not _toy_cached(), reason="toy target not cached yet (run `specvlm demo --quick` once)")
 def test_demo_quick_runs(tmp_path):
     """`specvlm demo --quick` on the cached tiny toy target: trains a small draft, outputs identical."""
-    from specvlm_hf.toy.drafts import cache_root
+    from specvlm_hf.toy.world import toy_cache_dir
 
-    for toy in cache_root().glob("toy-llava-tiny-*"):  # reuse the cached target, keep new drafts in tmp_path
+    for toy in toy_cache_dir().glob(
+        "toy-llava-tiny-*"
+    ):  # reuse the cached target, keep new drafts in tmp_path
         if (toy / "config.json").exists():
             (tmp_path / toy.name).symlink_to(toy, target_is_directory=True)
     env = dict(os.environ)

@@ -297,9 +297,9 @@ def test_sharded_run_saves_a_plain_draft_folder(fsdp_runs):
 
 
 def _toy_cached() -> bool:
-    from specvlm_hf.toy.drafts import cache_root
+    from specvlm_hf.toy.world import toy_cache_dir
 
-    return any((p / "config.json").exists() for p in cache_root().glob("toy-llava-tiny-*"))
+    return any((p / "config.json").exists() for p in toy_cache_dir().glob("toy-llava-tiny-*"))
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .drafts import TrainBudget, cache_root, load_draft, load_or_train_draft
+from .drafts import TrainBudget, load_draft, load_or_train_draft
+from .world import toy_cache_dir
 
 QUICK_STEPS = 40
 QUICK_PROMPTS = 2
@@ -277,7 +278,7 @@ def run_demo(args) -> int:
     torch.manual_seed(args.seed)
     start = time.perf_counter()
     what = args.target or f"the built-in toy LLaVA target ({args.toy_size})"
-    print(f"specvlm demo: target = {what}; cache = {cache_root(args.cache_dir)}")
+    print(f"specvlm demo: target = {what}; cache = {toy_cache_dir(args.cache_dir)}")
     vlm, processor, label = load_target(args.target, args.toy_size, args.cache_dir, args.seed)
     print(
         f"target ready ({time.perf_counter() - start:.1f} s): {type(vlm).__name__}, "

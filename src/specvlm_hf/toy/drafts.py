@@ -17,17 +17,11 @@ from typing import Any
 
 import torch
 
+from .world import toy_cache_dir
+
 # cached toy drafts are keyed by the training recipe they were made with (bump it when training changes what a
 # draft learns), not by the library version
 TRAINING_RECIPE = "0.1.0"
-
-
-def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    """``cache_dir``, else ``$SPECVLM_HF_CACHE``, else ``~/.cache/specvlm_hf`` (as the toy target uses)."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("SPECVLM_HF_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "specvlm_hf"
 
 
 @dataclass
@@ -161,7 +155,7 @@ def draft_cache_path(
     label: str, compressor_mode: str | None, budget: TrainBudget, seed: int, cache_dir=None
 ) -> Path:
     name = f"{label}__{compressor_mode or 'eagle'}__s{budget.steps}-b{budget.batch_size}-seed{seed}-v{TRAINING_RECIPE}"
-    return cache_root(cache_dir) / "drafts" / name
+    return toy_cache_dir(cache_dir) / "drafts" / name
 
 
 def save_draft(draft, path: Path, metrics: dict | None = None) -> None:

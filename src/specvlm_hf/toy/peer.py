@@ -209,10 +209,11 @@ def toy_batches(processor, rows, batch_size: int, seed: int = 0):
 
 
 def peer_cache_path(label: str, intermediate_size: int, budget, seed: int, cache_dir=None) -> Path:
-    from .drafts import TRAINING_RECIPE, cache_root
+    from .drafts import TRAINING_RECIPE
+    from .world import toy_cache_dir
 
     name = f"{label}__assisted-peer-i{intermediate_size}__s{budget.steps}-b{budget.batch_size}-seed{seed}-v{TRAINING_RECIPE}"
-    return cache_root(cache_dir) / "drafts" / name
+    return toy_cache_dir(cache_dir) / "drafts" / name
 
 
 def load_or_train_peer(
