@@ -235,6 +235,27 @@ def test_an_automatic_chain_backs_off_with_an_untrained_draft(target, monkeypatc
     assert steps >= 30 and len(forwards) < steps  # most steps drafted nothing; the draft caught up in batches
 
 
+def test_a_fresh_automatic_chain_reaches_further_only_as_its_chains_are_accepted_whole(target):
+    """Chain mode cannot time its verify (transformers' assisted loop runs it): a fresh state drafts 2 tokens, then
+    4, then 8, each only after a chain that long was accepted whole; a draft wrong at every second token
+    stays at 2 (it used to draft 8 from the first step)."""
+    inputs = make_inputs("llava", target, seed=3)
+    reference = target.generate(**inputs, max_new_tokens=24, do_sample=False)
+    prompt_len = inputs["input_ids"].shape[1]
+
+    def chain_sizes(wrong):
+        forced = make_forced_draft(target, reference[0], wrong, tree_top_k=None, num_draft_tokens=None)
+        out = target.generate(
+            **inputs, max_new_tokens=24, do_sample=False, assistant_model=forced, decoding_mode="chain"
+        )
+        assert torch.equal(out, reference)
+        return [n for kind, n in forced.last_generation_stats.budget_steps if kind == "spec"]
+
+    assert chain_sizes(set())[:3] == [2, 4, 8]
+    sizes = chain_sizes({prompt_len + i for i in range(2, 24, 2)})  # every second token wrong
+    assert sizes and max(sizes) <= 2, sizes
+
+
 def test_an_automatic_chain_stays_backed_off_across_calls(target):
     """A draft that did not pay in one call starts the next one backed off (no two failed probes per call), and
     chain mode records its per-step choices."""

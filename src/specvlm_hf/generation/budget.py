@@ -218,9 +218,13 @@ class BackOff:
 class ChainBackOff(BackOff):
     """Chain mode's back-off and its running acceptance (accepted drafts per speculative step, halved weight per
     step), both kept across `generate` calls: a draft that did not pay starts the next call backed off instead of
-    paying two failed probes to learn it again."""
+    paying two failed probes to learn it again. `reach`: the longest chain drafted now, 2 at first and doubling each
+    time a chain that long is accepted whole (up to `AUTO_CHAIN_TOKENS`): the assisted loop times nothing, so a
+    first call does not stake an 8-token verify before the draft has shown it is right that far (where each
+    verified token costs most of a plain step, a CPU in emulated bf16, that stake lost 1.6x plain's time)."""
 
     accepted_ema: float = 1.0
+    reach: int = 2
 
 
 FIRST, SIBLING = 0, 1  # a node's kind: its parent's most likely child, or one of the others

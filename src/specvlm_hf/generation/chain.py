@@ -67,7 +67,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         # steps wait here, with their target features, until the draft consumes them
         self.pending_tokens: list[torch.Tensor] = []
         self.pending_feats: list[torch.Tensor] = []
-        self.last_was_spec = False
+        self.last_was_spec, self.last_drafted = False, 0
         self.backoff = chain_backoff(draft, target, target.device)
         self.stats = GenerationStats(decoding_mode="chain")
         self.stats.target_forwards = 0
@@ -153,7 +153,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             length is None
         ):  # automatic: a long chain cut where its cumulative probability stops paying (budget.py)
             state = budget_state(draft, self.target, input_ids.device)
-            length = AUTO_CHAIN_TOKENS
+            length = min(AUTO_CHAIN_TOKENS, self.backoff.reach)
             cumulative_cut = BudgetPlanner(state).chain_cut() if state is not None else AUTO_CHAIN_CUMULATIVE
         budget = min(length, self._room(input_ids))
         drafted, drafted_logits = [], []
@@ -189,7 +189,7 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             position += 1
         stats.draft_time_s += time.perf_counter() - t0
         stats.total_time_s = time.perf_counter() - self._start
-        self.last_was_spec = bool(drafted)
+        self.last_was_spec, self.last_drafted = bool(drafted), len(drafted)
         stats.budget_steps.append(("spec" if drafted else "plain", len(drafted)))
         if not drafted:
             return input_ids, None
@@ -226,6 +226,10 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             return False
         if self.last_was_spec:
             backoff = self.backoff
+            if (
+                accepted >= self.last_drafted >= backoff.reach
+            ):  # a whole chain of the longest length: reach further
+                backoff.reach = min(2 * backoff.reach, AUTO_CHAIN_TOKENS)
             backoff.accepted_ema = 0.5 * backoff.accepted_ema + 0.5 * accepted
             if backoff.accepted_ema < CHAIN_BACKOFF_ACCEPTED:
                 backoff.start()
