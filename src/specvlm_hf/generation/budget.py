@@ -26,7 +26,8 @@ Sampling draws a spine (`tree_policy.build_sampled_tree`): its depth D maximises
 `E(D) = sum_{i <= D} alpha^i`, alpha the measured probability that a drawn child is accepted.
 
 Chain mode (inside transformers' assisted loop, which owns the target's cache and timing) drafts up to
-`AUTO_CHAIN_TOKENS`, cut where the chain's cumulative draft probability falls below what one more token costs
+`AUTO_CHAIN_TOKENS` (2 on a fresh state, doubling as chains that long are accepted whole: `ChainBackOff.reach`), cut
+where the chain's cumulative draft probability falls below what one more token costs
 relative to a plain step (`chain_cut`, from the costs tree mode measured for this target; `AUTO_CHAIN_CUMULATIVE`
 before any are measured).
 
