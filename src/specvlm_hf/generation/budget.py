@@ -229,6 +229,7 @@ class ChainBackOff(BackOff):
 
 
 FIRST, SIBLING = 0, 1  # a node's kind: its parent's most likely child, or one of the others
+_EDGES: dict = {}  # CALIBRATION_EDGES per device
 
 
 @dataclass
@@ -284,7 +285,9 @@ class NodeCalibration:
         drafted (`tree_policy.build_trees`); made once per device until the rates change."""
         if device not in self._tables:
             rates = torch.tensor(self.rates, dtype=torch.float32).clamp_(min=1e-12).log_()
-            self._tables[device] = (torch.tensor(CALIBRATION_EDGES).to(device), rates.to(device))
+            if device not in _EDGES:  # (constant: copied to a device once)
+                _EDGES[device] = torch.tensor(CALIBRATION_EDGES).to(device)
+            self._tables[device] = (_EDGES[device], rates.to(device))
         return self._tables[device]
 
     @property
@@ -326,9 +329,8 @@ class BudgetState:
     costs: VerifyCosts
     overhead_s: float = 0.0  # per verify step beyond the forward (mask, acceptance, cache compaction)
     level_s: float | None = None  # one draft level (a batched draft forward plus its head)
-    accepted: float = (
-        1.0  # running sums: accepted draft tokens / the planner's worth (reported: `calibration`)
-    )
+    # running sums: accepted draft tokens / the planner's worth of the verified nodes (reported: `calibration`)
+    accepted: float = 1.0
     predicted: float = 1.0
     nodes: NodeCalibration = field(default_factory=NodeCalibration)  # what the planner values a node at
     spine_offered: float = 2.0  # sampled spines: drawn children offered / accepted (alpha)
@@ -401,12 +403,16 @@ class BudgetPlanner:
         values = values[: self.max_tree_tokens()]
         verify = s.costs.table(len(values) + 1)  # verify[n + 1]: the root and n nodes
         level_s, fixed = s.level_time, s.overhead_s
-        best_n, best_rate, mass = 0, 1.0 / self.step_time(0, levels), 0.0
+
+        def step_time(n: int, levels: int) -> float:  # `BudgetPlanner.step_time`, from the table
+            return verify[n + 1] + fixed + (levels + 1) * level_s
+
+        best_n, best_rate, mass = 0, 1.0 / step_time(0, levels), 0.0
         for n, value in enumerate(values, start=1):
             mass += value
             if depths is not None:
                 levels = max(levels, depths[n - 1] - 1)
-            rate = (1.0 + mass) / (verify[n + 1] + fixed + (levels + 1) * level_s)  # `step_time`
+            rate = (1.0 + mass) / step_time(n, levels)
             if rate > best_rate:
                 best_n, best_rate = n, rate
         return best_n, best_rate
@@ -419,17 +425,14 @@ class BudgetPlanner:
         The level is judged by the tree it leads to, not by its own nodes: the levels after it are taken to fall
         at `ratio` per level, or at the measured rate the target goes on along the draft's first choices
         (`NodeCalibration.continuation`) where that is higher (one unsure token does not make the next ones
-        unsure), and the best size over the
-        candidates with them (each size charged the levels it needs) is set against the best without. On a CPU the
-        cost curve is steep for a few tokens and then flat, with bumps: one level, or one more node of a chain,
-        rarely pays for the next stretch of the curve, the deeper tree does."""
+        unsure), and the best size over the candidates with them (each size charged the levels it needs) is set
+        against the best without. On a CPU the cost curve is steep for a few tokens and then flat, with bumps: one
+        level, or one more node of a chain, rarely pays for the next stretch of the curve, the deeper tree does."""
         if levels >= MAX_DEPTH or not level_values:
             return False
         _, rate = self.best_size(values, levels)
-        measured = (
-            self.state.nodes.continuation
-        )  # the draft's word for this step, or what was measured, if more
-        ratio = min(max(ratio, measured or 0.0, 0.0), 0.95)
+        # the draft's word for this step, or what was measured, if more
+        ratio = min(max(ratio, self.state.nodes.continuation or 0.0, 0.0), 0.95)
         grown = [(v, 0) for v in values]
         scale = 1.0
         for depth in range(levels + 2, MAX_DEPTH + 2):
