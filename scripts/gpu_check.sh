@@ -93,7 +93,7 @@ BENCH_RC=0
 for size in "${SIZES[@]}"; do
   timeout 200 "$PY" -m specvlm_hf.cli bench --device "$DEVICE" --toy-size "$size" --dtype "$DTYPE" \
     --prompts "$PROMPTS" --max-new-tokens "$TOKENS" --temperatures 0 --methods "$METHODS" \
-    --cache-dir "$CACHE" --output-dir "$OUT/$size" ${TRAIN[@]+"${TRAIN[@]}"} 2>&1 | tee "$OUT/bench-$size.log" | tail -12
+    --first-call-prompts 2 --cache-dir "$CACHE" --output-dir "$OUT/$size" ${TRAIN[@]+"${TRAIN[@]}"} 2>&1 | tee "$OUT/bench-$size.log" | tail -12
   rc=${PIPESTATUS[0]}
   [[ "$rc" == 0 ]] || BENCH_RC=1
 done

@@ -221,6 +221,32 @@ def test_sweep_methods_pass_explicit_budgets_and_are_summarised(setup):
     assert bench.sweep_summary([r for r in records if not r.get("budget")]) == []
 
 
+def test_first_calls_are_fresh_on_each_prompt_summed_and_paired_with_plain(setup, monkeypatch):
+    from specvlm_hf.generation import budget
+
+    vlm, drafts, prompts = setup
+    prompts = prompts + [make_inputs("llava", vlm, seed=1)]
+    auto = methods.spec_methods({"eagle": drafts["eagle"]}, modes=("tree",))
+    fixed = next(m for m in methods.sweep_methods({"eagle": drafts["eagle"]}) if m.budget)
+    plain = methods.Method("plain", "plain")
+    forgotten = []
+    forget = budget.forget_learned
+    monkeypatch.setattr(budget, "forget_learned", lambda draft: forgotten.append(draft) or forget(draft))
+    firsts = methods.first_calls(vlm, prompts, [plain, *auto, fixed], max_new_tokens=4, count=2)
+    assert len(firsts["eagle_tree"].seconds) == len(firsts["eagle_tree"].plain_s) == 2  # every prompt, fresh
+    assert len(firsts[fixed.name].seconds) == 1  # a fixed budget learns nothing: the first prompt only
+    assert len(firsts["plain"].seconds) == 2  # plain against itself: the noise
+    assert len(forgotten) == 3
+    calls = firsts["eagle_tree"]
+    assert calls.ratio == pytest.approx(sum(calls.seconds) / sum(calls.plain_s))
+    records = bench.run_benchmark(
+        vlm, prompts, [plain, *auto], (0.0,), 4, warmup=0, progress=False, first_call=2
+    )
+    assert all(len(r["first_call_ratios"]) == 2 for r in records)
+    (line,) = bench.first_call_summary(records)
+    assert "same 2 prompt(s)" in line and "plain against itself" in line and "eagle_tree" in line
+
+
 def test_lossless_failures_excuse_low_precision_ties_only():
     def rec(lossless, dtype="bfloat16", t=0.0):
         return {"method": "m", "status": "ok", "temperature": t, "lossless": lossless, "dtype": dtype}

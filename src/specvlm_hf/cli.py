@@ -347,6 +347,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--warmup", type=int, default=1, help="untimed warm-up generations per method.")
     bench.add_argument(
+        "--first-call-prompts",
+        type=int,
+        default=4,
+        help="before any warm-up, time each method's first call (what it learned forgotten) against plain's on "
+        "this many prompts (fixed budgets: the first only); 0: skip.",
+    )
+    bench.add_argument(
         "--tune",
         action="store_true",
         help="measure verify cost vs tree size, pick the tree budget with the best estimated tokens/s, save it in the draft config.",

@@ -261,36 +261,61 @@ def _generate(model, method: Method, inputs: dict, max_new_tokens: int, temperat
     return model.generate(**inputs, **kwargs)
 
 
+FIRST_CALL_PROMPTS = 4  # prompts each method's first call is timed on (`first_calls`)
+
+
+@dataclass
+class FirstCalls:
+    """One method's first calls, each against plain generate's call on the same prompt right before it."""
+
+    seconds: list[float] = field(default_factory=list)
+    plain_s: list[float] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        """Time over plain's, summed over the prompts (a long answer weighs what it costs)."""
+        return sum(self.seconds) / sum(self.plain_s)
+
+
 def first_calls(
-    model, inputs: dict, methods: list[Method], max_new_tokens: int
-) -> dict[str, tuple[float, float]]:
-    """Each method's first greedy call on one prompt, against plain generate's call on it right before: {method:
-    (seconds, plain's seconds)}. No warm-up, and what the automatic budget learned is forgotten before each
-    method's call (`budget.forget_learned`), so every method pays what a process calling `generate` once pays."""
+    model, prompts: list[dict], methods: list[Method], max_new_tokens: int, count: int = FIRST_CALL_PROMPTS
+) -> dict[str, FirstCalls]:
+    """Each method's first greedy call on each of the first `count` prompts, against plain generate's call on it
+    right before: {method: FirstCalls}. No warm-up, and what the automatic budget learned is forgotten before each
+    of the method's calls (`budget.forget_learned`), so every call pays what a process calling `generate` once
+    pays. Plain is paired with itself (its ratio is the measurement's noise). A method with a fixed budget learns
+    nothing, so it is timed on the first prompt only."""
     from ..generation.budget import forget_learned
 
     plain = next((m for m in methods if m.kind == "plain"), None)
     if plain is None:
         return {}
 
-    def timed(method) -> float:
+    def timed(method, inputs) -> float:
         start = time.perf_counter()
         out = _generate(model, method, inputs, max_new_tokens, 0.0)
         out.view(-1)[-1:].tolist()  # (waits for a GPU's work)
         return time.perf_counter() - start
 
-    timed(plain)  # the process's own first-forward costs (allocations, kernels) are no method's
-    firsts = {}
-    for method in methods:
-        if method.kind == "skip":
-            continue
-        if method.kind == "spec":
-            forget_learned(method.draft)
-        plain_s = timed(plain)
-        try:
-            firsts[method.name] = (timed(method), plain_s)
-        except Exception:  # noqa: BLE001 - a failing method is reported by the timed run
-            continue
+    timed(plain, prompts[0])  # the process's own first-forward costs (allocations, kernels) are no method's
+    firsts: dict[str, FirstCalls] = {}
+    failed: set[str] = set()
+    for i, inputs in enumerate(prompts[:count]):
+        for method in methods:
+            if method.kind == "skip" or method.name in failed or (i > 0 and method.budget is not None):
+                continue
+            if method.kind == "spec":
+                forget_learned(method.draft)
+            plain_s = timed(plain, inputs)
+            try:
+                seconds = timed(method, inputs)
+            except Exception:  # noqa: BLE001 - a failing method is reported by the timed run
+                failed.add(method.name)
+                firsts.pop(method.name, None)
+                continue
+            calls = firsts.setdefault(method.name, FirstCalls())
+            calls.seconds.append(seconds)
+            calls.plain_s.append(plain_s)
     return firsts
 
 
