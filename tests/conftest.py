@@ -1,4 +1,4 @@
-"""Shared test setup: one intra-op thread; tiny targets shared within a test module.
+"""Shared test setup: one intra-op thread; tiny targets shared within a test module; the cached toy target.
 
 The models in these tests are tiny; on a 2-core machine two torch threads only add synchronisation, and when
 anything else runs at the same time they make every forward many times slower (measured here: 50-100x).
@@ -7,6 +7,7 @@ anything else runs at the same time they make every forward many times slower (m
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,3 +32,26 @@ def targets_cache():
         return cache[family]
 
     return get
+
+
+@pytest.fixture
+def cached_toy_target() -> list[Path]:
+    """The tiny toy LLaVA targets saved in the toy cache (`specvlm_hf.toy.world.toy_cache_dir`), the folders that
+    hold a ``config.json``; skips the test when there is none (`specvlm demo --quick` builds one, in minutes)."""
+    from specvlm_hf.toy.world import toy_cache_dir
+
+    found = [
+        toy for toy in sorted(toy_cache_dir().glob("toy-llava-tiny-*")) if (toy / "config.json").exists()
+    ]
+    if not found:
+        pytest.skip("toy target not cached yet (run `specvlm demo --quick` once)")
+    return found
+
+
+@pytest.fixture
+def toy_cache_with_target(cached_toy_target, tmp_path) -> Path:
+    """A fresh toy cache folder (``tmp_path``) that links to the cached tiny toy targets: a test run with
+    ``--cache-dir`` on it reuses the target and leaves the drafts it trains in ``tmp_path``."""
+    for toy in cached_toy_target:
+        (tmp_path / toy.name).symlink_to(toy, target_is_directory=True)
+    return tmp_path

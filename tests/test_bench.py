@@ -287,24 +287,14 @@ def test_sampling_check_accepts_the_target_and_catches_a_biased_sampler():
     assert 5 <= hits <= 40
 
 
-def _toy_cached() -> bool:
-    from specvlm_hf.toy.world import toy_cache_dir
-
-    return any(toy_cache_dir().glob("toy-llava-tiny-*/config.json"))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _toy_cached(), reason="toy target not cached yet (run `specvlm demo --quick` once)")
 @pytest.mark.parametrize("break_greedy", [False, True])
-def test_bench_cli_two_dtypes_peer_and_exit_status(break_greedy, monkeypatch, tmp_path):
+def test_bench_cli_two_dtypes_peer_and_exit_status(break_greedy, monkeypatch, toy_cache_with_target):
     """`specvlm bench` on the cached tiny toy target: a record set per dtype, the trained peer, exit status 1 when a
     greedy output differs (the greedy check forced to report a real difference)."""
     from specvlm_hf import cli
-    from specvlm_hf.toy.world import toy_cache_dir
 
-    for toy in toy_cache_dir().glob("toy-llava-tiny-*"):
-        if (toy / "config.json").exists():
-            (tmp_path / toy.name).symlink_to(toy, target_is_directory=True)
+    tmp_path = toy_cache_with_target
     if break_greedy:
         monkeypatch.setattr(bench, "greedy_check", lambda *a: {"lossless": False, "lossless_differences": []})
     argv = [

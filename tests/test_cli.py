@@ -93,22 +93,9 @@ def test_compare_one_identical_on_tiny_llava():
     assert torch.isfinite(torch.tensor(c.spec_time_s))
 
 
-def _toy_cached() -> bool:
-    from specvlm_hf.toy.world import toy_cache_dir
-
-    return any(toy_cache_dir().glob("toy-llava-tiny-*/config.json"))
-
-
-@pytest.mark.skipif(not _toy_cached(), reason="toy target not cached yet (run `specvlm demo --quick` once)")
-def test_demo_quick_runs(tmp_path):
+def test_demo_quick_runs(toy_cache_with_target):
     """`specvlm demo --quick` on the cached tiny toy target: trains a small draft, outputs identical."""
-    from specvlm_hf.toy.world import toy_cache_dir
-
-    for toy in toy_cache_dir().glob(
-        "toy-llava-tiny-*"
-    ):  # reuse the cached target, keep new drafts in tmp_path
-        if (toy / "config.json").exists():
-            (tmp_path / toy.name).symlink_to(toy, target_is_directory=True)
+    tmp_path = toy_cache_with_target  # reuses the cached target, keeps new drafts here
     env = dict(os.environ)
     root = Path(__file__).resolve().parents[1] / "src"
     env["PYTHONPATH"] = str(root) + os.pathsep + env.get("PYTHONPATH", "")

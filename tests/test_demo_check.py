@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from specvlm_hf.toy import demo, drafts
-from specvlm_hf.toy.world import toy_cache_dir
 from tiny_models import make_inputs, make_tiny_target
 
 
@@ -74,18 +73,11 @@ def test_ties_are_mentioned_only_where_bf16_differs_and_float32_is_identical(cap
     assert "identical outputs: NO (1/2 in float32)" in capsys.readouterr().out
 
 
-def _toy_cached() -> bool:
-    return any(toy_cache_dir().glob("toy-llava-tiny-*/config.json"))
-
-
-@pytest.mark.skipif(not _toy_cached(), reason="toy target not cached yet (run `specvlm demo --quick` once)")
 @pytest.mark.parametrize("identical", [True, False])
-def test_demo_quick_exit_status_follows_the_float32_comparison(identical, monkeypatch, tmp_path):
+def test_demo_quick_exit_status_follows_the_float32_comparison(identical, monkeypatch, toy_cache_with_target):
     from specvlm_hf import cli
 
-    for toy in toy_cache_dir().glob("toy-llava-tiny-*"):
-        if (toy / "config.json").exists():
-            (tmp_path / toy.name).symlink_to(toy, target_is_directory=True)
+    tmp_path = toy_cache_with_target
     monkeypatch.setattr(demo, "load_or_train_draft", lambda vlm, *a, **k: (drafts.new_draft(vlm), None, {}))
     seen = []
 

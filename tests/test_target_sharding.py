@@ -296,14 +296,8 @@ def test_sharded_run_saves_a_plain_draft_folder(fsdp_runs):
     assert not torch.equal(trained["fc.weight"], state(make_draft(target))["fc.weight"])
 
 
-def _toy_cached() -> bool:
-    from specvlm_hf.toy.world import toy_cache_dir
-
-    return any((p / "config.json").exists() for p in toy_cache_dir().glob("toy-llava-tiny-*"))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _toy_cached(), reason="toy target not cached yet (run `specvlm demo --quick` once)")
+@pytest.mark.usefixtures("cached_toy_target")
 def test_cli_trains_with_a_sharded_target_on_streamed_llava_rows(tmp_path):
     """`torchrun --nproc_per_node 2 ... specvlm train --target-sharding fsdp --streaming` on LLaVA-format rows."""
     from specvlm_hf.toy.data import write_llava_json
