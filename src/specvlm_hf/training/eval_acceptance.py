@@ -24,6 +24,13 @@ import torch
 from .collator import content_images
 
 
+def check_positive_int(owner: str, name: str, value) -> None:
+    """Raise a ValueError that names ``owner``, the setting and its value unless ``value`` is an integer >= 1: a
+    count or a length in a settings object."""
+    if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}: invalid {name}={value!r}; expected an integer >= 1.")
+
+
 @dataclass(frozen=True)
 class EvalAcceptance:
     """Settings of the acceptance measured at each evaluation.
@@ -40,9 +47,7 @@ class EvalAcceptance:
 
     def __post_init__(self) -> None:
         for name in ("num_prompts", "chain_tokens", "max_new_tokens"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"EvalAcceptance: invalid {name}={value!r}; expected an integer >= 1.")
+            check_positive_int("EvalAcceptance", name, getattr(self, name))
 
     def prompts(self, dataset, collator) -> list[dict]:
         """Batch-1 generation prompts from the first ``num_prompts`` rows with an assistant turn (empty when the

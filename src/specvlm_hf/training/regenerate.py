@@ -41,6 +41,7 @@ import torch
 from ..targets import families as targets
 from ..targets.loading import execution_device
 from .collator import SpecVLMDataCollator, content_images
+from .eval_acceptance import check_positive_int
 
 FORMAT = "specvlm_hf regenerated dataset"
 FORMAT_VERSION = 1
@@ -67,9 +68,7 @@ class RegenerationSettings:
 
     def validate(self) -> None:
         for name in ("max_new_tokens", "samples_per_prompt", "batch_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"regenerate: invalid {name}={value!r}; expected an integer >= 1.")
+            check_positive_int("regenerate", name, getattr(self, name))
         if not self.temperature >= 0:
             raise ValueError(f"regenerate: invalid temperature={self.temperature!r}; expected a number >= 0.")
         if self.samples_per_prompt > 1 and self.temperature == 0:
@@ -409,8 +408,7 @@ def regenerate_dataset(
         seed=seed,
     )
     settings.validate()
-    if not isinstance(shard_size, int) or shard_size < 1:
-        raise ValueError(f"regenerate: invalid shard_size={shard_size!r}; expected an integer >= 1.")
+    check_positive_int("regenerate", "shard_size", shard_size)
     renderer = SpecVLMDataCollator(processor)
     if renderer.tokenizer.pad_token_id is None:
         raise ValueError(
