@@ -82,6 +82,9 @@ def test_a_chain_grows_through_a_bump_of_the_cost_curve_to_the_flat_part_beyond(
     chain = [0.9, 0.85]  # two levels drafted, each node the first choice of its parent
     assert planner.best_size(chain + [0.8], levels=2)[0] == 2  # the third node alone does not pay
     assert planner.keep_growing(chain, [0.8], levels=1, ratio=0.94)  # the chain it leads to does
+    # ... unless the tokens left cut that chain short: one more node fits, and it alone does not pay
+    assert not planner.keep_growing(chain, [0.8], levels=1, ratio=0.94, max_depth=3)
+    assert planner.keep_growing(chain, [0.8], levels=1, ratio=0.94, max_depth=5)
     assert not planner.keep_growing(chain, [0.3], levels=1, ratio=0.35)  # an unsure draft stops
     # one unsure token (the draft's own word falls to half) does not make the next ones unsure where the target
     # has been going on along the draft's first choices: the measured rate carries the chain past it

@@ -90,3 +90,45 @@ def test_sliding_window_target_past_the_window(mode):
     )
     assert torch.equal(out, reference)
     assert draft.last_generation_stats.mean_accepted_length > 3.0
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("budget", ["fixed", "auto"])
+def test_no_node_is_drafted_deeper_than_the_tokens_left(batch, budget):
+    """A step's path of d nodes adds d + 1 tokens: near max_new_tokens, deeper nodes cost verify time and can add
+    nothing, so none is drafted (one token left: a plain step). Every verify forward's deepest node (its positions
+    past the root's) is checked against the tokens its rows have left."""
+    model = make_tiny_target("llava")
+    inputs = make_inputs("llava", model, seed=4)
+    inputs = {k: torch.cat([v] * batch) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    n = 11
+    reference = _plain(model, inputs, n)
+    prompt_len = inputs["input_ids"].shape[1]
+    cap = prompt_len + n
+    if budget == "fixed":
+        draft = SpecVLMDraftModel(SpecVLMDraftConfig.from_target(model)).bind(model)
+        settings = {"tree_depth": 6, "tree_top_k": 2, "tree_total_tokens": 8}
+    else:  # an all-correct draft: the planner's chains grow as deep as they may
+        draft, settings = make_forced_draft(model, reference[0], (), tree_top_k=None), {}
+    depths = []  # (deepest node, tokens the row could still use beyond the bonus one) per verify forward
+
+    def record(module, args, kwargs):
+        positions = kwargs.get("position_ids")
+        root = None if positions is None else positions.reshape(batch, -1)[:, 0]
+        if (
+            root is not None and int(root.min()) >= prompt_len
+        ):  # a verify forward (the root: a row's length - 1)
+            deepest = (positions.reshape(batch, -1) - root[:, None]).max()
+            depths.append((int(deepest), int(cap - (root.max() + 1) - 1)))
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for _ in range(2):  # the automatic budget's second call plans from what the first learned
+            out = model.generate(
+                **inputs, max_new_tokens=n, do_sample=False, assistant_model=draft, **settings
+            )
+            assert torch.equal(out, reference)
+    finally:
+        handle.remove()
+    assert depths and all(deepest <= max(left, 0) for deepest, left in depths), depths
+    assert any(deepest > 1 for deepest, _ in depths), depths  # the cap bites near the end, not everywhere

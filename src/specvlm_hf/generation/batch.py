@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import DynamicCache
-from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .. import hf_private
@@ -43,7 +42,7 @@ from .clock import StepClock
 from .masks import additive_mask, verify_mask
 from .prefill import batch_visual_spans, feed_rows, last_prompt_positions, target_prefill
 from .settings import DecodingSettings, GenerationStats, Timer
-from .tree import decode_extras, refuse_unsupported
+from .tree import decode_extras, length_cap, refuse_unsupported, room
 from .tree_policy import DraftTree, build_sampled_trees, build_trees
 
 if TYPE_CHECKING:
@@ -63,8 +62,7 @@ class _Rows:
         self.stop_len: list[int | None] = [None] * len(self.ids)
         self.stats = stats
         # sticky rows: nothing past the max-length criterion's length is ever output (every row stops there)
-        caps = [c.max_length for c in stopping_criteria if isinstance(c, MaxLengthCriteria)]
-        self.cap = min(caps) if caps else None
+        self.cap = length_cap(stopping_criteria)
 
     def _capped(self, b: int) -> bool:
         return self.cap is not None and self.ids[b].shape[1] >= self.cap
@@ -426,7 +424,9 @@ class _BatchLoop:
             self.pending_tokens = self.pending_feats = None
         self.draft_prefix = self.draft_cache.get_seq_length()
         settings = self._step_settings()
-        common = dict(max_row_position=max(self.positions_host), cache_valid=self.draft_valid)
+        common = dict(
+            max_row_position=max(self.positions_host), cache_valid=self.draft_valid, max_depth=self.depth_left
+        )
         if self.draft_temperature is None:
             return build_trees(
                 draft,
@@ -454,7 +454,13 @@ class _BatchLoop:
     def run(self) -> None:
         stats, rows = self.stats, self.rows
         while self.active:
-            plain = self.planner is not None and self.planner.plain_step()
+            # the deepest node any row can still use (one token left everywhere: a plain step)
+            self.depth_left = (
+                None
+                if rows.cap is None
+                else max(0, *(room(rows.cap, rows.ids[b].shape[1]) for b in self.active))
+            )
+            plain = self.depth_left == 0 or (self.planner is not None and self.planner.plain_step())
             clock = self.clock
             step_start = clock.mark()
             with Timer(stats, "draft_time_s"):

@@ -417,10 +417,18 @@ class BudgetPlanner:
                 best_n, best_rate = n, rate
         return best_n, best_rate
 
-    def keep_growing(self, values: list[float], level_values: list[float], levels: int, ratio: float) -> bool:
+    def keep_growing(
+        self,
+        values: list[float],
+        level_values: list[float],
+        levels: int,
+        ratio: float,
+        max_depth: int = MAX_DEPTH,
+    ) -> bool:
         """Whether one more level can raise the best rate the tree reaches. values: the candidates' worth so far;
         level_values: the worth of the rows the level would expand (at most what their children are worth);
-        levels: draft levels run so far; ratio: how the best worth fell from the level before to this one.
+        levels: draft levels run so far; ratio: how the best worth fell from the level before to this one;
+        max_depth: the deepest level the tree may reach (the tokens left, `tree.room`).
 
         The level is judged by the tree it leads to, not by its own nodes: the levels after it are taken to fall
         at `ratio` per level, or at the measured rate the target goes on along the draft's first choices
@@ -428,14 +436,14 @@ class BudgetPlanner:
         unsure), and the best size over the candidates with them (each size charged the levels it needs) is set
         against the best without. On a CPU the cost curve is steep for a few tokens and then flat, with bumps: one
         level, or one more node of a chain, rarely pays for the next stretch of the curve, the deeper tree does."""
-        if levels >= MAX_DEPTH or not level_values:
+        if levels + 1 >= max_depth or not level_values:
             return False
         _, rate = self.best_size(values, levels)
         # the draft's word for this step, or what was measured, if more
         ratio = min(max(ratio, self.state.nodes.continuation or 0.0, 0.0), 0.95)
         grown = [(v, 0) for v in values]
         scale = 1.0
-        for depth in range(levels + 2, MAX_DEPTH + 2):
+        for depth in range(levels + 2, max_depth + 1):
             grown += [(v * scale, depth) for v in level_values]
             scale *= ratio
             if scale * level_values[0] < 1e-3:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from transformers.cache_utils import DynamicCache
+from transformers.generation.stopping_criteria import MaxLengthCriteria
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from .. import hf_private
@@ -164,8 +165,11 @@ def tree_decoding(
         # accepted tokens the draft has not consumed yet, each with the target feature it pairs with (plain steps)
         pending_tokens: list[int] = []
         pending_feats: list[torch.Tensor] = []
+        cap = length_cap(stopping_criteria)
         while not finished:
-            plain = planner is not None and planner.plain_step()
+            depth_left = room(cap, input_ids.shape[1])
+            # (one token left: the bonus token alone fills it, a plain step)
+            plain = depth_left == 0 or (planner is not None and planner.plain_step())
             # ---- draft a tree (or, backing off, verify the root alone: a plain decoding step)
             step_start = clock.mark()
             with Timer(stats, "draft_time_s"):
@@ -181,7 +185,14 @@ def tree_decoding(
                     draft_prefix = draft_cache.get_seq_length()
                     if draft_temperature is None:
                         tree = build_tree(
-                            draft, draft_cache, root_hidden, root_t, row_position, settings, planner
+                            draft,
+                            draft_cache,
+                            root_hidden,
+                            root_t,
+                            row_position,
+                            settings,
+                            planner,
+                            max_depth=depth_left,
                         )
                     else:
                         step_settings = settings
@@ -201,6 +212,7 @@ def tree_decoding(
                             draft_temperature,
                             process=select.scores if len(logits_processor) > 0 else None,
                             prefix_ids=input_ids,
+                            max_depth=depth_left,
                         )
             draft_end = clock.mark()
             n = tree.tokens.shape[0]
@@ -284,6 +296,18 @@ def tree_decoding(
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=input_ids, cache=cache)
     return input_ids
+
+
+def length_cap(stopping_criteria) -> int | None:
+    """The length at which the max-length criterion stops a sequence (None: none does)."""
+    caps = [c.max_length for c in stopping_criteria if isinstance(c, MaxLengthCriteria)]
+    return min(caps) if caps else None
+
+
+def room(cap: int | None, length: int) -> int | None:
+    """The deepest draft node a step can still use on a sequence of `length` tokens stopped at `cap`: a path of d
+    nodes adds d tokens and the bonus one, so nodes deeper than this add nothing but verify cost (None: no cap)."""
+    return None if cap is None else cap - length - 1
 
 
 def _append(input_ids, tokens: list[int], stopping_criteria, streamer, stats: GenerationStats):

@@ -72,13 +72,22 @@ def build_tree(
     row_position: int,
     settings: DecodingSettings,
     planner: BudgetPlanner | None = None,
+    max_depth: int | None = None,
 ) -> DraftTree:
     """Grow the EAGLE-2 dynamic tree (greedy decoding) from the root row's draft output: `build_trees` for one
     sequence. root_hidden: (1, 1, h) draft output of the row that consumed the root token; row_position: draft
     position of level-1 rows."""
     position = torch.tensor([row_position], device=root_hidden.device)
     return build_trees(
-        draft, draft_cache, root_hidden[:, -1], root_token.view(1), position, settings, planner, row_position
+        draft,
+        draft_cache,
+        root_hidden[:, -1],
+        root_token.view(1),
+        position,
+        settings,
+        planner,
+        row_position,
+        max_depth=max_depth,
     )[0]
 
 
@@ -93,6 +102,7 @@ def build_trees(
     planner: BudgetPlanner | None = None,
     max_row_position: int | None = None,
     cache_valid: torch.Tensor | None = None,
+    max_depth: int | None = None,
 ) -> list[DraftTree]:
     """Grow one EAGLE-2 dynamic tree per sequence of a batch, every level of every tree in ONE draft forward.
 
@@ -103,11 +113,13 @@ def build_trees(
     planner: with no explicit budget, decides top_k, how deep to grow and how many candidates to keep
     (`budget.BudgetPlanner`, on the batch's mean per-sequence probabilities); `settings`' tree budget otherwise.
     Every tree keeps the same number of candidates (ancestor closure may add a node on exact score ties).
+    max_depth: the deepest level whose tokens can still be kept (`room`); nothing deeper is drafted.
     """
     if planner is None:
         k, depth, total = settings.tree_top_k, settings.tree_depth, settings.tree_total_tokens
     else:
         k, depth, total = settings.tree_top_k or planner.top_k(), MAX_DEPTH, None  # (chains: top_k 1)
+    depth = min(depth, max_depth or depth)
     device = root_hidden.device
     bsz, h = root_hidden.shape
     prefix_len = draft_cache.get_seq_length()
@@ -145,7 +157,7 @@ def build_trees(
             latest, rows = _mean_sorted(cand_ranks[-1], row_ranks)
             values += latest
             ratio, top = rows[0] / max(top, 1e-12), rows[0]
-            if not planner.keep_growing(sorted(values, reverse=True), rows, level - 1, ratio):
+            if not planner.keep_growing(sorted(values, reverse=True), rows, level - 1, ratio, depth):
                 break
         lo, hi = (level - 1) * k, level * k  # this level's rows
         hidden = draft_step(
@@ -300,6 +312,7 @@ def build_sampled_tree(
     temperature: float | None,
     process=None,
     prefix_ids: torch.Tensor | None = None,
+    max_depth: int | None = None,
 ) -> DraftTree:
     """Draw the tree for sampling from the root row's draft output (1, 1, h): `build_sampled_trees` for one
     sequence; prefix_ids (1, L) ends at the root."""
@@ -315,6 +328,7 @@ def build_sampled_tree(
         process,
         None if prefix_ids is None else [prefix_ids],
         row_position,
+        max_depth=max_depth,
     )[0]
 
 
@@ -331,12 +345,13 @@ def build_sampled_trees(
     prefix_ids: list[torch.Tensor] | None = None,
     max_row_position: int | None = None,
     cache_valid: torch.Tensor | None = None,
+    max_depth: int | None = None,
 ) -> list[DraftTree]:
     """Draw one tree per sequence for sampling: a spine of first draws with sibling leaves (module docstring of
     `tree.py`, step 4), every sequence's spine level in one draft forward.
 
-    root_hidden: (B, h); root_tokens: (B,); row_positions, max_row_position, cache_valid as in `build_trees`.
-    The spine has min(tree_depth, tree_total_tokens) levels; every spine node's children are drawn without
+    root_hidden: (B, h); root_tokens: (B,); row_positions, max_row_position, cache_valid, max_depth as in
+    `build_trees`. The spine has min(tree_depth, tree_total_tokens, max_depth) levels; every spine node's children are drawn without
     replacement from q = softmax(draft logits / temperature) (Gumbel-top-k), the first drawn child continues the
     spine, the others are leaves (`sibling_counts`: the remaining budget, shallow levels first, at most
     tree_top_k - 1 per level). Only spine rows go through the draft, one per level.
@@ -352,7 +367,7 @@ def build_sampled_trees(
     bsz = root_hidden.shape[0]
     if max_row_position is None:
         max_row_position = int(row_positions.max())
-    spine = min(settings.tree_depth, settings.tree_total_tokens)
+    spine = min(settings.tree_depth, settings.tree_total_tokens, max_depth or settings.tree_depth)
     siblings = sibling_counts(spine, settings.tree_total_tokens - spine, settings.tree_top_k - 1)
     logits, vocab_ids = draft_logits(draft, root_hidden)  # (B, Vd)
     hidden = root_hidden[:, None]  # (B, 1, h)
