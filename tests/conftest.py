@@ -13,6 +13,9 @@ import pytest
 import torch
 
 os.environ["OMP_NUM_THREADS"] = "1"  # subprocesses (DDP, kill-and-resume) compute with the same thread count
+# the automatic budget's times are not kept across test processes (`saved_costs`): every test's first call is a
+# first call on a new machine (tests/test_saved_costs.py turns it on in a temporary cache)
+os.environ["SPECVLM_HF_BUDGET_CACHE"] = "0"
 torch.set_num_threads(1)
 # SPECVLM_TEST_DEVICE=cuda (scripts/gpu_check.sh): tensors and models the tests create land on that device
 if os.environ.get("SPECVLM_TEST_DEVICE"):

@@ -560,9 +560,7 @@ class _BatchLoop:
                     ],
                 )
         if self.planner is not None:
-            self.planner.report()
-            stats.budget_steps = self.planner.steps
-            stats.budget_calibration = self.planner.state.calibration
+            self.planner.finish()
 
     def _feed(self, plain: bool, keep_rows, tokens, feats, counts, still, host_counts) -> None:
         """The draft side after a step: drop finished rows, consume the accepted tokens (later, after plain steps).

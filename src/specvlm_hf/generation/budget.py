@@ -39,10 +39,12 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from ..targets import families
+from . import saved_costs
 
 # target forward sizes measured once per target, device and dtype (new tokens on the prompt's cache)
 COST_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -339,6 +341,35 @@ class BudgetState:
     # alone does not back off
     speedup: float = 1.3
     backoff: BackOff = field(default_factory=BackOff)
+    # the file this state's times are kept in across processes (`saved_costs`; None: not kept), and what it holds
+    saved_path: Path | None = None
+    saved_sizes: frozenset = frozenset()
+    saved_at: float = 0.0
+
+    def restore(self, saved: dict | None) -> None:
+        """Start from the times a previous process saved (`saved_costs.load`): the cost curve (its first step is
+        then a speculative one), the draft level time and the step overhead."""
+        if not saved or not saved["observed"]:
+            return
+        costs = self.costs
+        costs.observed = dict(saved["observed"])
+        costs.per_token = min(costs.per_token, saved["per_token"])
+        costs.prefill = None
+        self.overhead_s = saved["overhead_s"]
+        self.level_s = saved["level_s"] if saved["level_s"] is not None else self.level_s
+        self.saved_sizes, self.saved_at = frozenset(costs.observed), time.monotonic()
+
+    def save(self) -> None:
+        """Keep the times for later processes: after a call that measured a size the file lacks, else at most every
+        `saved_costs.SAVE_EVERY_S` (the running estimates move slowly)."""
+        sizes = frozenset(self.costs.observed)
+        if self.saved_path is None or (
+            sizes <= self.saved_sizes and time.monotonic() - self.saved_at < saved_costs.SAVE_EVERY_S
+        ):
+            return
+        costs = self.costs
+        if saved_costs.save(self.saved_path, costs.observed, costs.per_token, self.overhead_s, self.level_s):
+            self.saved_sizes, self.saved_at = sizes, time.monotonic()
 
     @property
     def level_time(self) -> float:
@@ -369,6 +400,15 @@ class BudgetPlanner:
         if self.stats is not None:
             costs = self.state.costs
             self.stats.budget_costs_ms = {n: 1e3 * costs(n) for n in costs.sizes}
+
+    def finish(self) -> None:
+        """At the end of the call: the cost curve, the steps' choices and the calibration into the call's stats;
+        the times kept for later processes (`BudgetState.save`)."""
+        self.report()
+        if self.stats is not None:
+            self.stats.budget_steps = self.steps
+            self.stats.budget_calibration = self.state.calibration
+        self.state.save()
 
     # --------------------------------------------------------------------------------------------- cost
     def step_time(self, n: int, levels: int) -> float:
@@ -592,6 +632,9 @@ def planner_for(
             state.accepted, state.predicted = prior.accepted, prior.predicted
             state.nodes = prior.nodes.copy()
             state.spine_offered, state.spine_accepted = prior.spine_offered, prior.spine_accepted
+        if not draft.__dict__.get("_specvlm_fresh_machine"):  # what an earlier process measured here
+            state.saved_path = saved_costs.path_for(draft, target, device, batch_size, mode)
+            state.restore(saved_costs.load(state.saved_path))
         store_budget_state(draft, target, device, state, batch_size, mode)
     planner = BudgetPlanner(state)
     planner.stats = stats
@@ -600,10 +643,12 @@ def planner_for(
 
 
 def forget_learned(draft) -> None:
-    """Drop what the automatic budget learned on `draft` (every target, device, dtype and batch size): its next call
-    starts as a first call does (the bench's first-call rows)."""
+    """Drop what the automatic budget learned on `draft` (every target, device, dtype and batch size), and neither
+    read nor write what earlier processes saved (`saved_costs`) with it from now on: its next call starts as a first
+    call on a new machine does (the bench's first-call rows)."""
     draft.__dict__.pop("_specvlm_budget_states", None)
     draft.__dict__.pop("_specvlm_chain_backoff", None)
+    draft.__dict__["_specvlm_fresh_machine"] = True
 
 
 def chain_backoff(draft, target, device) -> ChainBackOff:

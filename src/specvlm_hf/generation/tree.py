@@ -284,9 +284,7 @@ def tree_decoding(
                 )
 
         if planner is not None:
-            planner.report()
-            stats.budget_steps = planner.steps
-            stats.budget_calibration = planner.state.calibration
+            planner.finish()
     finally:
         restore_attention()
         restore_recording()

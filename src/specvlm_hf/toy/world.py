@@ -53,6 +53,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..generation.saved_costs import cache_root
 from .data import (
     CELL,
     COLOUR_NAMES,
@@ -105,10 +106,7 @@ SIZES_CONFIG = {
 
 def toy_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """``cache_dir``, else ``$SPECVLM_HF_CACHE``, else ``~/.cache/specvlm_hf``."""
-    if cache_dir is not None:
-        return Path(cache_dir)
-    env = os.environ.get("SPECVLM_HF_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "specvlm_hf"
+    return Path(cache_dir) if cache_dir is not None else cache_root()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,131 @@
+"""What the automatic budget measured about the machine, kept across processes in the cache directory.
+
+A process that calls `generate` once (a script, a CLI, a notebook cell after a restart) would otherwise learn the
+verify cost curve c(n), the draft's level time and the step overhead from scratch on every run: its first steps
+are a plain one and probes of 2, 4, 8 tokens (`budget.VerifyCosts.explore_limit`). Those times are the machine's
+and the models' shapes', so they are saved at the end of a call and a fresh state in a later process starts from
+them (`budget.planner_for`). What the target accepts is not saved: it belongs to the draft's weights and the
+prompts, and a call learns it in a few steps.
+
+Where: ``$SPECVLM_HF_CACHE/budget/`` (else ``~/.cache/specvlm_hf/budget/``), one JSON file per key. The key is a
+hash of the machine (host name, processor, accelerator, CPU threads, torch and transformers versions), the models
+(target and draft configurations, the target's name, parameter dtype, device placement, attention
+implementation), the batch size and the decoding mode: a different machine or model never reads another's file.
+``SPECVLM_HF_BUDGET_CACHE=0`` turns saving and loading off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from functools import cache
+from pathlib import Path
+
+import torch
+import transformers
+
+from ..targets import families
+
+VERSION = 1  # of the file's contents
+SAVE_EVERY_S = 60.0  # a key's file is rewritten at most this often unless new sizes were measured
+
+
+def cache_root() -> Path:
+    """``$SPECVLM_HF_CACHE``, else ``~/.cache/specvlm_hf``: the project's cache directory."""
+    env = os.environ.get("SPECVLM_HF_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "specvlm_hf"
+
+
+def enabled() -> bool:
+    return os.environ.get("SPECVLM_HF_BUDGET_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@cache
+def _processor() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _machine(device) -> dict:
+    device = torch.device(device)
+    accelerator = None
+    if device.type == "cuda":
+        accelerator = torch.cuda.get_device_name(device)
+    elif device.type != "cpu":
+        accelerator = device.type
+    return {
+        "host": platform.node(),
+        "processor": _processor(),
+        "accelerator": accelerator,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def _models(draft, target) -> dict:
+    model = families.unwrap_target(target)
+    return {
+        "target": model.config.to_json_string(use_diff=False),
+        "name": getattr(model.config, "_name_or_path", ""),
+        "dtype": str(next(model.parameters()).dtype),
+        "placement": repr(getattr(target, "hf_device_map", None) or getattr(model, "hf_device_map", None)),
+        "attention": str(getattr(model.config, "_attn_implementation", None)),
+        "draft": draft.config.to_json_string(use_diff=False),
+    }
+
+
+def path_for(draft, target, device, batch_size: int, mode: str) -> Path:
+    """The file for this machine, these models, batch size and decoding mode."""
+    key = {"machine": _machine(device), "models": _models(draft, target), "batch": batch_size, "mode": mode}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+    return cache_root() / "budget" / f"{digest}.json"
+
+
+def load(path: Path) -> dict | None:
+    """The saved times ({"observed": {n: seconds}, "per_token", "overhead_s", "level_s"}), or None (none saved,
+    unreadable, or from another version: a cache is never worth an error)."""
+    if not enabled():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+        if saved.get("version") != VERSION:
+            return None
+        saved["observed"] = {int(n): float(s) for n, s in saved["observed"].items()}
+        return saved
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def save(
+    path: Path, observed: dict[int, float], per_token: float, overhead_s: float, level_s: float | None
+) -> bool:
+    """Write the times (atomically: a concurrent reader sees the old file or the new one). Returns whether it
+    wrote; a failure to write (read-only home, full disk) is not an error of the generate call."""
+    if not enabled() or not observed:
+        return False
+    contents = {
+        "version": VERSION,
+        "saved": time.time(),
+        "observed": {str(n): s for n, s in sorted(observed.items())},
+        "per_token": per_token,
+        "overhead_s": overhead_s,
+        "level_s": level_s,
+    }
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+            json.dump(contents, f)
+        os.replace(f.name, path)
+        return True
+    except OSError:
+        return False
