@@ -132,3 +132,59 @@ def test_no_node_is_drafted_deeper_than_the_tokens_left(batch, budget):
         handle.remove()
     assert depths and all(deepest <= max(left, 0) for deepest, left in depths), depths
     assert any(deepest > 1 for deepest, _ in depths), depths  # the cap bites near the end, not everywhere
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("budget", ["fixed", "auto"])
+def test_nothing_is_drafted_below_an_end_of_answer_token(batch, budget):
+    """Generation stops at EOS, so nodes below an EOS candidate can never be emitted: none is drafted. The draft
+    here proposes the reference continuation confidently right through the EOS (as a draft that never saw what
+    follows an answer's end may); every verify forward's deepest position stays at the EOS's."""
+    model = make_tiny_target("llava")
+    inputs = make_inputs("llava", model, seed=4)
+    inputs = {k: torch.cat([v] * batch) if torch.is_tensor(v) else v for k, v in inputs.items()}
+    prompt_len = inputs["input_ids"].shape[1]
+    free = _plain(model, inputs, 20)[0, prompt_len:].tolist()  # no EOS configured: the model runs on
+    end = next(
+        j for j in range(6, 20) if free[j] not in free[:j]
+    )  # a token first seen there: the answer's end
+    eos = free[end]
+    reference = model.generate(**inputs, max_new_tokens=20, do_sample=False, eos_token_id=eos)
+    assert reference.shape[1] == prompt_len + end + 1  # plain stops at it
+    if budget == "fixed":
+        settings = {"tree_depth": 9, "tree_top_k": 1, "tree_total_tokens": 9}
+        draft = make_forced_draft(model, torch.tensor(inputs["input_ids"][0].tolist() + free), ())
+    else:
+        settings = {}
+        draft = make_forced_draft(
+            model, torch.tensor(inputs["input_ids"][0].tolist() + free), (), tree_top_k=None
+        )
+    below_eos = []  # verify forwards with a node whose ancestors include an EOS node (the 4-D mask's tree part)
+    verified = []
+
+    def record(module, args, kwargs):
+        ids, mask = kwargs["input_ids"], kwargs.get("attention_mask")
+        if mask is None or mask.dim() != 4 or int(kwargs["position_ids"].min()) < prompt_len:
+            return
+        n = ids.shape[1]
+        tree = mask[:, 0, :, -n:]
+        sees = tree if tree.dtype == torch.bool else tree == 0  # (B, n, n): node i sees node j
+        ancestors = sees & ~torch.eye(n, dtype=torch.bool, device=ids.device)
+        below_eos.append(bool((ancestors & (ids == eos)[:, None, :]).any()))
+        verified.append(n)
+
+    handle = model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        for _ in range(2):
+            out = model.generate(
+                **inputs,
+                max_new_tokens=20,
+                do_sample=False,
+                eos_token_id=eos,
+                assistant_model=draft,
+                **settings,
+            )
+            assert torch.equal(out, reference)
+    finally:
+        handle.remove()
+    assert verified and not any(below_eos), (verified, below_eos)

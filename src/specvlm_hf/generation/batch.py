@@ -42,7 +42,7 @@ from .clock import StepClock
 from .masks import additive_mask, verify_mask
 from .prefill import batch_visual_spans, feed_rows, last_prompt_positions, target_prefill
 from .settings import DecodingSettings, GenerationStats, Timer
-from .tree import decode_extras, length_cap, refuse_unsupported, room
+from .tree import decode_extras, length_cap, refuse_unsupported, room, stop_tokens
 from .tree_policy import DraftTree, build_sampled_trees, build_trees
 
 if TYPE_CHECKING:
@@ -58,7 +58,8 @@ class _Rows:
         self.criteria = stopping_criteria
         # plain generate fills a finished row with padding only when an EOS criterion exists; otherwise a row that
         # stopped keeps growing until every row has stopped
-        self.sticky = not any(hasattr(c, "eos_token_id") for c in stopping_criteria)
+        self.stops = stop_tokens(stopping_criteria, input_ids.device)
+        self.sticky = self.stops is None
         self.stop_len: list[int | None] = [None] * len(self.ids)
         self.stats = stats
         # sticky rows: nothing past the max-length criterion's length is ever output (every row stops there)
@@ -436,6 +437,7 @@ class _BatchLoop:
                 self.row_positions,
                 settings,
                 self.planner,
+                stop_tokens=self.rows.stops,
                 **common,
             )
         return build_sampled_trees(

@@ -165,7 +165,7 @@ def tree_decoding(
         # accepted tokens the draft has not consumed yet, each with the target feature it pairs with (plain steps)
         pending_tokens: list[int] = []
         pending_feats: list[torch.Tensor] = []
-        cap = length_cap(stopping_criteria)
+        cap, stops = length_cap(stopping_criteria), stop_tokens(stopping_criteria, input_ids.device)
         while not finished:
             depth_left = room(cap, input_ids.shape[1])
             # (one token left: the bonus token alone fills it, a plain step)
@@ -193,6 +193,7 @@ def tree_decoding(
                             settings,
                             planner,
                             max_depth=depth_left,
+                            stop_tokens=stops,
                         )
                     else:
                         step_settings = settings
@@ -300,6 +301,12 @@ def length_cap(stopping_criteria) -> int | None:
     """The length at which the max-length criterion stops a sequence (None: none does)."""
     caps = [c.max_length for c in stopping_criteria if isinstance(c, MaxLengthCriteria)]
     return min(caps) if caps else None
+
+
+def stop_tokens(stopping_criteria, device) -> torch.Tensor | None:
+    """The token ids whose emission stops a sequence (the EOS criteria's; None: none does)."""
+    ids = [c.eos_token_id.reshape(-1) for c in stopping_criteria if hasattr(c, "eos_token_id")]
+    return torch.cat(ids).to(device) if ids else None
 
 
 def room(cap: int | None, length: int) -> int | None:

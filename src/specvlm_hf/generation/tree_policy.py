@@ -73,6 +73,7 @@ def build_tree(
     settings: DecodingSettings,
     planner: BudgetPlanner | None = None,
     max_depth: int | None = None,
+    stop_tokens: torch.Tensor | None = None,
 ) -> DraftTree:
     """Grow the EAGLE-2 dynamic tree (greedy decoding) from the root row's draft output: `build_trees` for one
     sequence. root_hidden: (1, 1, h) draft output of the row that consumed the root token; row_position: draft
@@ -88,6 +89,7 @@ def build_tree(
         planner,
         row_position,
         max_depth=max_depth,
+        stop_tokens=stop_tokens,
     )[0]
 
 
@@ -103,6 +105,7 @@ def build_trees(
     max_row_position: int | None = None,
     cache_valid: torch.Tensor | None = None,
     max_depth: int | None = None,
+    stop_tokens: torch.Tensor | None = None,
 ) -> list[DraftTree]:
     """Grow one EAGLE-2 dynamic tree per sequence of a batch, every level of every tree in ONE draft forward.
 
@@ -114,6 +117,9 @@ def build_trees(
     (`budget.BudgetPlanner`, on the batch's mean per-sequence probabilities); `settings`' tree budget otherwise.
     Every tree keeps the same number of candidates (ancestor closure may add a node on exact score ties).
     max_depth: the deepest level whose tokens can still be kept (`room`); nothing deeper is drafted.
+    stop_tokens: target token ids that end generation (EOS): a candidate carrying one gets no children (whether the
+    target accepts it or not, nothing below it is ever emitted), so a confident draft does not fill a step's
+    budget past the end of the answer.
     """
     if planner is None:
         k, depth, total = settings.tree_top_k, settings.tree_depth, settings.tree_total_tokens
@@ -171,7 +177,11 @@ def build_trees(
         )  # (B, k, h)
         logp = _draft_logp(draft_logits(draft, hidden)[0], None)  # (B, k, Vd)
         child_lp, child_cols = logp.topk(k, dim=-1)  # (B, k, k)
-        child_scores = (row_scores[..., None] + child_lp).flatten(1)  # cumulative log-prob of each child
+        child_scores = row_scores[..., None] + child_lp  # cumulative log-prob of each child
+        if stop_tokens is not None:  # nothing follows the end of the answer
+            ends = torch.isin(row_cols if vocab_ids is None else vocab_ids[row_cols], stop_tokens)
+            child_scores = child_scores.masked_fill(ends[..., None], float("-inf"))
+        child_scores = child_scores.flatten(1)
         child_ranks = child_scores if table is None else _worth(child_scores, row_ranks, k, table)
         child_cols = child_cols.flatten(1)
         cand_cols.append(child_cols)
@@ -445,14 +455,15 @@ def _draft_logp(logits: torch.Tensor, temperature: float | None) -> torch.Tensor
 
 def _best_candidates(scores, depths, total: int) -> torch.Tensor:
     """Greedy trees: per sequence, the `total` candidates (of scores (B, C)) with the best cumulative draft
-    log-probability, ancestor-closed below. Returns (B, C) bool."""
+    log-probability, ancestor-closed below, none the draft rules out (-inf: below an end of answer). Returns (B, C)
+    bool."""
     total = min(total, scores.shape[-1])
     # a child's cumulative score never exceeds its parent's; the depth term breaks ties towards ancestors
     rank = scores - 1e-4 * depths.to(scores.dtype)
     rank = torch.nan_to_num(rank, neginf=-1e30)
     keep = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     keep.scatter_(-1, rank.topk(total, dim=-1).indices, True)
-    return keep
+    return keep & (scores > float("-inf"))
 
 
 def _select_tree(
