@@ -462,7 +462,8 @@ class _BatchLoop:
                 if rows.cap is None
                 else max(0, *(room(rows.cap, rows.ids[b].shape[1]) for b in self.active))
             )
-            plain = self.depth_left == 0 or (self.planner is not None and self.planner.plain_step())
+            last = self.depth_left == 0
+            plain = last if self.planner is None else self.planner.plain_step(last=last)
             clock = self.clock
             step_start = clock.mark()
             with Timer(stats, "draft_time_s"):

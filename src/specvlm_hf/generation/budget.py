@@ -512,10 +512,10 @@ class BudgetPlanner:
         return best_d
 
     # --------------------------------------------------------------------------------------------- back-off
-    def plain_step(self) -> bool:
-        """Whether this step should be a plain decoding step (no drafting): backing off, or the first step of a
-        fresh state, which measures c(1) (`observe_plain`)."""
-        if 1 not in self.state.costs.observed or self.state.backoff.take():
+    def plain_step(self, last: bool = False) -> bool:
+        """Whether this step should be a plain decoding step (no drafting): one token left (`last`), backing off,
+        or the first step of a fresh state, which measures c(1) (`observe_plain`)."""
+        if last or 1 not in self.state.costs.observed or self.state.backoff.take():
             self.steps.append(("plain", 0))
             return True
         return False
@@ -632,9 +632,10 @@ def planner_for(
             state.accepted, state.predicted = prior.accepted, prior.predicted
             state.nodes = prior.nodes.copy()
             state.spine_offered, state.spine_accepted = prior.spine_offered, prior.spine_accepted
-        if not draft.__dict__.get("_specvlm_fresh_machine"):  # what an earlier process measured here
-            state.saved_path = saved_costs.path_for(draft, target, device, batch_size, mode)
-            state.restore(saved_costs.load(state.saved_path))
+        state.saved_path = saved_costs.path_for(draft, target, device, batch_size, mode)
+        state.restore(
+            saved_costs.load(state.saved_path)
+        )  # what an earlier process measured here, if anything
         store_budget_state(draft, target, device, state, batch_size, mode)
     planner = BudgetPlanner(state)
     planner.stats = stats
@@ -643,12 +644,11 @@ def planner_for(
 
 
 def forget_learned(draft) -> None:
-    """Drop what the automatic budget learned on `draft` (every target, device, dtype and batch size), and neither
-    read nor write what earlier processes saved (`saved_costs`) with it from now on: its next call starts as a first
-    call on a new machine does (the bench's first-call rows)."""
+    """Drop what the automatic budget learned on `draft` (every target, device, dtype and batch size): its next call
+    starts as a new process's first call does (the bench's first-call rows). Times saved for later processes
+    (`saved_costs`) stay: with them turned off (the bench turns them off) it is a first call on a new machine."""
     draft.__dict__.pop("_specvlm_budget_states", None)
     draft.__dict__.pop("_specvlm_chain_backoff", None)
-    draft.__dict__["_specvlm_fresh_machine"] = True
 
 
 def chain_backoff(draft, target, device) -> ChainBackOff:

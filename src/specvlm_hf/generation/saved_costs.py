@@ -9,8 +9,10 @@ prompts, and a call learns it in a few steps.
 
 Where: ``$SPECVLM_HF_CACHE/budget/`` (else ``~/.cache/specvlm_hf/budget/``), one JSON file per key. The key is a
 hash of the machine (host name, processor, accelerator, CPU threads, torch and transformers versions), the models
-(target and draft configurations, the target's name, parameter dtype, device placement, attention
-implementation), the batch size and the decoding mode: a different machine or model never reads another's file.
+(target and draft configurations and wrappers, the target's name, the kinds and dtypes of their weights -- quantized
+ones included --, device placement, attention implementation, the draft's backend switches), the batch size and
+the decoding mode: a different machine or model never reads another's file. (The context length is not in the key:
+the running estimates follow it, as they do within a process.)
 ``SPECVLM_HF_BUDGET_CACHE=0`` turns saving and loading off.
 """
 
@@ -72,36 +74,64 @@ def _machine(device) -> dict:
     }
 
 
+def _weights(model) -> list[str]:
+    """The kinds of tensor the weights are (quantized weights are tensor subclasses or other dtypes) and their
+    dtypes, in the model's order."""
+    return sorted({f"{type(p).__name__}:{p.dtype}" for p in model.parameters()})
+
+
 def _models(draft, target) -> dict:
     model = families.unwrap_target(target)
     return {
+        "wrapper": type(target).__name__,  # (a PEFT model around the target, ...)
         "target": model.config.to_json_string(use_diff=False),
         "name": getattr(model.config, "_name_or_path", ""),
-        "dtype": str(next(model.parameters()).dtype),
+        "weights": _weights(model),
         "placement": repr(getattr(target, "hf_device_map", None) or getattr(model, "hf_device_map", None)),
         "attention": str(getattr(model.config, "_attn_implementation", None)),
         "draft": draft.config.to_json_string(use_diff=False),
+        "draft_weights": _weights(draft),
+        # the draft's decoding backend (`backends`): it sets the draft level time
+        "backend": {
+            k: v for k, v in sorted(os.environ.items()) if k.startswith("SPECVLM_HF_") and "CACHE" not in k
+        },
     }
 
 
-def path_for(draft, target, device, batch_size: int, mode: str) -> Path:
-    """The file for this machine, these models, batch size and decoding mode."""
-    key = {"machine": _machine(device), "models": _models(draft, target), "batch": batch_size, "mode": mode}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
+def path_for(draft, target, device, batch_size: int, mode: str) -> Path | None:
+    """The file for this machine, these models, batch size and decoding mode (None: turned off, or the key could
+    not be worked out -- a cache is never worth an error)."""
+    if not enabled():
+        return None
+    try:
+        key = {
+            "machine": _machine(device),
+            "models": _models(draft, target),
+            "batch": batch_size,
+            "mode": mode,
+        }
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=repr).encode()).hexdigest()[:32]
+    except Exception:  # noqa: BLE001 - an exotic config or device: nothing is kept, decoding goes on
+        return None
     return cache_root() / "budget" / f"{digest}.json"
 
 
-def load(path: Path) -> dict | None:
+def load(path: Path | None) -> dict | None:
     """The saved times ({"observed": {n: seconds}, "per_token", "overhead_s", "level_s"}), or None (none saved,
-    unreadable, or from another version: a cache is never worth an error)."""
-    if not enabled():
+    unreadable, or from another version)."""
+    if path is None or not enabled():
         return None
     try:
         saved = json.loads(path.read_text())
         if saved.get("version") != VERSION:
             return None
-        saved["observed"] = {int(n): float(s) for n, s in saved["observed"].items()}
-        return saved
+        level_s = saved["level_s"]
+        return {
+            "observed": {int(n): float(s) for n, s in saved["observed"].items()},
+            "per_token": float(saved["per_token"]),
+            "overhead_s": float(saved["overhead_s"]),
+            "level_s": None if level_s is None else float(level_s),
+        }
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -121,11 +151,15 @@ def save(
         "overhead_s": overhead_s,
         "level_s": level_s,
     }
+    temporary = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
+            temporary = f.name
             json.dump(contents, f)
-        os.replace(f.name, path)
+        os.replace(temporary, path)
         return True
-    except OSError:
+    except Exception:  # noqa: BLE001 - the call's output is what matters
+        if temporary is not None:
+            Path(temporary).unlink(missing_ok=True)
         return False

@@ -169,7 +169,7 @@ def tree_decoding(
         while not finished:
             depth_left = room(cap, input_ids.shape[1])
             # (one token left: the bonus token alone fills it, a plain step)
-            plain = depth_left == 0 or (planner is not None and planner.plain_step())
+            plain = depth_left == 0 if planner is None else planner.plain_step(last=depth_left == 0)
             # ---- draft a tree (or, backing off, verify the root alone: a plain decoding step)
             step_start = clock.mark()
             with Timer(stats, "draft_time_s"):
@@ -305,7 +305,11 @@ def length_cap(stopping_criteria) -> int | None:
 
 def stop_tokens(stopping_criteria, device) -> torch.Tensor | None:
     """The token ids whose emission stops a sequence (the EOS criteria's; None: none does)."""
-    ids = [c.eos_token_id.reshape(-1) for c in stopping_criteria if hasattr(c, "eos_token_id")]
+    ids = [
+        torch.as_tensor(c.eos_token_id).reshape(-1).cpu()
+        for c in stopping_criteria
+        if getattr(c, "eos_token_id", None) is not None
+    ]
     return torch.cat(ids).to(device) if ids else None
 
 

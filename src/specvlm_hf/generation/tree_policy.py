@@ -115,7 +115,8 @@ def build_trees(
     holes of a batch; None: all visible). The tree rows are appended to `draft_cache`; the caller crops.
     planner: with no explicit budget, decides top_k, how deep to grow and how many candidates to keep
     (`budget.BudgetPlanner`, on the batch's mean per-sequence probabilities); `settings`' tree budget otherwise.
-    Every tree keeps the same number of candidates (ancestor closure may add a node on exact score ties).
+    Every tree keeps the same number of candidates (ancestor closure may add a node on exact score ties), except
+    that none below an end of answer is kept.
     max_depth: the deepest level whose tokens can still be kept (`room`); nothing deeper is drafted.
     stop_tokens: target token ids that end generation (EOS): a candidate carrying one gets no children (whether the
     target accepts it or not, nothing below it is ever emitted), so a confident draft does not fill a step's
@@ -179,7 +180,8 @@ def build_trees(
         child_lp, child_cols = logp.topk(k, dim=-1)  # (B, k, k)
         child_scores = row_scores[..., None] + child_lp  # cumulative log-prob of each child
         if stop_tokens is not None:  # nothing follows the end of the answer
-            ends = torch.isin(row_cols if vocab_ids is None else vocab_ids[row_cols], stop_tokens)
+            parents = row_cols if vocab_ids is None else vocab_ids[row_cols]
+            ends = (parents[..., None] == stop_tokens).any(-1)  # (isin may sync with a device to sort)
             child_scores = child_scores.masked_fill(ends[..., None], float("-inf"))
         child_scores = child_scores.flatten(1)
         child_ranks = child_scores if table is None else _worth(child_scores, row_ranks, k, table)
