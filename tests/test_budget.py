@@ -118,16 +118,49 @@ def test_nodes_are_valued_at_the_acceptance_measured_for_their_kind_and_probabil
     planner = _planner(VerifyCosts.from_curve(SIZES, [1.0 + n for n in SIZES]), level_s=0.1)  # steep
     nodes = planner.state.nodes
     assert nodes(0.5) == 0.5 and nodes(0.01, SIBLING) == 0.01  # the prior: the draft taken at its word
-    chain = [0.5, 0.45, 0.4, 0.36]
-    before, _ = planner.best_size([nodes(p) for p in chain], levels=4)
-    for _ in range(10):
-        nodes.observe([0.5, 0.45, 0.15, 0.45], [FIRST, FIRST, SIBLING, SIBLING], [-1, 0, -1, 0], {0, 1})
-    assert nodes(0.5) == 1.0 and nodes(0.45) > 0.9 and nodes(0.15, SIBLING) < 0.5 * 0.15
+    chain = [
+        0.5,
+        0.45,
+        0.4,
+        0.36,
+    ]  # worth by the chain rule: each node's given its parent, times its parent's
+    before, _ = planner.best_size(_chain_worth(nodes, chain), levels=4)
+    for _ in range(10):  # cumulative probabilities; given its parent the second first child's is 0.9
+        nodes.observe([0.5, 0.45, 0.15, 0.225], [FIRST, FIRST, SIBLING, SIBLING], [-1, 0, -1, 0], {0, 1})
+    assert nodes(0.5) > 0.9 and nodes(0.9) == 1.0 and nodes(0.15, SIBLING) < 0.5 * 0.15
     assert nodes(0.45, SIBLING) < 0.1 * 0.45  # the same probability, the other kind: hardly ever accepted
     # a range never verified: valued like its kind's nodes overall (first children: under-confident)
     assert nodes(0.05) > 0.05 and nodes(0.05, SIBLING) < 0.05
-    after, _ = planner.best_size([nodes(p) for p in chain], levels=4)
+    after, _ = planner.best_size(_chain_worth(nodes, chain), levels=4)
     assert after > before, (before, after)
+
+
+def _chain_worth(nodes, cumulative):
+    worth, parent, values = 1.0, 1.0, []
+    for p in cumulative:
+        worth *= nodes(p / parent)
+        parent = p
+        values.append(worth)
+    return values
+
+
+def test_a_deep_first_choice_is_valued_by_what_its_own_level_taught():
+    """By the chain rule a node is worth its parent's worth times the acceptance measured, after an accepted parent,
+    for nodes of its kind and draft probability given the parent: every level's first choices teach the same rates.
+    Binned by cumulative probability instead, deep nodes of a good draft fell in low bins that only they reach and
+    were valued at the draft's word (a float32 CPU sweep: chains cut at 3.5 accepted tokens where a fixed chain of 8
+    accepted 5.3)."""
+    nodes = NodeCalibration()
+    chain = [0.6 ** (i + 1) for i in range(6)]  # each first choice 0.6 given its parent, every one accepted
+    for _ in range(10):
+        nodes.observe(chain, [FIRST] * 6, [-1, 0, 1, 2, 3, 4], set(range(6)))
+    assert nodes(0.6) > 0.99  # what the target showed, at every depth
+    assert _chain_worth(nodes, chain)[-1] > 0.99
+    # only nodes whose parent was accepted teach: a rejected parent's child says nothing about its own rate
+    fresh = NodeCalibration()
+    for _ in range(10):
+        fresh.observe([0.6, 0.36], [FIRST, FIRST], [-1, 0], set())
+    assert fresh(0.6) < 0.2 and fresh.expected[FIRST][fresh._bin(0.6)] == pytest.approx(fresh.offered * 0.6)
 
 
 def test_a_tree_ranks_candidates_by_their_worth_and_stays_ancestor_closed():
@@ -137,14 +170,15 @@ def test_a_tree_ranks_candidates_by_their_worth_and_stays_ancestor_closed():
     from specvlm_hf.generation.tree_policy import _best_candidates, _worth
 
     nodes = NodeCalibration()
-    for _ in range(20):
+    for _ in range(20):  # first choices at 0.3 and 0.5 (given the parent) accepted; siblings at 0.3 not
         nodes.observe([0.3, 0.15, 0.3], [FIRST, FIRST, SIBLING], [-1, 0, -1], {0, 1})
     table = nodes.log_rates(torch.device("cpu"))
     k = 2
     level_one = torch.tensor([[0.6, 0.3]]).log()  # the root's two children: a first choice and a sibling
     worth_one = _worth(level_one, torch.zeros(1, 1), k, table)
-    children = (level_one.repeat_interleave(k, dim=-1) + torch.tensor([[0.4, 0.3, 0.5, 0.4]]).log()).exp()
-    worth_two = _worth(children.log(), worth_one, k, table)
+    given_parent = torch.tensor([[0.4, 0.3, 0.5, 0.4]]).log()
+    children = (level_one.repeat_interleave(k, dim=-1) + given_parent).exp()
+    worth_two = _worth(given_parent, worth_one, k, table)
     assert torch.all(worth_two <= worth_one.repeat_interleave(k, dim=-1))  # never above the parent
     ranks = torch.cat([worth_one, worth_two], dim=1)
     depths = torch.tensor([1, 1, 2, 2, 2, 2])

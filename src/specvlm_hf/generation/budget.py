@@ -1,10 +1,10 @@
 """The draft budget when none is given: chosen per step from measured costs and the draft's own probabilities.
 
 Speculation pays when the tokens a step emits outnumber what its time would buy with plain decoding. One step that
-verifies n draft tokens emits, in expectation, `E(n) = 1 + sum of a(p) over the n nodes` tokens, p a node's
-cumulative draft probability (EAGLE-2's score: the draft's probability that the path to the node is the target's
-choice) and a(p) the rate at which the target accepted nodes of its kind (its parent's first choice, or a sibling)
-and about that probability so far (`NodeCalibration`; a node is worth no more than its parent), and costs `T(n) = c(n + 1) + (levels + 1) * d`: one target forward
+verifies n draft tokens emits, in expectation, `E(n) = 1 + sum of a(p) over the n nodes` tokens, a(p) a node's
+worth: the probability that the target accepts the path to it, by the chain rule its parent's worth times the rate
+at which the target accepted, after an accepted parent, nodes of its kind (its parent's first choice, or a sibling)
+and about its draft probability given the parent (`NodeCalibration`), and costs `T(n) = c(n + 1) + (levels + 1) * d`: one target forward
 over the root and n nodes, plus the draft's tree levels and its pass over the accepted tokens. `c` is learned on
 the machine at hand from the verify forwards decoding runs anyway (`VerifyCosts`: no forward is run to measure it,
 so a first call costs what plain generate costs; a prior from the prompt's prefill time per token until steps are
@@ -236,16 +236,21 @@ _EDGES: dict = {}  # CALIBRATION_EDGES per device
 
 @dataclass
 class NodeCalibration:
-    """What a verified draft node is worth: its cumulative draft probability p scaled by the rate at which the
-    target accepted nodes of its kind and about that probability (accepted nodes / their summed p, per kind and bin
-    of p; running sums where a bin's past weighs `DECAY` per step that observes it). A bin with little evidence
-    leans on its kind's rate (`CALIBRATION_PRIOR` nodes' worth), a kind on the rate over all nodes, and that on the
+    """What a verified draft node is worth, by the chain rule: a node is accepted only where its parent is, so its
+    worth is its parent's (the root's: 1) times the rate at which the target accepted nodes of its kind, offered
+    after an accepted parent, about its own draft probability q (the draft's probability of its token given its
+    parent's path: cumulative probability over the parent's). Per kind and bin of q: accepted nodes / their summed
+    q (running sums where a bin's past weighs `DECAY` per step that observes it). A bin with little evidence leans
+    on its kind's rate (`CALIBRATION_PRIOR` nodes' worth), a kind on the rate over all nodes, and that on the
     draft's word (rate 1) until nodes are seen.
 
     The kinds: a trained draft is often under-confident along its first choices (toy pair: first children rated ~0.5
-    accepted ~2 times in 3; chains rated 1.5 tokens accepted 3-4) and over-confident in its second ones (siblings):
-    one scale for every node cannot say both, and valued at one scale a tree spends on siblings what a deeper chain
-    would have earned (batches of 4 on a CPU: 0.84x chain mode)."""
+    accepted ~2 times in 3) and over-confident in its second ones (siblings): one scale for every node cannot say
+    both (batches of 4 on a CPU: 0.84x chain mode). The chain rule: binned by cumulative probability, a deep node of
+    a good draft sat in the low bins that only deep nodes reach, which the planner rarely verified, so it kept
+    valuing them at the draft's word: chains of an under-confident draft stayed short (a float32 CPU sweep: the
+    automatic tree 1.19x against a fixed chain of 8's 1.41x, accepting 3.5 tokens where the chain accepted 5.3);
+    by q, every level's first choices teach the same bins."""
 
     accepted: list[list[float]] = field(
         default_factory=lambda: [[0.0] * len(CALIBRATION_EDGES) for _ in range(2)]
@@ -279,8 +284,9 @@ class NodeCalibration:
             self.rates.append([(h + m * kind) / (e + m) for h, e, m in zip(hits, expected, _PRIOR_MASS)])
         self._tables: dict = {}
 
-    def __call__(self, p: float, kind: int = FIRST) -> float:
-        return min(p * self.rates[kind][self._bin(p)], 1.0)
+    def __call__(self, q: float, kind: int = FIRST) -> float:
+        """P(accepted | parent accepted) for a node of this kind and draft probability q given its parent."""
+        return min(q * self.rates[kind][self._bin(q)], 1.0)
 
     def log_rates(self, device) -> tuple[torch.Tensor, torch.Tensor]:
         """(bin edges (bins,), log rates (2, bins)) on `device`, for valuing a tree's candidates where they are
@@ -301,14 +307,19 @@ class NodeCalibration:
     def observe(self, probs: list[float], kinds: list[int], parents: list[int], accepted: set[int]) -> None:
         """One sequence's verified nodes: `probs[i]` is node i's cumulative draft probability, `kinds[i]` its kind
         (`FIRST` / `SIBLING`), `parents[i]` its parent (an index into probs, -1: the root), `accepted` the nodes
-        the target accepted (indices into probs)."""
+        the target accepted (indices into probs). Only nodes whose parent was accepted teach the rates (the others
+        were never the target's choice to make)."""
         sums: dict[tuple[int, int], list[float]] = {}
         offered = continued = 0
         for i, (p, kind) in enumerate(zip(probs, kinds)):
-            total = sums.setdefault((kind, self._bin(p)), [0.0, 0.0])
+            parent = parents[i]
+            if parent >= 0 and parent not in accepted:
+                continue
+            q = min(p / max(probs[parent], 1e-12), 1.0) if parent >= 0 else p
+            total = sums.setdefault((kind, self._bin(q)), [0.0, 0.0])
             total[0] += i in accepted
-            total[1] += p
-            if kind == FIRST and (parents[i] < 0 or parents[i] in accepted):
+            total[1] += q
+            if kind == FIRST:
                 offered += 1
                 continued += i in accepted
         self.offered = DECAY * self.offered + offered

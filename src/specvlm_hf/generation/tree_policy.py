@@ -177,14 +177,14 @@ def build_trees(
             past_key_values=draft_cache,
         )  # (B, k, h)
         logp = _draft_logp(draft_logits(draft, hidden)[0], None)  # (B, k, Vd)
-        child_lp, child_cols = logp.topk(k, dim=-1)  # (B, k, k)
-        child_scores = row_scores[..., None] + child_lp  # cumulative log-prob of each child
+        child_lp, child_cols = logp.topk(k, dim=-1)  # (B, k, k): each child's log-prob given its parent
         if stop_tokens is not None:  # nothing follows the end of the answer
             parents = row_cols if vocab_ids is None else vocab_ids[row_cols]
             ends = (parents[..., None] == stop_tokens).any(-1)  # (isin may sync with a device to sort)
-            child_scores = child_scores.masked_fill(ends[..., None], float("-inf"))
-        child_scores = child_scores.flatten(1)
-        child_ranks = child_scores if table is None else _worth(child_scores, row_ranks, k, table)
+            child_lp = child_lp.masked_fill(ends[..., None], float("-inf"))
+        child_lp = child_lp.flatten(1)
+        child_scores = row_scores.repeat_interleave(k, dim=-1) + child_lp  # cumulative log-prob of each child
+        child_ranks = child_scores if table is None else _worth(child_lp, row_ranks, k, table)
         child_cols = child_cols.flatten(1)
         cand_cols.append(child_cols)
         cand_scores.append(child_scores)
@@ -248,17 +248,17 @@ def build_trees(
 _PROB_SCALE = 1 << 30  # cumulative draft probabilities cross to the host as integers in the layout's transfer
 
 
-def _worth(scores: torch.Tensor, parent_worth: torch.Tensor, k: int, table) -> torch.Tensor:
+def _worth(child_lp: torch.Tensor, parent_worth: torch.Tensor, k: int, table) -> torch.Tensor:
     """Log worth of a level's candidates (B, m * k): k children per parent, most likely first (the first is of kind
-    `FIRST`, the others `SIBLING`), valued at their cumulative draft probability (`scores`, log) times the measured
-    acceptance of their kind and probability bin (`table`: `NodeCalibration.log_rates`), at most 1, and no more
-    than their parent's worth (`parent_worth` (B, m), log): a node is verified only with its ancestors, so ranking
-    by worth keeps the kept set ancestor-closed."""
+    `FIRST`, the others `SIBLING`), each worth its parent's (`parent_worth` (B, m), log; the root's: 0) times the
+    measured acceptance after an accepted parent of its kind and its draft probability given the parent (`child_lp`,
+    log; `table`: `NodeCalibration.log_rates`), at most 1: a child never outranks its parent, so ranking by worth
+    keeps the kept set ancestor-closed."""
     edges, log_rates = table
-    bins = torch.bucketize(scores.exp(), edges).clamp_(max=edges.numel() - 1)
-    kinds = (torch.arange(scores.shape[-1], device=scores.device) % k != 0).long()
-    own = (scores + log_rates[kinds, bins]).clamp_(max=0.0)
-    return torch.minimum(own, parent_worth.repeat_interleave(k, dim=-1))
+    bins = torch.bucketize(child_lp.exp(), edges).clamp_(max=edges.numel() - 1)
+    kinds = (torch.arange(child_lp.shape[-1], device=child_lp.device) % k != 0).long()
+    own = (child_lp + log_rates[kinds, bins]).clamp_(max=0.0)
+    return parent_worth.repeat_interleave(k, dim=-1) + own
 
 
 def _mean_sorted(*scores: torch.Tensor):
