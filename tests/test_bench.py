@@ -214,10 +214,10 @@ def test_sweep_methods_pass_explicit_budgets_and_are_summarised(setup):
     )
     assert by_name["eagle_chain@k2/c0"]["chain"] == {"num_draft_tokens": 2, "confidence_threshold": 0.0}
     (line,) = bench.sweep_summary(records)
-    assert line.startswith("sweep float32 T=0 eagle: default eagle_tree") and "best fixed budget" in line
+    assert line.startswith("sweep float32 T=0 eagle: default eagle_tree ") and "of best fixed budget" in line
     fake_peer = {"method": "assisted_peer", "kind": "assisted", "status": "ok", "speedup": 0.5}
     (line,) = bench.sweep_summary(records + [{**fake_peer, "dtype": "float32", "temperature": 0.0}])
-    assert "default / assisted_peer" in line
+    assert "best default / assisted_peer" in line
     assert bench.sweep_summary([r for r in records if not r.get("budget")]) == []
 
 

@@ -363,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also run every draft at fixed budgets, interleaved with the default-settings methods: chain lengths "
         "2,3,4,6,8 x confidence cut-offs 0,0.4 and trees (total/depth/top-k) 6/4/2, 8/5/2, 12/6/2, 16/8/2; prints "
-        "default speedup / best fixed budget's and default / assisted_peer.",
+        "each default mode's speedup / the best fixed budget's and the better default / assisted_peer.",
     )
     _add_train_budget_args(bench, 4000, batch_flag="--train-batch-size")
     bench.add_argument(

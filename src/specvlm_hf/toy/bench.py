@@ -74,7 +74,7 @@ from typing import Any
 
 import torch
 
-from .greedy_check import describe_divergence, greedy_check, lossless_failures
+from .greedy_check import greedy_check, lossless_failures
 from .methods import (
     FIRST_CALL_PROMPTS,
     Method,
@@ -87,7 +87,7 @@ from .methods import (
     untrained_draft,
 )
 from .sampling_check import sampling_check
-from .tables import format_cell
+from .tables import first_call_summary, markdown_table, sweep_summary
 
 __all__ = ["Method", "default_methods", "sweep_methods", "run_benchmark", "greedy_check", "write_results"]
 
@@ -182,29 +182,6 @@ def run_benchmark(
     return records
 
 
-def first_call_summary(records: list[dict]) -> list[str]:
-    """One line per dtype: every method's first calls against plain's on the same prompts (summed), and plain's
-    against itself -- the noise of the measurement."""
-    lines = []
-    for dtype in dict.fromkeys(r.get("dtype") for r in records):
-        mine = [r for r in records if r.get("dtype") == dtype and "first_call_vs_plain" in r]
-        if mine:
-            prompts = max(len(r["first_call_ratios"]) for r in mine)
-            parts = ", ".join(
-                f"{r['method']} {r['first_call_vs_plain']:.2f}x" for r in mine if r["kind"] != "plain"
-            )
-            noise = "".join(
-                f"; plain against itself {r['first_call_vs_plain']:.2f}x"
-                for r in mine
-                if r["kind"] == "plain"
-            )
-            lines.append(
-                f"first call {dtype} (time / plain's on the same {prompts} prompt(s), summed, no warm-up, fixed "
-                f"budgets on the first only{noise}): {parts}"
-            )
-    return lines
-
-
 def _add_speedups(record: dict, plain: dict | None) -> None:
     if record.get("status") != "ok" or plain is None or not plain.get("tokens_per_second"):
         record.setdefault("speedup", None)
@@ -244,123 +221,7 @@ def _add_bound(record: dict, c1_ms: float | None) -> None:
         record["bound_fraction"] = record["speedup_decode"] / record["bound_speedup"]
 
 
-def _draft_key(name: str) -> str:
-    """``specvlm_tree[pool]@16/8/2`` -> ``specvlm[pool]``: which draft a method decodes with."""
-    base = name.split("@")[0]
-    for mode in ("_chain", "_tree"):
-        base = base.replace(mode, "")
-    return base
-
-
-def sweep_summary(records: list[dict]) -> list[str]:
-    """Per dtype, temperature and draft: the best default-settings method's speedup / the best fixed budget's, and
-    / the assisted peer's (with sweep records); and the untrained draft's speedup over plain."""
-    ok = [r for r in records if r.get("status") == "ok" and r.get("speedup")]
-    lines = []
-    groups = dict.fromkeys((r.get("dtype"), r["temperature"]) for r in ok)
-    for dtype, temperature in groups:
-        group = [r for r in ok if r.get("dtype") == dtype and r["temperature"] == temperature]
-        peer = next((r for r in group if r["method"] == "assisted_peer"), None)
-        for key in dict.fromkeys(_draft_key(r["method"]) for r in group if r.get("kind") == "spec"):
-            mine = [r for r in group if r.get("kind") == "spec" and _draft_key(r["method"]) == key]
-            defaults = [r for r in mine if not r.get("budget")]
-            fixed = [r for r in mine if r.get("budget")]
-            if not defaults or not fixed:
-                continue
-            default = max(defaults, key=lambda r: r["speedup"])
-            best = max(fixed, key=lambda r: r["speedup"])
-            line = (
-                f"sweep {dtype} T={temperature:g} {key}: default {default['method']} {default['speedup']:.2f}x / "
-                f"best fixed budget {best['method']} {best['speedup']:.2f}x = {default['speedup'] / best['speedup']:.2f}"
-            )
-            if peer is not None:
-                line += (
-                    f"; default / assisted_peer {default['speedup']:.2f}x / {peer['speedup']:.2f}x = "
-                    f"{default['speedup'] / peer['speedup']:.2f}"
-                )
-            lines.append(line)
-        for r in group:
-            if r["method"].startswith("untrained_"):
-                lines.append(
-                    f"untrained draft {dtype} T={temperature:g}: {r['method']} {r['speedup']:.2f}x plain"
-                )
-    return lines
-
-
 # ---------------------------------------------------------------------------------------------- output
-
-
-def markdown_table(records: list[dict]) -> str:
-    header = [
-        "method",
-        "dtype",
-        "T",
-        "lossless",
-        "speedup",
-        "speedup (decode)",
-        "tokens/s",
-        "accepted len",
-        "accepted len (no bonus)",
-        "target fwd / token",
-        "draft s",
-        "verify s",
-        "prefill s",
-        "other s",
-        "draft ms / step",
-        "verify ms / step",
-        "draft / target fwd",
-        "bound",
-        "of bound",
-        "status",
-    ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in records:
-        status = r.get("status", "ok")
-        if status != "ok":
-            status = f"{status}: {r.get('error') or r.get('note', '')}"
-        elif r.get("note"):
-            status = f"ok ({r['note']})"
-        row = [
-            r["method"],
-            r.get("dtype") or "-",
-            format_cell(r["temperature"], 1),
-            _fmt_lossless(r),
-            format_cell(r.get("speedup")),
-            format_cell(r.get("speedup_decode")),
-            format_cell(r.get("tokens_per_second"), 1),
-            format_cell(r.get("mean_accepted_length")),
-            format_cell(r.get("mean_accepted_length_no_bonus")),
-            format_cell(r.get("target_forwards_per_token")),
-            format_cell(r.get("draft_time_s")),
-            format_cell(r.get("verify_time_s")),
-            format_cell(r.get("prefill_time_s")),
-            format_cell(r.get("other_time_s")),
-            format_cell(r.get("draft_ms_per_step"), 1),
-            format_cell(r.get("verify_ms_per_step"), 1),
-            format_cell(r.get("draft_vs_target_forward")),
-            format_cell(r.get("bound_speedup")),
-            format_cell(r.get("bound_fraction")),
-            status.replace("|", "/"),
-        ]
-        lines.append("| " + " | ".join(row) + " |")
-    ties = [(r, t) for r in records for t in r.get("lossless_ties", [])]
-    if ties:
-        lines.append("")
-        lines.append(
-            "tie: greedy output left plain's at a numerical tie -- the target, recomputed over plain's prefix in one "
-            "forward, scores both tokens within rounding of its top logit:"
-        )
-        for r, t in ties:
-            lines.append(f"- {r['method']}, prompt {t['prompt']}, {describe_divergence(t)}")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt_lossless(record: dict) -> str:
-    if record.get("lossless") == "numerical-tie":
-        return f"tie ({len(record['lossless_ties'])})"
-    if record.get("sampling_p_value") is not None:
-        return f"{format_cell(record.get('lossless'))} (p={record['sampling_p_value']:.2g})"
-    return format_cell(record.get("lossless"))
 
 
 def plot_results(records: list[dict], path: str | Path) -> Path:
