@@ -118,15 +118,11 @@ def test_nodes_are_valued_at_the_acceptance_measured_for_their_kind_and_probabil
     planner = _planner(VerifyCosts.from_curve(SIZES, [1.0 + n for n in SIZES]), level_s=0.1)  # steep
     nodes = planner.state.nodes
     assert nodes(0.5) == 0.5 and nodes(0.01, SIBLING) == 0.01  # the prior: the draft taken at its word
-    chain = [
-        0.5,
-        0.45,
-        0.4,
-        0.36,
-    ]  # worth by the chain rule: each node's given its parent, times its parent's
+    # cumulative; worth by the chain rule: each node's given its parent, times its parent's
+    chain = [0.5, 0.45, 0.4, 0.36]
     before, _ = planner.best_size(_chain_worth(nodes, chain), levels=4)
-    for _ in range(10):  # cumulative probabilities; given its parent the second first child's is 0.9
-        nodes.observe([0.5, 0.45, 0.15, 0.225], [FIRST, FIRST, SIBLING, SIBLING], [-1, 0, -1, 0], {0, 1})
+    for _ in range(10):  # probabilities given the parent
+        nodes.observe([0.5, 0.9, 0.15, 0.45], [FIRST, FIRST, SIBLING, SIBLING], [-1, 0, -1, 0], {0, 1})
     assert nodes(0.5) > 0.9 and nodes(0.9) == 1.0 and nodes(0.15, SIBLING) < 0.5 * 0.15
     assert nodes(0.45, SIBLING) < 0.1 * 0.45  # the same probability, the other kind: hardly ever accepted
     # a range never verified: valued like its kind's nodes overall (first children: under-confident)
@@ -151,15 +147,17 @@ def test_a_deep_first_choice_is_valued_by_what_its_own_level_taught():
     were valued at the draft's word (a float32 CPU sweep: chains cut at 3.5 accepted tokens where a fixed chain of 8
     accepted 5.3)."""
     nodes = NodeCalibration()
-    chain = [0.6 ** (i + 1) for i in range(6)]  # each first choice 0.6 given its parent, every one accepted
+    chain = [
+        0.6 ** (i + 1) for i in range(6)
+    ]  # cumulative: each first choice 0.6 given its parent, all accepted
     for _ in range(10):
-        nodes.observe(chain, [FIRST] * 6, [-1, 0, 1, 2, 3, 4], set(range(6)))
+        nodes.observe([0.6] * 6, [FIRST] * 6, [-1, 0, 1, 2, 3, 4], set(range(6)))
     assert nodes(0.6) > 0.99  # what the target showed, at every depth
     assert _chain_worth(nodes, chain)[-1] > 0.99
     # only nodes whose parent was accepted teach: a rejected parent's child says nothing about its own rate
     fresh = NodeCalibration()
     for _ in range(10):
-        fresh.observe([0.6, 0.36], [FIRST, FIRST], [-1, 0], set())
+        fresh.observe([0.6, 0.6], [FIRST, FIRST], [-1, 0], set())
     assert fresh(0.6) < 0.2 and fresh.expected[FIRST][fresh._bin(0.6)] == pytest.approx(fresh.offered * 0.6)
 
 
@@ -171,7 +169,7 @@ def test_a_tree_ranks_candidates_by_their_worth_and_stays_ancestor_closed():
 
     nodes = NodeCalibration()
     for _ in range(20):  # first choices at 0.3 and 0.5 (given the parent) accepted; siblings at 0.3 not
-        nodes.observe([0.3, 0.15, 0.3], [FIRST, FIRST, SIBLING], [-1, 0, -1], {0, 1})
+        nodes.observe([0.3, 0.5, 0.3], [FIRST, FIRST, SIBLING], [-1, 0, -1], {0, 1})
     table = nodes.log_rates(torch.device("cpu"))
     k = 2
     level_one = torch.tensor([[0.6, 0.3]]).log()  # the root's two children: a first choice and a sibling
@@ -183,7 +181,8 @@ def test_a_tree_ranks_candidates_by_their_worth_and_stays_ancestor_closed():
     ranks = torch.cat([worth_one, worth_two], dim=1)
     depths = torch.tensor([1, 1, 2, 2, 2, 2])
     keep = _best_candidates(ranks, depths, total=2)[0].tolist()
-    # by worth: the first choice and ITS first child (0.6 x 0.4 = 0.24 as a first child, accepted 3x its rate)
+    # by worth: the first choice and ITS first child (0.4 given its parent, where first children are accepted
+    # about twice as often as the draft says)
     assert keep == [True, False, True, False, False, False], keep
     by_probability = _best_candidates(torch.cat([level_one, children.log()], dim=1), depths, total=2)[0]
     assert by_probability.tolist() == [True, True, False, False, False, False]  # the sibling (0.3) over 0.24

@@ -1,7 +1,7 @@
 """The draft budget when none is given: chosen per step from measured costs and the draft's own probabilities.
 
 Speculation pays when the tokens a step emits outnumber what its time would buy with plain decoding. One step that
-verifies n draft tokens emits, in expectation, `E(n) = 1 + sum of a(p) over the n nodes` tokens, a(p) a node's
+verifies n draft tokens emits, in expectation, `E(n) = 1 + sum of w over the n nodes` tokens, w a node's
 worth: the probability that the target accepts the path to it, by the chain rule its parent's worth times the rate
 at which the target accepted, after an accepted parent, nodes of its kind (its parent's first choice, or a sibling)
 and about its draft probability given the parent (`NodeCalibration`), and costs `T(n) = c(n + 1) + (levels + 1) * d`: one target forward
@@ -64,7 +64,7 @@ EXPLORE = (
 # weight of a speculative step's measured speed-up in the running one that decides backing off: one failed step of a
 # good draft does not back off, two or three in a row do
 SPEEDUP_WEIGHT = 0.2
-# node calibration: bins of a verified node's cumulative draft probability (upper edges), and how many nodes' worth
+# node calibration: bins of a verified node's draft probability given its parent (upper edges), and how many nodes' worth
 # of evidence a bin's rate leans on its kind's rate with (a kind's on the rate over all nodes, that on the draft's
 # word)
 CALIBRATION_EDGES = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0)
@@ -305,7 +305,7 @@ class NodeCalibration:
         return self.continued / self.offered if self.offered > 0 else None
 
     def observe(self, probs: list[float], kinds: list[int], parents: list[int], accepted: set[int]) -> None:
-        """One sequence's verified nodes: `probs[i]` is node i's cumulative draft probability, `kinds[i]` its kind
+        """One sequence's verified nodes: `probs[i]` is node i's draft probability given its parent, `kinds[i]` its kind
         (`FIRST` / `SIBLING`), `parents[i]` its parent (an index into probs, -1: the root), `accepted` the nodes
         the target accepted (indices into probs). Only nodes whose parent was accepted teach the rates (the others
         were never the target's choice to make)."""
@@ -315,10 +315,9 @@ class NodeCalibration:
             parent = parents[i]
             if parent >= 0 and parent not in accepted:
                 continue
-            q = min(p / max(probs[parent], 1e-12), 1.0) if parent >= 0 else p
-            total = sums.setdefault((kind, self._bin(q)), [0.0, 0.0])
+            total = sums.setdefault((kind, self._bin(p)), [0.0, 0.0])
             total[0] += i in accepted
-            total[1] += q
+            total[1] += p
             if kind == FIRST:
                 offered += 1
                 continued += i in accepted
@@ -447,8 +446,8 @@ class BudgetPlanner:
     def best_size(
         self, values: list[float], levels: int, depths: list[int] | None = None
     ) -> tuple[int, float]:
-        """values: candidates' worth, best first (each the acceptance measured for its kind and probability,
-        `NodeCalibration`, no more than its parent's). Returns (n, rate E(n) / T(n)). levels: the draft levels the
+        """values: candidates' worth, best first (each the probability that the target accepts the path to it:
+        `NodeCalibration`'s rates multiplied along the path, so no more than its parent's). Returns (n, rate E(n) / T(n)). levels: the draft levels the
         tree has run; depths (optional, beside values): each candidate's depth, where keeping it takes more levels."""
         s = self.state
         values = values[: self.max_tree_tokens()]

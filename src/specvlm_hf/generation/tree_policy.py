@@ -41,7 +41,7 @@ class DraftTree:
     vocab_ids: torch.Tensor | None = None
     levels: int = 0  # draft forwards that built the tree (its cost)
     predicted: float | None = None  # greedy trees chosen by a planner: the verified nodes' summed worth
-    # greedy trees chosen by a planner, per node (root excluded): cumulative draft probability and kind
+    # greedy trees chosen by a planner, per node (root excluded): draft probability given its parent, and kind
     # (`budget.FIRST`: its parent's most likely child; `budget.SIBLING`)
     node_probs: list[float] | None = None
     node_kinds: list[int] | None = None
@@ -49,7 +49,7 @@ class DraftTree:
 
     def verified_nodes(self, path: list[int]) -> tuple[list[float], list[int], list[int], set[int]] | None:
         """What the planner learns from this tree's verification (`BudgetPlanner.observe`'s `nodes`): the nodes'
-        probabilities, kinds and parents (indices into them, -1: the root), and which nodes the accepted path (tree
+        draft probabilities given their parents, kinds and parents (indices into them, -1: the root), and which nodes the accepted path (tree
         indices, root first) holds."""
         if self.node_probs is None:
             return None
@@ -140,7 +140,8 @@ def build_trees(
     # a planner ranks candidates by their worth (log, `_worth`); a given budget by cumulative draft log-probability
     table = None if planner is None else planner.state.nodes.log_rates(device)
     row_ranks = row_scores if table is None else _worth(row_scores, row_scores.new_zeros(bsz, 1), k, table)
-    cand_cols, cand_scores, cand_ranks, row_cands = [row_cols], [row_scores], [row_ranks], []
+    # per candidate: token column, log-prob given its parent, rank (worth, or cumulative log-prob for a given budget)
+    cand_cols, cand_lp, cand_ranks, row_cands = [row_cols], [row_scores], [row_ranks], []
     row_cand = torch.arange(k, device=device).expand(bsz, k)  # candidate id of each row at the current level
     parent_hidden = root_hidden[:, None].expand(bsz, k, h)
     n_rows = k * max(depth - 1, 0)
@@ -187,7 +188,7 @@ def build_trees(
         child_ranks = child_scores if table is None else _worth(child_lp, row_ranks, k, table)
         child_cols = child_cols.flatten(1)
         cand_cols.append(child_cols)
-        cand_scores.append(child_scores)
+        cand_lp.append(child_lp)
         cand_ranks.append(child_ranks)
         row_cands.append(row_cand)  # the parents of this level's k children each
         if level == depth - 1:
@@ -206,7 +207,7 @@ def build_trees(
 
     cols = torch.cat(cand_cols, dim=1)  # (B, C)
     tokens = cols if vocab_ids is None else vocab_ids[cols]  # tokens outside the draft vocabulary never enter
-    scores, ranks = torch.cat(cand_scores, dim=1), torch.cat(cand_ranks, dim=1)
+    ranks = torch.cat(cand_ranks, dim=1)
     parents = torch.full((bsz, k), -1, dtype=torch.long, device=device)  # level 1: the root's children
     if row_cands:
         children = torch.stack(row_cands, dim=1)[..., None].expand(-1, -1, -1, k).flatten(1)  # (B, C - k)
@@ -220,11 +221,12 @@ def build_trees(
     keep = _best_candidates(ranks, depths, total)
     # the layouts are worked out on the host: ONE transfer for the batch (which candidates are kept, their parents,
     # their tokens and the roots: the acceptance walk reads the tokens too)
-    # (a planner also reads every candidate's cumulative probability, in fixed point in the same transfer)
+    # (a planner also reads every candidate's probability given its parent, in fixed point in the same transfer: as
+    # a ratio of two rounded cumulative probabilities it would lose a deep node's precision)
     c = keep.shape[1]
     parts = [keep.long(), parents, tokens, root_tokens.view(bsz, 1)]
     if planner is not None:
-        parts.append((scores.exp() * _PROB_SCALE).round().long())
+        parts.append((torch.cat(cand_lp, dim=1).exp() * _PROB_SCALE).round().long())
     host = torch.cat(parts, dim=1).tolist()
     trees = []
     for b in range(bsz):
@@ -245,7 +247,7 @@ def build_trees(
     return trees
 
 
-_PROB_SCALE = 1 << 30  # cumulative draft probabilities cross to the host as integers in the layout's transfer
+_PROB_SCALE = 1 << 30  # draft probabilities cross to the host as integers in the layout's transfer
 
 
 def _worth(child_lp: torch.Tensor, parent_worth: torch.Tensor, k: int, table) -> torch.Tensor:
@@ -480,8 +482,8 @@ def _select_tree(
 ) -> DraftTree:
     """Lay the kept candidates (`kept_list`, candidate ids; closed under ancestry here) out as the tree, given each
     candidate's parent (`parent_list`, -1 for the root's children). host_tokens: the candidates' tokens and then
-    the root's, on the host (the tree keeps them for the acceptance walk); host_probs: the candidates' cumulative
-    draft probabilities in fixed point (`_PROB_SCALE`; the tree keeps them and the nodes' kinds for the planner,
+    the root's, on the host (the tree keeps them for the acceptance walk); host_probs: the candidates' draft
+    probabilities given their parents in fixed point (`_PROB_SCALE`; the tree keeps them and the nodes' kinds for the planner,
     k being the children per parent: a candidate id's remainder by k is its rank among its siblings).
 
     A tree holds tens of nodes: its layout is worked out on the host from two short lists, in a handful of kernels
