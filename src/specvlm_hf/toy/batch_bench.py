@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from .greedy_check import greedy_check, lossless_failures
-from .tables import format_cell
+from .tables import format_cell, markdown_lines
 
 BATCH_METHODS = (("plain", None), ("tree", "tree"), ("chain", "chain"))
 
@@ -186,9 +186,8 @@ def batch_table(records: list[dict]) -> str:
         "draft ms/step",
         "verify ms/step",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     fmt = format_cell
-
+    rows = []
     for r in records:
         row = [
             r["batch_size"],
@@ -202,8 +201,8 @@ def batch_table(records: list[dict]) -> str:
             fmt(r.get("draft_ms_per_step"), 1),
             fmt(r.get("verify_ms_per_step"), 1),
         ]
-        lines.append("| " + " | ".join(str(x) for x in row) + " |")
-    return "\n".join(lines) + "\n"
+        rows.append(row)
+    return "\n".join(markdown_lines(header, rows)) + "\n"
 
 
 def run_batch_bench_cli(args, vlm, label, drafts, build, dtypes, rows, processor, start: float) -> int:

@@ -18,6 +18,12 @@ def format_cell(value, digits: int = 2) -> str:
     return str(value)
 
 
+def markdown_lines(header: list[str], rows: list[list]) -> list[str]:
+    """A markdown table's lines: the header, its rule, a line per row (cells as `str` makes them)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+
+
 def markdown_table(records: list[dict]) -> str:
     header = [
         "method",
@@ -41,7 +47,7 @@ def markdown_table(records: list[dict]) -> str:
         "of bound",
         "status",
     ]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for r in records:
         status = r.get("status", "ok")
         if status != "ok":
@@ -70,7 +76,8 @@ def markdown_table(records: list[dict]) -> str:
             format_cell(r.get("bound_fraction")),
             status.replace("|", "/"),
         ]
-        lines.append("| " + " | ".join(row) + " |")
+        rows.append(row)
+    lines = markdown_lines(header, rows)
     ties = [(r, t) for r in records for t in r.get("lossless_ties", [])]
     if ties:
         lines.append("")
