@@ -4,9 +4,9 @@ Speculation pays when the tokens a step emits outnumber what its time would buy 
 verifies n draft tokens emits, in expectation, `E(n) = 1 + sum of w over the n nodes` tokens, w a node's
 worth: the probability that the target accepts the path to it, by the chain rule its parent's worth times the rate
 at which the target accepted, after an accepted parent, nodes of its kind (its parent's first choice, or a sibling)
-and about its draft probability given the parent (`NodeCalibration`), and costs `T(n) = c(n + 1) + (levels + 1) * d`: one target forward
-over the root and n nodes, plus the draft's tree levels and its pass over the accepted tokens. `c` is learned on
-the machine at hand from the verify forwards decoding runs anyway (`VerifyCosts`: no forward is run to measure it,
+and about its draft probability given the parent (`NodeCalibration`), and costs `T(n) = c(n + 1) + (levels + 1) *
+d`: one target forward over the root and n nodes, plus the draft's tree levels and its pass over the accepted
+tokens. `c` is learned on the machine at hand from the verify forwards decoding runs anyway (`VerifyCosts`: no forward is run to measure it,
 so a first call costs what plain generate costs; a prior from the prompt's prefill time per token until steps are
 seen, a plain first step measuring c(1); kept per target, device, dtype and batch size across calls), `d`
 likewise; on a GPU every time comes from CUDA events read once per step (`clock.py`). A step verifies at most twice
@@ -64,9 +64,9 @@ EXPLORE = (
 # weight of a speculative step's measured speed-up in the running one that decides backing off: one failed step of a
 # good draft does not back off, two or three in a row do
 SPEEDUP_WEIGHT = 0.2
-# node calibration: bins of a verified node's draft probability given its parent (upper edges), and how many nodes' worth
-# of evidence a bin's rate leans on its kind's rate with (a kind's on the rate over all nodes, that on the draft's
-# word)
+# node calibration: bins of a verified node's draft probability given its parent (upper edges), and how many
+# nodes' worth of evidence a bin's rate leans on its kind's rate with (a kind's on the rate over all nodes, that on
+# the draft's word)
 CALIBRATION_EDGES = (0.02, 0.05, 0.1, 0.2, 0.35, 0.5, 0.65, 0.8, 0.9, 1.0)
 CALIBRATION_PRIOR = 2.0  # nodes (at the bin's middle probability)
 _PRIOR_MASS = tuple(
@@ -305,8 +305,8 @@ class NodeCalibration:
         return self.continued / self.offered if self.offered > 0 else None
 
     def observe(self, probs: list[float], kinds: list[int], parents: list[int], accepted: set[int]) -> None:
-        """One sequence's verified nodes: `probs[i]` is node i's draft probability given its parent, `kinds[i]` its kind
-        (`FIRST` / `SIBLING`), `parents[i]` its parent (an index into probs, -1: the root), `accepted` the nodes
+        """One sequence's verified nodes: `probs[i]` is node i's draft probability given its parent, `kinds[i]` its
+        kind (`FIRST` / `SIBLING`), `parents[i]` its parent (an index into probs, -1: the root), `accepted` the nodes
         the target accepted (indices into probs). Only nodes whose parent was accepted teach the rates (the others
         were never the target's choice to make)."""
         sums: dict[tuple[int, int], list[float]] = {}
@@ -447,8 +447,9 @@ class BudgetPlanner:
         self, values: list[float], levels: int, depths: list[int] | None = None
     ) -> tuple[int, float]:
         """values: candidates' worth, best first (each the probability that the target accepts the path to it:
-        `NodeCalibration`'s rates multiplied along the path, so no more than its parent's). Returns (n, rate E(n) / T(n)). levels: the draft levels the
-        tree has run; depths (optional, beside values): each candidate's depth, where keeping it takes more levels."""
+        `NodeCalibration`'s rates multiplied along the path, so no more than its parent's). Returns (n, rate E(n) /
+        T(n)). levels: the draft levels the tree has run; depths (optional, beside values): each candidate's depth,
+        where keeping it takes more levels."""
         s = self.state
         values = values[: self.max_tree_tokens()]
         verify = s.costs.table(len(values) + 1)  # verify[n + 1]: the root and n nodes
@@ -476,7 +477,7 @@ class BudgetPlanner:
         max_depth: int = MAX_DEPTH,
     ) -> bool:
         """Whether one more level can raise the best rate the tree reaches. values: the candidates' worth so far;
-        level_values: the worth of the rows the level would expand (at most what their children are worth);
+        level_values: the worth of the rows the level would expand (their children are worth no more);
         levels: draft levels run so far; ratio: how the best worth fell from the level before to this one;
         max_depth: the deepest level the tree may reach (the tokens left, `tree.room`).
 
@@ -642,10 +643,9 @@ def planner_for(
             state.accepted, state.predicted = prior.accepted, prior.predicted
             state.nodes = prior.nodes.copy()
             state.spine_offered, state.spine_accepted = prior.spine_offered, prior.spine_accepted
+        # what an earlier process measured here, if anything
         state.saved_path = saved_costs.path_for(draft, target, device, batch_size, mode)
-        state.restore(
-            saved_costs.load(state.saved_path)
-        )  # what an earlier process measured here, if anything
+        state.restore(saved_costs.load(state.saved_path))
         store_budget_state(draft, target, device, state, batch_size, mode)
     planner = BudgetPlanner(state)
     planner.stats = stats

@@ -33,6 +33,7 @@ from .budget import (
 )
 from .prefill import draft_prefill, draft_prompt_ids, feed_draft, uncached_length
 from .settings import GenerationStats, refuse_inexact_processors
+from .tree import room
 
 
 class SpecVLMChainCandidateGenerator(CandidateGenerator):
@@ -205,8 +206,8 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
         return AUTO_CHAIN_TOKENS
 
     def _room(self, input_ids: torch.Tensor) -> int:
-        """Draft tokens `max_length` leaves room for before the target's own next token."""
-        return self.max_length - input_ids.shape[1] - 1
+        """Draft tokens `max_length` leaves room for before the target's own next token (`tree.room`)."""
+        return room(self.max_length, input_ids.shape[1])
 
     def _prefill_draft(self) -> torch.Tensor:
         """The draft over the prompt's features and the first token (`draft_prefill`); returns its last output."""
@@ -226,9 +227,8 @@ class SpecVLMChainCandidateGenerator(CandidateGenerator):
             return False
         if self.last_was_spec:
             backoff = self.backoff
-            if (
-                accepted >= self.last_drafted >= backoff.reach
-            ):  # a whole chain of the longest length: reach further
+            # a whole chain of the longest length accepted: reach further
+            if accepted >= self.last_drafted >= backoff.reach:
                 backoff.reach = min(2 * backoff.reach, AUTO_CHAIN_TOKENS)
             backoff.accepted_ema = 0.5 * backoff.accepted_ema + 0.5 * accepted
             if backoff.accepted_ema < CHAIN_BACKOFF_ACCEPTED:

@@ -49,8 +49,8 @@ class DraftTree:
 
     def verified_nodes(self, path: list[int]) -> tuple[list[float], list[int], list[int], set[int]] | None:
         """What the planner learns from this tree's verification (`BudgetPlanner.observe`'s `nodes`): the nodes'
-        draft probabilities given their parents, kinds and parents (indices into them, -1: the root), and which nodes the accepted path (tree
-        indices, root first) holds."""
+        draft probabilities given their parents, kinds and parents (indices into them, -1: the root), and which
+        nodes the accepted path (tree indices, root first) holds."""
         if self.node_probs is None:
             return None
         parents = [p - 1 for p in self.parents[1:]]
@@ -365,8 +365,8 @@ def build_sampled_trees(
     `tree.py`, step 4), every sequence's spine level in one draft forward.
 
     root_hidden: (B, h); root_tokens: (B,); row_positions, max_row_position, cache_valid, max_depth as in
-    `build_trees`. The spine has min(tree_depth, tree_total_tokens, max_depth) levels; every spine node's children are drawn without
-    replacement from q = softmax(draft logits / temperature) (Gumbel-top-k), the first drawn child continues the
+    `build_trees`. The spine has min(tree_depth, tree_total_tokens, max_depth) levels; every spine node's children
+    are drawn without replacement from q = softmax(draft logits / temperature) (Gumbel-top-k), the first drawn child continues the
     spine, the others are leaves (`sibling_counts`: the remaining budget, shallow levels first, at most
     tree_top_k - 1 per level). Only spine rows go through the draft, one per level.
 
@@ -483,8 +483,8 @@ def _select_tree(
     """Lay the kept candidates (`kept_list`, candidate ids; closed under ancestry here) out as the tree, given each
     candidate's parent (`parent_list`, -1 for the root's children). host_tokens: the candidates' tokens and then
     the root's, on the host (the tree keeps them for the acceptance walk); host_probs: the candidates' draft
-    probabilities given their parents in fixed point (`_PROB_SCALE`; the tree keeps them and the nodes' kinds for the planner,
-    k being the children per parent: a candidate id's remainder by k is its rank among its siblings).
+    probabilities given their parents in fixed point (`_PROB_SCALE`; the tree keeps them and the nodes' kinds for
+    the planner, k being the children per parent: a candidate id's remainder by k is its rank among its siblings).
 
     A tree holds tens of nodes: its layout is worked out on the host from two short lists, in a handful of kernels
     instead of one pass per depth."""
