@@ -158,7 +158,9 @@ def test_a_deep_first_choice_is_valued_by_what_its_own_level_taught():
     fresh = NodeCalibration()
     for _ in range(10):
         fresh.observe([0.6, 0.6], [FIRST, FIRST], [-1, 0], set())
-    assert fresh(0.6) < 0.2 and fresh.expected[FIRST][fresh._bin(0.6)] == pytest.approx(fresh.offered * 0.6)
+    rounds = sum(0.9**i for i in range(10))  # one node offered per round, the root's child (DECAY 0.9)
+    assert fresh.offered == pytest.approx(rounds) and fresh(0.6) < 0.2
+    assert fresh.expected[FIRST][fresh._bin(0.6)] == pytest.approx(0.6 * rounds)
 
 
 def test_a_tree_ranks_candidates_by_their_worth_and_stays_ancestor_closed():
